@@ -1,0 +1,62 @@
+"""The ``ltr`` command line.
+
+Commands are registered by name below and imported only when run, so ``ltr --help`` never loads
+torch or timm. Each command lives in ``lt_rebalance/commands/<module>.py`` (or the extraction
+package) as a thin wrapper over the library.
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from ._version import __version__
+
+# name -> (module, attribute, one-line help shown by `ltr --help` without importing the module)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "info": ("lt_rebalance.commands.info", "info", "Summarise a feature file (instant: reads no features)."),
+    "joint": ("lt_rebalance.commands.methods", "joint", "Evaluate the stored stage-1 (joint) classifier."),
+    "ncm": ("lt_rebalance.commands.methods", "ncm", "Nearest class mean classifier on the cached features."),
+    "tau-sweep": ("lt_rebalance.commands.methods", "tau_sweep", "tau-normalise the stored classifier over a grid of tau."),
+    "lws": ("lt_rebalance.commands.methods", "lws", "Learnable weight scaling on the frozen stored classifier."),
+    "crt": ("lt_rebalance.commands.methods", "crt", "Re-train the linear classifier with class-balanced sampling."),
+    "compare": ("lt_rebalance.commands.compare", "compare", "Run every method with defaults and print one table."),
+    "import": ("lt_rebalance.commands.import_npz", "import_npz", "Create a feature file from arrays in an .npz file."),
+    "extract": ("lt_rebalance.extract.cli", "extract", "Run a backbone once over a dataset and write the feature file."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use (click's LazyGroup recipe)."""
+
+    def __init__(self, *args, lazy_commands: dict[str, tuple[str, str, str]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_commands])
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name in self.lazy_commands:
+            module, attr, _ = self.lazy_commands[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, self.lazy_commands[name][2]) for name in sorted(self.lazy_commands)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ltr")
+def main() -> None:
+    """lt-rebalance: extract backbone features once, re-balance the classifier in seconds.
+
+    Every command takes --json (one JSON document on stdout) and writes progress to stderr.
+    """
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,553 @@
+"""The feature file: HDF5 schema version 1 (see docs/FORMAT.md).
+
+Reading: :class:`FeatureStore` opens and validates a file, then hands out float32 torch tensors.
+Writing: :func:`write_features` writes a whole file atomically; :class:`FeatureFileWriter` appends
+row batches (extraction and resume build on it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+
+import h5py
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+FORMAT = "lt-rebalance/features"
+FORMAT_VERSION = 1
+FEATURE_DTYPES = ("float16", "float32")
+
+PathLike = Union[str, os.PathLike]
+
+
+class FeatureFileError(ValueError):
+    """A feature file that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: PathLike, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """What a split holds, read from metadata only (no feature reads)."""
+
+    name: str
+    rows: int  # rows written so far
+    capacity: int  # rows allocated (N)
+    complete: bool
+    dtype: str
+    views: int  # K augmented views (0 when absent)
+    has_paths: bool
+
+
+def _str_attr(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _to_numpy(a: Any, dtype: Optional[str] = None) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    return a.astype(dtype, copy=False) if dtype is not None else a
+
+
+class FeatureStore:
+    """Read-only view of a feature file, validated on opening.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The ``.h5`` file.
+    allow_incomplete : bool, default=False
+        Accept splits whose extraction has not finished (only the rows written so far are read).
+
+    Attributes
+    ----------
+    counts : ndarray of int64, shape (C,)
+        Training images per class; defines the shot groups.
+    num_classes, dim : int
+    splits : dict of str to SplitInfo
+    attrs : dict
+        Root attributes (model, dataset, checkpoint_sha256, created_with, transform, ...).
+
+    Examples
+    --------
+    >>> store = FeatureStore("feats.h5")                     # doctest: +SKIP
+    >>> X, y = store.load("train")                           # doctest: +SKIP
+    """
+
+    def __init__(self, path: PathLike, *, allow_incomplete: bool = False):
+        self.path = Path(path)
+        self.allow_incomplete = allow_incomplete
+        if not self.path.exists():
+            raise FeatureFileError(path, "no such file")
+        if self.path.is_dir():
+            raise FeatureFileError(path, "is a folder, not a feature file")
+        try:
+            is_hdf5 = h5py.is_hdf5(self.path)
+        except OSError as e:  # unreadable
+            raise FeatureFileError(path, f"cannot be read ({e.strerror or e})") from None
+        if not is_hdf5:
+            raise FeatureFileError(path, "not an HDF5 file (create one with `ltr extract` or `ltr import`)")
+        try:
+            with h5py.File(self.path, "r") as f:
+                self._read_metadata(f)
+        except FeatureFileError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise FeatureFileError(path, f"damaged or truncated HDF5 file ({e})") from None
+
+    # -- validation -----------------------------------------------------------------------------
+    def _fail(self, problem: str) -> FeatureFileError:
+        return FeatureFileError(self.path, problem)
+
+    def _read_metadata(self, f: h5py.File) -> None:
+        fmt = _str_attr(f.attrs.get("format", ""))
+        if fmt != FORMAT:
+            raise self._fail(f"format is {fmt!r}, expected {FORMAT!r}: not an lt-rebalance feature file")
+        version = int(f.attrs.get("format_version", -1))
+        if version > FORMAT_VERSION:
+            raise self._fail(
+                f"format_version {version} is newer than this lt-rebalance supports ({FORMAT_VERSION}); "
+                "upgrade lt-rebalance"
+            )
+        if version < 1:
+            raise self._fail(f"invalid format_version {version}")
+        self.format_version = version
+        self.attrs = {k: (_str_attr(v) if isinstance(v, (bytes, str)) else v) for k, v in f.attrs.items()}
+        if "classes/counts" not in f:
+            raise self._fail("missing /classes/counts (training images per class)")
+        self.counts = np.asarray(f["classes/counts"][...], dtype=np.int64)
+        if self.counts.ndim != 1 or len(self.counts) == 0:
+            raise self._fail(f"/classes/counts must be a non-empty 1-D array, got shape {self.counts.shape}")
+        if (self.counts < 0).any():
+            raise self._fail("/classes/counts has negative entries")
+        self.num_classes = len(self.counts)
+        names = f.get("classes/names")
+        self.class_names = [_str_attr(s) for s in names[...]] if names is not None else None
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise self._fail(f"/classes/names has {len(self.class_names)} entries for {self.num_classes} classes")
+
+        self.splits: dict[str, SplitInfo] = {}
+        dims = set()
+        for name, g in f.get("splits", {}).items():
+            info = self._read_split(name, g)
+            dims.add(g["features"].shape[1])
+            self.splits[name] = info
+        if not self.splits:
+            raise self._fail("no splits under /splits")
+        if len(dims) > 1:
+            raise self._fail(f"splits have different feature dimensions {sorted(dims)}")
+        self.dim = dims.pop()
+
+        self.has_head = "head/weight" in f
+        self.has_bias = "head/bias" in f
+        if self.has_head:
+            shape = tuple(f["head/weight"].shape)
+            if shape != (self.num_classes, self.dim):
+                raise self._fail(
+                    f"/head/weight has shape {shape}, expected (C, D) = ({self.num_classes}, {self.dim})"
+                )
+        if self.has_bias and tuple(f["head/bias"].shape) != (self.num_classes,):
+            raise self._fail(f"/head/bias has shape {tuple(f['head/bias'].shape)}, expected ({self.num_classes},)")
+
+    def _read_split(self, name: str, g: h5py.Group) -> SplitInfo:
+        where = f"/splits/{name}"
+        if "features" not in g or "labels" not in g:
+            raise self._fail(f"{where} needs both 'features' and 'labels'")
+        feats, labels = g["features"], g["labels"]
+        if feats.ndim != 2:
+            raise self._fail(f"{where}/features must be 2-D [N, D], got shape {feats.shape}")
+        if str(feats.dtype) not in FEATURE_DTYPES:
+            raise self._fail(f"{where}/features has dtype {feats.dtype}, expected float16 or float32")
+        capacity = feats.shape[0]
+        if labels.shape != (capacity,):
+            raise self._fail(
+                f"{where}: features have {capacity} rows but labels have shape {labels.shape} (length mismatch)"
+            )
+        rows = int(g.attrs.get("rows", capacity))
+        complete = bool(g.attrs.get("complete", True))
+        if not 0 <= rows <= capacity:
+            raise self._fail(f"{where}: attribute rows={rows} outside [0, {capacity}]")
+        if not complete and not self.allow_incomplete:
+            raise self._fail(
+                f"split {name!r} is incomplete ({rows}/{capacity} rows written); finish it with "
+                "`ltr extract --resume` or pass --allow-incomplete to use the rows written so far"
+            )
+        y = labels[:rows]
+        if rows and (y.min() < 0 or y.max() >= self.num_classes):
+            bad = y[(y < 0) | (y >= self.num_classes)]
+            raise self._fail(
+                f"{where}/labels has {len(bad)} value(s) outside [0, {self.num_classes}) (e.g. {int(bad[0])})"
+            )
+        views = 0
+        if "views" in g:
+            vshape = g["views"].shape
+            if len(vshape) != 3 or vshape[1:] != feats.shape:
+                raise self._fail(f"{where}/views has shape {vshape}, expected [K, {capacity}, {feats.shape[1]}]")
+            views = vshape[0]
+        return SplitInfo(name, rows, capacity, complete, str(feats.dtype), views, "paths" in g)
+
+    # -- reading --------------------------------------------------------------------------------
+    def _split(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise self._fail(f"no split {split!r}; available: {', '.join(self.splits)}")
+        return self.splits[split]
+
+    def features(self, split: str) -> "torch.Tensor":
+        """Features of ``split`` as float32, shape (N, D) (float16 on disk is upcast)."""
+        info = self._split(split)
+        with h5py.File(self.path, "r") as f:
+            return _read_rows_float32(f[f"splits/{split}/features"], info.rows)
+
+    def labels(self, split: str) -> "torch.Tensor":
+        """Labels of ``split`` as int64, shape (N,)."""
+        import torch
+
+        info = self._split(split)
+        with h5py.File(self.path, "r") as f:
+            return torch.from_numpy(np.asarray(f[f"splits/{split}/labels"][: info.rows], dtype=np.int64))
+
+    def load(self, split: str) -> "tuple[torch.Tensor, torch.Tensor]":
+        """``(features, labels)`` of ``split``: float32 (N, D) and int64 (N,)."""
+        return self.features(split), self.labels(split)
+
+    def views(self, split: str = "train", k: Optional[int] = None, *, dtype: str = "float32") -> "torch.Tensor":
+        """The first ``k`` (default: all) augmented views of ``split``, shape (k, N, D).
+
+        ``dtype="stored"`` keeps the on-disk dtype (halves memory for float16 files).
+        """
+        import torch
+
+        info = self._split(split)
+        if info.views == 0:
+            raise self._fail(f"split {split!r} has no augmented views (extract with --train-views K)")
+        k = info.views if k is None else k
+        if not 1 <= k <= info.views:
+            raise self._fail(f"asked for {k} views of split {split!r}, but only {info.views} are stored")
+        with h5py.File(self.path, "r") as f:
+            arr = f[f"splits/{split}/views"][:k, : info.rows]
+        t = torch.from_numpy(arr)
+        return t if dtype == "stored" else t.to(getattr(torch, dtype))
+
+    def paths(self, split: str) -> Optional[list[str]]:
+        info = self._split(split)
+        if not info.has_paths:
+            return None
+        with h5py.File(self.path, "r") as f:
+            return [_str_attr(p) for p in f[f"splits/{split}/paths"][: info.rows]]
+
+    def head(self) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
+        """The stored stage-1 classifier: weight float32 (C, D) and bias float32 (C,) or None."""
+        import torch
+
+        if not self.has_head:
+            raise self._fail(
+                "has no stored classifier (/head/weight); methods that need one (joint, tau-sweep, lws) "
+                "cannot run, while ncm and crt work without it"
+            )
+        with h5py.File(self.path, "r") as f:
+            w = torch.from_numpy(np.asarray(f["head/weight"][...], dtype=np.float32))
+            b = torch.from_numpy(np.asarray(f["head/bias"][...], dtype=np.float32)) if self.has_bias else None
+        return w, b
+
+    def counts_tensor(self) -> "torch.Tensor":
+        import torch
+
+        return torch.from_numpy(self.counts.copy())
+
+    def __repr__(self) -> str:
+        splits = ", ".join(f"{s.name}={s.rows}" for s in self.splits.values())
+        return f"FeatureStore({str(self.path)!r}, C={self.num_classes}, D={self.dim}, splits: {splits})"
+
+
+def _read_rows_float32(ds: h5py.Dataset, rows: int, block_rows: int = 8192) -> "torch.Tensor":
+    """Read ``ds[:rows]`` as a float32 tensor with contiguous slab reads.
+
+    float16 data is read in blocks into a reused buffer and upcast by torch, which is much faster
+    than HDF5's own half-to-float conversion and keeps peak memory at one output array.
+    """
+    import torch
+
+    if ds.dtype == np.float32:
+        return torch.from_numpy(ds[:rows] if rows < ds.shape[0] else ds[...])
+    out = torch.empty((rows, ds.shape[1]), dtype=torch.float32)
+    buf = np.empty((min(block_rows, max(rows, 1)), ds.shape[1]), dtype=ds.dtype)
+    for start in range(0, rows, block_rows):
+        n = min(block_rows, rows - start)
+        ds.read_direct(buf, np.s_[start : start + n], np.s_[:n])
+        out[start : start + n].copy_(torch.from_numpy(buf[:n]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+def package_versions() -> dict[str, str]:
+    """Versions recorded in the ``created_with`` attribute."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ._version import __version__
+
+    out = {"lt_rebalance": __version__, "h5py": h5py.__version__}
+    for pkg in ("torch", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = ""
+    return out
+
+
+class FeatureFileWriter:
+    """Incremental writer of a feature file: create splits, append row batches, mark complete.
+
+    Every append writes the rows, flushes, then bumps the split's ``rows`` attribute, so a process
+    killed at any point leaves a file whose ``rows`` counts only rows that are on disk.
+
+    Use :meth:`create` for a new file and :meth:`open_existing` to resume one.
+    """
+
+    def __init__(self, file: h5py.File):
+        self.file = file
+
+    @classmethod
+    def create(
+        cls,
+        path: PathLike,
+        *,
+        counts: Any,
+        model: str = "",
+        dataset: str = "",
+        checkpoint_sha256: str = "",
+        transform: Optional[Mapping[str, Any]] = None,
+        class_names: Optional[Sequence[str]] = None,
+        extra_attrs: Optional[Mapping[str, Any]] = None,
+    ) -> "FeatureFileWriter":
+        """Create ``path`` (must not exist) with the root attributes and ``/classes``."""
+        f = h5py.File(path, "w-")
+        try:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["model"] = model
+            f.attrs["dataset"] = dataset
+            f.attrs["checkpoint_sha256"] = checkpoint_sha256
+            f.attrs["created_with"] = json.dumps(package_versions())
+            f.attrs["transform"] = json.dumps(dict(transform or {}))
+            for k, v in (extra_attrs or {}).items():
+                f.attrs[k] = v
+            counts = _to_numpy(counts, "int64")
+            if counts.ndim != 1 or counts.size == 0:
+                raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
+            f.create_dataset("classes/counts", data=counts)
+            if class_names is not None:
+                if len(class_names) != len(counts):
+                    raise ValueError(f"{len(class_names)} class names for {len(counts)} classes")
+                f.create_dataset("classes/names", data=list(class_names), dtype=h5py.string_dtype())
+            f.create_group("splits")
+        except BaseException:
+            f.close()
+            raise
+        return cls(f)
+
+    @classmethod
+    def open_existing(cls, path: PathLike) -> "FeatureFileWriter":
+        """Re-open a partially written file to resume it."""
+        return cls(h5py.File(path, "r+"))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.file["classes/counts"].shape[0])
+
+    def set_head(self, weight: Any, bias: Any = None) -> None:
+        """Store the stage-1 classifier: weight (C, D), bias (C,) or None."""
+        w = _to_numpy(weight, "float32")
+        if w.ndim != 2 or w.shape[0] != self.num_classes:
+            raise ValueError(f"head weight must have shape (C={self.num_classes}, D), got {w.shape}")
+        for key in ("head/weight", "head/bias"):
+            if key in self.file:
+                del self.file[key]
+        self.file.create_dataset("head/weight", data=w)
+        if bias is not None:
+            b = _to_numpy(bias, "float32")
+            if b.shape != (self.num_classes,):
+                raise ValueError(f"head bias must have shape ({self.num_classes},), got {b.shape}")
+            self.file.create_dataset("head/bias", data=b)
+
+    def create_split(
+        self,
+        name: str,
+        num_rows: int,
+        dim: int,
+        *,
+        dtype: str = "float32",
+        views: int = 0,
+        with_paths: bool = False,
+    ) -> None:
+        """Allocate a split of ``num_rows`` rows (contiguous datasets, written by :meth:`append`)."""
+        if dtype not in FEATURE_DTYPES:
+            raise ValueError(f"dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
+        g = self.file.require_group("splits").create_group(name)
+        g.create_dataset("features", shape=(num_rows, dim), dtype=dtype)
+        g.create_dataset("labels", shape=(num_rows,), dtype="int64")
+        if with_paths:
+            g.create_dataset("paths", shape=(num_rows,), dtype=h5py.string_dtype())
+        if views:
+            g.create_dataset("views", shape=(views, num_rows, dim), dtype=dtype)
+            g.attrs["view_rows"] = np.zeros(views, dtype=np.int64)
+        g.attrs["rows"] = 0
+        g.attrs["complete"] = num_rows == 0 and views == 0
+
+    def rows(self, name: str) -> int:
+        return int(self.file[f"splits/{name}"].attrs["rows"])
+
+    def view_rows(self, name: str) -> list[int]:
+        g = self.file[f"splits/{name}"]
+        return [int(r) for r in g.attrs.get("view_rows", [])]
+
+    def append(self, name: str, features: Any, labels: Any, paths: Optional[Sequence[str]] = None) -> int:
+        """Write a batch after the rows already written; returns the new row count."""
+        g = self.file[f"splits/{name}"]
+        x = _to_numpy(features)
+        y = _to_numpy(labels, "int64")
+        start = int(g.attrs["rows"])
+        end = start + len(x)
+        if len(y) != len(x):
+            raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
+        if end > g["features"].shape[0]:
+            raise ValueError(f"split {name!r} has room for {g['features'].shape[0]} rows, got row {end}")
+        if len(x):
+            g["features"][start:end] = x.astype(g["features"].dtype, copy=False)
+            g["labels"][start:end] = y
+            if paths is not None:
+                g["paths"][start:end] = list(paths)
+        self.file.flush()
+        g.attrs["rows"] = end
+        self.file.flush()
+        return end
+
+    def append_view(self, name: str, view: int, features: Any) -> int:
+        """Write a batch of augmented view ``view`` after its rows already written."""
+        g = self.file[f"splits/{name}"]
+        x = _to_numpy(features)
+        view_rows = np.asarray(g.attrs["view_rows"], dtype=np.int64)
+        start = int(view_rows[view])
+        end = start + len(x)
+        if end > g["views"].shape[1]:
+            raise ValueError(f"view {view} of split {name!r} has room for {g['views'].shape[1]} rows")
+        g["views"][view, start:end] = x.astype(g["views"].dtype, copy=False)
+        self.file.flush()
+        view_rows[view] = end
+        g.attrs["view_rows"] = view_rows
+        self.file.flush()
+        return end
+
+    def mark_complete(self, name: str) -> None:
+        g = self.file[f"splits/{name}"]
+        n = g["features"].shape[0]
+        if int(g.attrs["rows"]) != n or any(int(r) != n for r in g.attrs.get("view_rows", [])):
+            raise ValueError(f"split {name!r} cannot be marked complete: not all rows are written")
+        g.attrs["complete"] = True
+        self.file.flush()
+
+    def is_complete(self, name: str) -> bool:
+        return bool(self.file[f"splits/{name}"].attrs["complete"])
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "FeatureFileWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def atomic_output(path: PathLike, overwrite: bool = False) -> Path:
+    """Check that ``path`` may be written and return a fresh temporary path in the same folder."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)  # h5py creates it with mode "w-"
+    return Path(tmp)
+
+
+def write_features(
+    path: PathLike,
+    splits: Mapping[str, tuple],
+    *,
+    counts: Any = None,
+    weight: Any = None,
+    bias: Any = None,
+    class_names: Optional[Sequence[str]] = None,
+    dtype: str = "float32",
+    model: str = "",
+    dataset: str = "",
+    overwrite: bool = False,
+    **attrs: Any,
+) -> Path:
+    """Write a complete feature file atomically (temporary file in the same folder, then rename).
+
+    Parameters
+    ----------
+    splits : mapping of split name to ``(features, labels)`` or ``(features, labels, paths)``
+        features (N, D) float, labels (N,) int; numpy arrays or torch tensors.
+    counts : array of int (C,), optional
+        Training images per class; computed from the ``train`` labels when omitted.
+    weight, bias : arrays (C, D) and (C,), optional
+        The stage-1 classifier.
+
+    Examples
+    --------
+    >>> write_features("feats.h5", {"train": (Xtr, ytr), "test": (Xte, yte)},
+    ...                weight=W, bias=b)                      # doctest: +SKIP
+    """
+    if counts is None:
+        if "train" not in splits:
+            raise ValueError("counts not given and no 'train' split to count them from")
+        ytr = _to_numpy(splits["train"][1], "int64")
+        num_classes = int(ytr.max()) + 1 if ytr.size else 0
+        if weight is not None:
+            num_classes = max(num_classes, _to_numpy(weight).shape[0])
+        counts = np.bincount(ytr, minlength=num_classes)
+    tmp = atomic_output(path, overwrite)
+    try:
+        with FeatureFileWriter.create(
+            tmp, counts=counts, model=model, dataset=dataset, class_names=class_names, **_root_kwargs(attrs)
+        ) as w:
+            if weight is not None:
+                w.set_head(weight, bias)
+            for name, arrays in splits.items():
+                x = _to_numpy(arrays[0])
+                if x.ndim != 2:
+                    raise ValueError(f"features of split {name!r} must be 2-D (N, D), got shape {x.shape}")
+                paths = arrays[2] if len(arrays) > 2 else None
+                w.create_split(name, len(x), x.shape[1], dtype=dtype, with_paths=paths is not None)
+                w.append(name, x, arrays[1], paths)
+                w.mark_complete(name)
+        # validate before publishing, so a bad file never reaches the final path
+        FeatureStore(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(path)
+
+
+def _root_kwargs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    known = {"checkpoint_sha256", "transform"}
+    out: dict[str, Any] = {k: attrs[k] for k in known if k in attrs}
+    extra = {k: v for k, v in attrs.items() if k not in known}
+    if extra:
+        out["extra_attrs"] = extra
+    return out
