@@ -201,13 +201,13 @@ class FeatureStore:
             raise self._fail(f"no split {split!r}; available: {', '.join(self.splits)}")
         return self.splits[split]
 
-    def features(self, split: str) -> "torch.Tensor":
+    def features(self, split: str) -> torch.Tensor:
         """Features of ``split`` as float32, shape (N, D) (float16 on disk is upcast)."""
         info = self._split(split)
         with h5py.File(self.path, "r") as f:
             return _read_rows_float32(f[f"splits/{split}/features"], info.rows)
 
-    def labels(self, split: str) -> "torch.Tensor":
+    def labels(self, split: str) -> torch.Tensor:
         """Labels of ``split`` as int64, shape (N,)."""
         import torch
 
@@ -215,11 +215,11 @@ class FeatureStore:
         with h5py.File(self.path, "r") as f:
             return torch.from_numpy(np.asarray(f[f"splits/{split}/labels"][: info.rows], dtype=np.int64))
 
-    def load(self, split: str) -> "tuple[torch.Tensor, torch.Tensor]":
+    def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features, labels)`` of ``split``: float32 (N, D) and int64 (N,)."""
         return self.features(split), self.labels(split)
 
-    def views(self, split: str = "train", k: Optional[int] = None, *, dtype: str = "float32") -> "torch.Tensor":
+    def views(self, split: str = "train", k: Optional[int] = None, *, dtype: str = "float32") -> torch.Tensor:
         """The first ``k`` (default: all) augmented views of ``split``, shape (k, N, D).
 
         ``dtype="stored"`` keeps the on-disk dtype (halves memory for float16 files).
@@ -244,7 +244,7 @@ class FeatureStore:
         with h5py.File(self.path, "r") as f:
             return [_str_attr(p) for p in f[f"splits/{split}/paths"][: info.rows]]
 
-    def head(self) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
+    def head(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The stored stage-1 classifier: weight float32 (C, D) and bias float32 (C,) or None."""
         import torch
 
@@ -258,7 +258,7 @@ class FeatureStore:
             b = torch.from_numpy(np.asarray(f["head/bias"][...], dtype=np.float32)) if self.has_bias else None
         return w, b
 
-    def counts_tensor(self) -> "torch.Tensor":
+    def counts_tensor(self) -> torch.Tensor:
         import torch
 
         return torch.from_numpy(self.counts.copy())
@@ -268,7 +268,7 @@ class FeatureStore:
         return f"FeatureStore({str(self.path)!r}, C={self.num_classes}, D={self.dim}, splits: {splits})"
 
 
-def _read_rows_float32(ds: h5py.Dataset, rows: int, block_rows: int = 8192) -> "torch.Tensor":
+def _read_rows_float32(ds: h5py.Dataset, rows: int, block_rows: int = 8192) -> torch.Tensor:
     """Read ``ds[:rows]`` as a float32 tensor with contiguous slab reads.
 
     float16 data is read in blocks into a reused buffer and upcast by torch, which is much faster
@@ -329,7 +329,7 @@ class FeatureFileWriter:
         transform: Optional[Mapping[str, Any]] = None,
         class_names: Optional[Sequence[str]] = None,
         extra_attrs: Optional[Mapping[str, Any]] = None,
-    ) -> "FeatureFileWriter":
+    ) -> FeatureFileWriter:
         """Create ``path`` (must not exist) with the root attributes and ``/classes``."""
         f = h5py.File(path, "w-")
         try:
@@ -357,7 +357,7 @@ class FeatureFileWriter:
         return cls(f)
 
     @classmethod
-    def open_existing(cls, path: PathLike) -> "FeatureFileWriter":
+    def open_existing(cls, path: PathLike) -> FeatureFileWriter:
         """Re-open a partially written file to resume it."""
         return cls(h5py.File(path, "r+"))
 
@@ -462,7 +462,7 @@ class FeatureFileWriter:
     def close(self) -> None:
         self.file.close()
 
-    def __enter__(self) -> "FeatureFileWriter":
+    def __enter__(self) -> FeatureFileWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,0 +1,49 @@
+"""The stored stage-1 (joint) classifier as a head: logits = X Wᵀ + b."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .base import ARRAY, NONE, BaseHead, as_tensor, check_features, check_is_fitted
+
+
+class JointHead(BaseHead):
+    """A fixed linear classifier (the joint baseline, or any exported head).
+
+    Parameters
+    ----------
+    weight : float (C, D)
+    bias : float (C,) or None
+
+    Attributes
+    ----------
+    weight_ : float32 (C, D)
+    bias_ : float32 (C,) (zeros when no bias)
+    """
+
+    _parameter_constraints = {"weight": [ARRAY], "bias": [ARRAY, NONE]}
+
+    def __init__(self, weight: Any, bias: Optional[Any] = None, *, device: str = "cpu"):
+        self.weight = weight
+        self.bias = bias
+        self.device = device
+
+    def fit(self, X: Any = None, y: Any = None) -> JointHead:
+        """Nothing to learn: takes the stored weights. X and y are ignored."""
+        self._validate_params()
+        self.weight_ = as_tensor(self.weight, torch.float32, self.device)
+        C = self.weight_.shape[0]
+        self.bias_ = (
+            torch.zeros(C, device=self.device) if self.bias is None else as_tensor(self.bias, torch.float32, self.device)
+        )
+        if self.bias_.shape != (C,):
+            raise ValueError(f"bias must have shape ({C},); got {tuple(self.bias_.shape)}")
+        self.n_features_in_ = self.weight_.shape[1]
+        return self
+
+    def decision_function(self, X: Any) -> torch.Tensor:
+        """Logits float32 (N, C)."""
+        check_is_fitted(self, "weight_")
+        X = check_features(X, n_features=self.n_features_in_, device=self.device)
+        return torch.addmm(self.bias_, X, self.weight_.T)
