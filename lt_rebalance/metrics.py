@@ -84,7 +84,6 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     conf = conf.to(torch.float64)
     # bin b holds confidences in (b/n, (b+1)/n]; confidence 0 joins the first bin
     bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    size = torch.bincount(bins, minlength=n_bins).to(torch.float64)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     return ((acc_sum - conf_sum).abs().sum() / max(len(labels), 1)).item()
