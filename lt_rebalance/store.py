@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
@@ -476,10 +476,10 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Path:
         raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # h5py creates it with mode "w-"
-    return Path(tmp)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
+    # a fresh, unused name (the caller creates the file, e.g. h5py with mode "w-")
+    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
 def write_features(

@@ -1,0 +1,76 @@
+"""``ltr compare``: every method with its defaults, one table."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ._common import (
+    common_options,
+    device_option,
+    emit,
+    eval_splits,
+    fmt_acc,
+    handle_user_errors,
+    log,
+    resolve_device,
+    seed_option,
+)
+
+
+def compare_table(result: dict) -> str:
+    """method x many / medium / few / all per split, plus seconds (accuracy %)."""
+    splits = result["eval_splits"]
+    groups = ("many", "medium", "few", "all")
+    width = max([6] + [len(r["method"]) for r in result["rows"]])
+    header = f"{'method':<{width}}  " + "   ".join(
+        " ".join(f"{(s[:4] + '/' + g[:3]):>8}" for g in groups) for s in splits
+    ) + f"  {'seconds':>8}"
+    lines = ["accuracy % per split and shot group (many > 100, medium 20-100, few < 20 train images)", header]
+    for r in result["rows"]:
+        cells = "   ".join(" ".join(f"{fmt_acc((r.get(s) or {}).get(g)):>8}" for g in groups) for s in splits)
+        lines.append(f"{r['method']:<{width}}  {cells}  {r['seconds']:>8.2f}")
+    for s in result.get("skipped", []):
+        lines.append(f"(skipped {s['method']}: {s['reason']})")
+    return "\n".join(lines)
+
+
+@click.command()
+@common_options
+@click.option("--methods", default=None, help="Comma-separated subset (default: all the file supports).")
+@click.option("--crt-epochs", default=10, show_default=True, type=int)
+@click.option("--lws-epochs", default=5, show_default=True, type=int)
+@click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test).")
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="Also write the JSON results to this file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@seed_option
+@device_option
+@handle_user_errors
+def compare(features, as_json, quiet, allow_incomplete, methods, crt_epochs, lws_epochs, splits, out, overwrite,
+            seed, device):
+    """Run joint, NCM, cRT, tau-norm (tau selected on val) and LWS with defaults; print one table."""
+    from ..experiments import Context
+    from ..experiments import compare as run_compare
+    from ._common import open_store
+
+    for name, v in (("--crt-epochs", crt_epochs), ("--lws-epochs", lws_epochs)):
+        if v < 1:
+            raise click.BadParameter(f"must be a positive number of epochs; got {v}", param_hint=name)
+    if out:
+        from ..store import atomic_output
+
+        atomic_output(out, overwrite).unlink(missing_ok=True)  # fail early if --out cannot be written
+    store = open_store(features, allow_incomplete)
+    ctx = Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device), seed=seed)
+    names = [m.strip() for m in methods.split(",")] if methods else None
+    overrides = {"crt": {"epochs": crt_epochs}, "lws": {"epochs": lws_epochs}}
+    result = run_compare(ctx, names, overrides, log=None if quiet else log)
+    result["features"] = features
+    if out:
+        from ..store import atomic_output
+        from ._common import jsonable
+
+        tmp = atomic_output(out, overwrite)
+        tmp.write_text(json.dumps(jsonable(result), indent=2))
+        tmp.replace(out)
+    emit(result, as_json, compare_table)

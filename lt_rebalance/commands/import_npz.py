@@ -1,0 +1,65 @@
+"""``ltr import``: a feature file from arrays that users already have."""
+from __future__ import annotations
+
+import click
+
+from ._common import emit, handle_user_errors, json_option, log, quiet_option
+
+SPLITS = ("train", "val", "test")
+
+
+def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, model: str, dataset: str) -> dict:
+    """Read ``x_<split>, y_<split>`` (+ optional weight, bias, counts, class_names) and write ``out``."""
+    import numpy as np
+
+    from ..store import write_features
+
+    try:
+        data = np.load(npz_path, allow_pickle=False)
+    except FileNotFoundError:
+        raise click.ClickException(f"{npz_path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise click.ClickException(f"{npz_path}: not a readable .npz file ({e})") from None
+    keys = set(data.files)
+    splits = {}
+    for s in SPLITS:
+        if f"x_{s}" in keys or f"y_{s}" in keys:
+            if not {f"x_{s}", f"y_{s}"} <= keys:
+                raise click.ClickException(f"{npz_path}: split {s!r} needs both x_{s} and y_{s}")
+            splits[s] = (data[f"x_{s}"], data[f"y_{s}"])
+    if not splits:
+        raise click.ClickException(f"{npz_path}: no arrays x_train/y_train, x_val/y_val or x_test/y_test found")
+    if "counts" not in keys and "train" not in splits:
+        raise click.ClickException(f"{npz_path}: give x_train/y_train or a 'counts' array (training images per class)")
+    names = [str(n) for n in data["class_names"]] if "class_names" in keys else None
+    write_features(
+        out,
+        splits,
+        counts=data["counts"] if "counts" in keys else None,
+        weight=data["weight"] if "weight" in keys else None,
+        bias=data["bias"] if "bias" in keys else None,
+        class_names=names,
+        dtype=dtype,
+        model=model,
+        dataset=dataset,
+        overwrite=overwrite,
+    )
+    return {"out": out, "splits": {s: int(len(splits[s][1])) for s in splits}, "has_head": "weight" in keys}
+
+
+@click.command("import")
+@click.option("--npz", "npz_path", required=True, type=click.Path(dir_okay=False), help="Arrays to import.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Feature file to write (.h5).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+@click.option("--model", default="", help="Backbone name to record.")
+@click.option("--dataset", default="", help="Dataset name to record.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@json_option
+@quiet_option
+@handle_user_errors
+def import_npz(npz_path, out, dtype, model, dataset, overwrite, as_json, quiet):
+    """Create a feature file from an .npz with x_train, y_train, x_val, y_val, x_test, y_test
+    (optional: weight, bias, counts, class_names; counts default to the y_train histogram)."""
+    result = npz_to_features(npz_path, out, dtype=dtype, overwrite=overwrite, model=model, dataset=dataset)
+    log(f"wrote {out}", quiet)
+    emit(result, as_json, lambda r: f"wrote {r['out']}: " + ", ".join(f"{s} {n} rows" for s, n in r["splits"].items()))

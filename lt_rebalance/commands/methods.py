@@ -1,0 +1,257 @@
+"""``ltr joint | ncm | tau-sweep | crt | lws``: one method on a feature file, per split and group."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import click
+
+from ._common import (
+    common_options,
+    device_option,
+    emit,
+    eval_splits,
+    handle_user_errors,
+    log,
+    metrics_table,
+    open_store,
+    require_head,
+    require_split,
+    resolve_device,
+    seed_option,
+)
+
+splits_option = click.option(
+    "--splits", "splits", default=None, help="Comma-separated splits to evaluate (default: val and test)."
+)
+save_option = click.option("--save", type=click.Path(dir_okay=False), help="Save the fitted head to this .pt file.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --save file.")
+
+
+def _context(features: str, allow_incomplete: bool, splits: Optional[str], device: str = "cpu", seed: int = 0):
+    from ..experiments import Context
+
+    store = open_store(features, allow_incomplete)
+    return Context(store, eval_splits=eval_splits(store, splits), device=device, seed=seed)
+
+
+def _splits_table(result: dict, splits) -> str:
+    return metrics_table([(s, result[s]) for s in splits if result.get(s) is not None], keys=("many", "medium", "few", "all", "mean_class"))
+
+
+def _human(title: Callable[[dict], str], splits) -> Callable[[dict], str]:
+    return lambda r: f"{title(r)}\n{_splits_table(r, splits)}"
+
+
+def _check_save(save: Optional[str], overwrite: bool) -> None:
+    """Fail before any work when --save cannot be written."""
+    if save:
+        from ..store import atomic_output
+
+        atomic_output(save, overwrite)
+
+
+def _save(save: Optional[str], overwrite: bool, head: Any, result: dict, features: str, quiet: bool) -> None:
+    if save:
+        from ..head_io import head_state, save_head
+
+        save_head(save, head_state(head, result["method"], result.get("params"), features), overwrite)
+        result["saved"] = save
+        log(f"saved {result['method']} head to {save}", quiet)
+
+
+@click.command()
+@common_options
+@splits_option
+@handle_user_errors
+def joint(features, as_json, quiet, allow_incomplete, splits):
+    """Evaluate the stored stage-1 (joint) classifier: the baseline every method is compared with."""
+    from ..experiments import run_joint
+
+    ctx = _context(features, allow_incomplete, splits)
+    require_head(ctx.store, "joint")
+    result, _ = run_joint(ctx)
+    emit(result, as_json, _human(lambda r: "joint (stored stage-1 classifier), accuracy %", ctx.eval_splits))
+
+
+@click.command()
+@common_options
+@click.option("--variant", type=click.Choice(["cl2n", "l2n", "un", "cos"]), default="cl2n", show_default=True,
+              help="cl2n: centre on the train mean then L2-normalise; l2n: normalise; un: raw; cos: reference's cosine.")
+@splits_option
+@save_option
+@overwrite_option
+@handle_user_errors
+def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overwrite):
+    """Nearest class mean on the cached train features (needs no stored classifier)."""
+    from ..experiments import run_ncm
+
+    _check_save(save, overwrite)
+    ctx = _context(features, allow_incomplete, splits)
+    require_split(ctx.store, "train", "to compute class means")
+    result, head = run_ncm(ctx, variant)
+    _save(save, overwrite, head, result, features, quiet)
+    emit(result, as_json, _human(lambda r: f"NCM ({variant}), accuracy %", ctx.eval_splits))
+
+
+def _tau_human(result: dict) -> str:
+    curves, taus, sel = result["curves"], result["taus"], result["selected_tau"]
+    cols = [(s, g) for s in curves for g in ("many", "medium", "few", "all")]
+    head = f"{'tau':>6}  " + "  ".join(f"{s[:4]}/{g[:3]:>3}" for s, g in cols) + "   (accuracy %)"
+    lines = [f"tau-normalisation, selected on {result['selected_on']} by {result['metric']}" if sel is not None
+             else "tau-normalisation, no selection (--select-on none)", head]
+    for i, t in enumerate(taus):
+        vals = "  ".join(f"{100 * curves[s][g][i]:>8.2f}" if curves[s][g][i] is not None and curves[s][g][i] == curves[s][g][i] else f"{'-':>8}" for s, g in cols)
+        mark = "  <- selected" if sel is not None and abs(t - sel) < 1e-12 else ""
+        lines.append(f"{t:>6.3g}  {vals}{mark}")
+    eval_split = next((s for s in curves if s in result and result[s] is not None and s != "curves"), None)
+    if sel is not None and eval_split:
+        lines.append(f"\n{eval_split} at tau = {sel:g}:")
+        lines.append(metrics_table([(eval_split, result[eval_split])], keys=("many", "medium", "few", "all", "mean_class")))
+    return "\n".join(lines)
+
+
+@click.command("tau-sweep")
+@common_options
+@click.option("--taus", default="0:2:21", show_default=True, help="START:STOP:NUM (linspace) or a comma list.")
+@click.option("--select-on", type=click.Choice(["val", "test", "none"]), default=None,
+              help="Split to select tau on (default: val; test only when asked for explicitly).")
+@click.option("--metric", type=click.Choice(["top1", "mean_class", "few"]), default="top1", show_default=True,
+              help="What the selection maximises.")
+@click.option("--eval-split", default="test", show_default=True, help="Split reported at the selected tau.")
+@handle_user_errors
+def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split):
+    """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM."""
+    from ..experiments import parse_taus, run_tau_sweep
+
+    try:
+        tau_list = parse_taus(taus)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--taus") from None
+    ctx = _context(features, allow_incomplete, None)
+    require_head(ctx.store, "tau-sweep")
+    if select_on is None:
+        if "val" not in ctx.store.splits:
+            raise click.ClickException(
+                f"{features} has no 'val' split to select tau on; pass --select-on test to select on the test "
+                "split (reported as such), or --select-on none to print the curves only"
+            )
+        select_on = "val"
+    require_split(ctx.store, eval_split, "for --eval-split")
+    result, _ = run_tau_sweep(ctx, tau_list, None if select_on == "none" else select_on, metric, eval_split)
+    emit(result, as_json, _tau_human)
+
+
+def sgd_options(epochs: int, lr: float, sampler_help: str):
+    """The training options shared by crt and lws (reference defaults)."""
+    opts = [
+        click.option("--epochs", default=epochs, show_default=True, type=int, help="Training epochs."),
+        click.option("--lr", default=lr, show_default=True, type=float, help="Base learning rate (cosine schedule)."),
+        click.option("--batch-size", default=512, show_default=True, type=int),
+        click.option("--weight-decay", default=5e-4, show_default=True, type=float),
+        click.option("--momentum", default=0.9, show_default=True, type=float),
+        click.option("--sampler", default="cb", show_default=True, help=sampler_help),
+        click.option("--schedule", type=click.Choice(["cosine", "cosine-reference", "constant"]), default="cosine",
+                     show_default=True, help="cosine-reference: the reference's (last epoch at lr = 0)."),
+        click.option("--keep-best/--last-epoch", default=True, show_default=True,
+                     help="Keep the epoch with the best val top-1 (needs a val split)."),
+        seed_option,
+        device_option,
+        splits_option,
+        save_option,
+        overwrite_option,
+    ]
+
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
+def _check_training_args(epochs: int, batch_size: int, sampler: str) -> Any:
+    if epochs < 1:
+        raise click.BadParameter(f"must be a positive number of epochs; got {epochs}", param_hint="--epochs")
+    if batch_size < 1:
+        raise click.BadParameter(f"must be positive; got {batch_size}", param_hint="--batch-size")
+    if sampler in ("ib", "cb", "sqrt", "pb"):
+        return sampler
+    try:
+        return float(sampler)
+    except ValueError:
+        raise click.BadParameter(f"unknown sampler {sampler!r}; use ib, cb, sqrt, pb or a power q",
+                                 param_hint="--sampler") from None
+
+
+def _trained_human(result: dict) -> str:
+    p = result["params"]
+    h = result["history"]
+    best = f", kept epoch {h['best_epoch'] + 1}" if h["val_top1"] else ""
+    title = (f"{result['method']}: {p['epochs']} epochs, lr {p['lr']}, batch {p['batch_size']}, "
+             f"sampler {p['sampler']}{best}; accuracy %")
+    splits = [k for k, v in result.items() if isinstance(v, dict) and "all" in v]
+    return f"{title}\n{_splits_table(result, splits)}"
+
+
+def _batch_fits(ctx, batch_size: int) -> None:
+    n = ctx.store.splits["train"].rows
+    if batch_size > n:
+        raise click.BadParameter(f"{batch_size} is larger than the {n} train rows", param_hint="--batch-size")
+
+
+@click.command()
+@common_options
+@sgd_options(10, 0.2, "ib, cb (class-balanced, default), sqrt, pb or a power q.")
+@click.option("--views", default=0, show_default=True, type=int,
+              help="Train on K stored augmented views (a random view per row per step).")
+@click.option("--loss", type=click.Choice(["ce", "balanced-softmax"]), default="ce", show_default=True)
+@click.option("--class-weights", type=click.Choice(["none", "cb"]), default="none", show_default=True,
+              help="cb: class-balanced loss weights (Cui et al.) with --beta.")
+@click.option("--beta", default=0.9999, show_default=True, type=float)
+@click.option("--label-smoothing", default=0.0, show_default=True, type=float)
+@handle_user_errors
+def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
+        schedule, keep_best, seed, device, splits, save, overwrite, views, loss, class_weights, beta,
+        label_smoothing):
+    """Re-train the linear classifier on the cached features (class-balanced sampling by default)."""
+    from ..experiments import run_crt
+
+    sampler = _check_training_args(epochs, batch_size, sampler)
+    _check_save(save, overwrite)
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
+    require_split(ctx.store, "train", "to train on")
+    _batch_fits(ctx, batch_size)
+    stored = ctx.store.splits["train"].views
+    if views < 0 or views > stored:
+        raise click.BadParameter(f"{views} views asked for, but {features} stores {stored} train views",
+                                 param_hint="--views")
+    result, head = run_crt(
+        ctx, views=views, log=None if quiet else log, epochs=epochs, lr=lr, batch_size=batch_size,
+        weight_decay=weight_decay, momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best,
+        loss=loss, class_weights=class_weights, beta=beta, label_smoothing=label_smoothing,
+    )
+    _save(save, overwrite, head, result, features, quiet)
+    emit(result, as_json, _trained_human)
+
+
+@click.command()
+@common_options
+@sgd_options(5, 0.2, "cb (class-balanced, default), ib, sqrt, pb or a power q.")
+@handle_user_errors
+def lws(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
+        schedule, keep_best, seed, device, splits, save, overwrite):
+    """Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1)."""
+    from ..experiments import run_lws
+
+    sampler = _check_training_args(epochs, batch_size, sampler)
+    _check_save(save, overwrite)
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
+    require_head(ctx.store, "lws")
+    require_split(ctx.store, "train", "to train on")
+    _batch_fits(ctx, batch_size)
+    result, head = run_lws(
+        ctx, log=None if quiet else log, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+        momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best,
+    )
+    _save(save, overwrite, head, result, features, quiet)
+    emit(result, as_json, _trained_human)

@@ -1,0 +1,250 @@
+"""Run a method on a feature file and report it per split and per shot group.
+
+These runners are what the ``ltr`` commands, ``ltr compare`` and ``ltr demo`` call. Each returns
+``(result, head)``: a JSON-ready dict ``{"method": ..., <split>: metrics, ...}`` where metrics are
+those of :func:`lt_rebalance.metrics.evaluate` (accuracies as fractions in [0, 1]), and the fitted
+head (for saving, exporting or plotting).
+
+Hyper-parameters are never chosen on the test split unless the caller asks for it: the
+selection split of tau-normalisation and the keep-best epoch of cRT/LWS use ``val``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
+from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS
+from .store import FeatureStore
+
+CURVE_KEYS = ("all", "many", "medium", "few", "mean_class")
+
+
+@dataclass
+class Context:
+    """A feature file and the choices shared by every method of a run.
+
+    ``eval_splits``: the splits to report (default: val and test when present, else every
+    non-train split). Loaded splits are cached, so ``compare`` reads each split once.
+    """
+
+    store: FeatureStore
+    eval_splits: Sequence[str] = ()
+    device: str = "cpu"
+    seed: int = 0
+    thresholds: dict = field(default_factory=dict)  # many=, few= for the shot groups
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.eval_splits:
+            present = [s for s in ("val", "test") if s in self.store.splits]
+            self.eval_splits = present or [s for s in self.store.splits if s != "train"]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.store.counts_tensor()
+
+    def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._cache:
+            self._cache[split] = self.store.load(split)
+        return self._cache[split]
+
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "train" not in self.store.splits:
+            raise ValueError(f"{self.store.path} has no 'train' split, which this method trains on")
+        return self.load("train")
+
+    def val(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return self.load("val") if "val" in self.store.splits else (None, None)
+
+    def report(self, head: Any) -> dict[str, dict]:
+        """Metrics of a fitted head on every evaluation split."""
+        out = {}
+        for split in self.eval_splits:
+            X, y = self.load(split)
+            out[split] = head.evaluate(X, y, self.counts, **self.thresholds)
+        return out
+
+
+def run_joint(ctx: Context) -> tuple[dict, JointHead]:
+    """The stored stage-1 classifier (logits = X Wᵀ + b)."""
+    W, b = ctx.store.head()
+    head = JointHead(W, b).fit()
+    return {"method": "joint", **ctx.report(head)}, head
+
+
+def run_ncm(ctx: Context, variant: str = "cl2n") -> tuple[dict, NCM]:
+    X, y = ctx.train()
+    head = NCM(variant).fit(X, y, num_classes=ctx.store.num_classes)
+    return {"method": "ncm", "variant": variant, **ctx.report(head)}, head
+
+
+def parse_taus(text: str) -> list[float]:
+    """'0:2:21' -> linspace(0, 2, 21); '0,0.5,1' -> [0, 0.5, 1]."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            start, stop, num = text.split(":")
+            n = int(num)
+            if n < 1:
+                raise ValueError
+            taus = torch.linspace(float(start), float(stop), n, dtype=torch.float64).tolist()
+        else:
+            taus = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(
+            f"cannot parse taus {text!r}; use START:STOP:NUM (e.g. 0:2:21) or a comma list (e.g. 0,0.5,1)"
+        ) from None
+    if not taus:
+        raise ValueError("no tau values given; use START:STOP:NUM (e.g. 0:2:21) or a comma list")
+    return [round(t, 10) for t in taus]
+
+
+def run_tau_sweep(
+    ctx: Context,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    select_on: Optional[str] = "val",
+    metric: str = "top1",
+    eval_split: str = "test",
+) -> tuple[dict, Optional[TauNorm]]:
+    """tau-normalisation curves on val and test, tau selected on ``select_on`` (None: no selection).
+
+    Returns ``{"method": "tau_norm", "taus", "curves": {split: {all, many, medium, few,
+    mean_class}}, "selected_tau", "selected_on", "metric", eval_split: metrics at the selected tau}``.
+    """
+    W, _ = ctx.store.head()
+    curve_splits = [s for s in ("val", "test") if s in ctx.store.splits]
+    for s in (select_on, eval_split):
+        if s is not None and s not in ctx.store.splits:
+            raise ValueError(f"{ctx.store.path} has no split {s!r}; available: {', '.join(ctx.store.splits)}")
+    if eval_split not in curve_splits:
+        curve_splits.append(eval_split)
+    curves = {}
+    for split in curve_splits:
+        X, y = ctx.load(split)
+        c = tau_sweep(X, y, W, ctx.counts, taus, **ctx.thresholds)
+        curves[split] = {k: c[k].tolist() for k in CURVE_KEYS}
+    result = {"method": "tau_norm", "taus": list(taus), "curves": curves, "metric": metric}
+    if select_on is None:
+        return {**result, "selected_tau": None, "selected_on": None, eval_split: None}, None
+    values = torch.tensor(curves[select_on][SELECT_METRICS[metric]], dtype=torch.float64)
+    if torch.isnan(values).all():
+        raise ValueError(f"cannot select tau on {select_on!r} by {metric!r}: it is undefined on that split")
+    tau = float(list(taus)[int(torch.nan_to_num(values, nan=-1.0).argmax())])
+    head = TauNorm(W, tau).fit()
+    X, y = ctx.load(eval_split)
+    metrics = head.evaluate(X, y, ctx.counts, **ctx.thresholds)
+    return {**result, "selected_tau": tau, "selected_on": select_on, eval_split: metrics}, head
+
+
+def _epoch_logger(method: str, log: Optional[Callable[[str], None]]):
+    if log is None:
+        return None
+
+    def progress(epoch: int, epochs: int, loss: float, val: Optional[float]) -> None:
+        v = "" if val is None else f"  val top-1 {100 * val:.2f}%"
+        log(f"{method} epoch {epoch + 1}/{epochs}  loss {loss:.4f}{v}")
+
+    return progress
+
+
+def _history(h) -> dict:
+    return {"loss": h.loss, "lr": h.lr, "val_top1": h.val, "best_epoch": h.best_epoch}
+
+
+def run_crt(
+    ctx: Context, views: int = 0, log: Optional[Callable[[str], None]] = None, **params: Any
+) -> tuple[dict, CRT]:
+    """cRT with ``params`` (CRT's keyword arguments); ``views`` > 0 trains on K stored views."""
+    X, y = ctx.train()
+    Xv, yv = ctx.val()
+    V = ctx.store.views("train", views, dtype="stored") if views else None
+    params = {"seed": ctx.seed, **params}
+    head = CRT(device=ctx.device, progress=_epoch_logger("crt", log), **params)
+    head.fit(X, y, Xv, yv, views=V, num_classes=ctx.store.num_classes)
+    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device")}
+    return {
+        "method": "crt",
+        "params": {**shown, "views": views},
+        "history": _history(head.history_),
+        **ctx.report(head),
+    }, head
+
+
+def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, LWS]:
+    """LWS on the stored classifier with ``params`` (LWS's keyword arguments)."""
+    W, b = ctx.store.head()
+    X, y = ctx.train()
+    Xv, yv = ctx.val()
+    params = {"seed": ctx.seed, **params}
+    head = LWS(W, b, device=ctx.device, progress=_epoch_logger("lws", log), **params).fit(X, y, Xv, yv)
+    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", "weight", "bias")}
+    return {
+        "method": "lws",
+        "params": shown,
+        "history": _history(head.history_),
+        **ctx.report(head),
+    }, head
+
+
+def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
+    """tau-norm with tau selected on val (as in ``compare``), reported on every eval split."""
+    if "val" not in ctx.store.splits:
+        raise ValueError("tau-norm needs a 'val' split to select tau on (see `ltr tau-sweep --select-on`)")
+    W, _ = ctx.store.head()
+    Xv, yv = ctx.load("val")
+    head = TauNorm(W).fit(Xv, yv, ctx.counts)
+    return {"method": "tau_norm", "selected_tau": head.tau_, "selected_on": "val", **ctx.report(head)}, head
+
+
+# name -> (runner, needs a stored head); ``compare`` runs them in this order
+METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
+    "joint": (run_joint, True),
+    "ncm": (run_ncm, False),
+    "crt": (run_crt, False),
+    "tau_norm": (run_tau_selected, True),
+    "lws": (run_lws, True),
+}
+
+
+def compare(
+    ctx: Context,
+    methods: Optional[Sequence[str]] = None,
+    overrides: Optional[dict[str, dict]] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
+    """Run ``methods`` (default: all that the file supports) with defaults; time each.
+
+    ``overrides`` maps a method to keyword arguments for its runner (e.g. fewer epochs).
+    Returns ``{"rows": [{"method", <split>: metrics, "seconds", ...}], "skipped": [...]}``.
+    """
+    names = list(methods or METHODS)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    rows, skipped = [], []
+    for name in names:
+        runner, needs_head = METHODS[name]
+        if needs_head and not ctx.store.has_head:
+            skipped.append({"method": name, "reason": "the file has no stored classifier"})
+            continue
+        kwargs = dict((overrides or {}).get(name, {}))
+        if name in ("crt", "lws"):
+            kwargs["log"] = log
+        t0 = time.perf_counter()
+        try:
+            row, _ = runner(ctx, **kwargs)
+        except ValueError as e:
+            if name == "tau_norm" and "val" not in ctx.store.splits:
+                skipped.append({"method": name, "reason": str(e)})
+                continue
+            raise
+        row.pop("history", None)
+        row["seconds"] = round(time.perf_counter() - t0, 4)
+        rows.append(row)
+        if log:
+            log(f"{name}: {row['seconds']:.2f} s")
+    return {"rows": rows, "skipped": skipped, "eval_splits": list(ctx.eval_splits)}
