@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "lws": ("lt_rebalance.commands.methods", "lws", "Learnable weight scaling on the frozen stored classifier."),
     "crt": ("lt_rebalance.commands.methods", "crt", "Re-train the linear classifier with class-balanced sampling."),
     "compare": ("lt_rebalance.commands.compare", "compare", "Run every method with defaults and print one table."),
+    "check": ("lt_rebalance.commands.check", "check", "Verify a feature file in full (exit 1 on any problem)."),
     "import": ("lt_rebalance.commands.import_npz", "import_npz", "Create a feature file from arrays in an .npz file."),
     "extract": ("lt_rebalance.extract.cli", "extract", "Run a backbone once over a dataset and write the feature file."),
 }
