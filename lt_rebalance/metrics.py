@@ -119,6 +119,11 @@ def evaluate(
         raise ValueError(f"scores must be (N, C) with N = len(labels) = {labels.shape[0]}; got {tuple(scores.shape)}")
     if scores.shape[1] != len(counts):
         raise ValueError(f"scores have {scores.shape[1]} classes but counts have {len(counts)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError(
+            "the classifier produced NaN/Inf scores (float32 overflow: features or weights of huge magnitude?); "
+            "rescale the features, e.g. divide them by their mean L2 norm"
+        )
     num_classes = scores.shape[1]
     pred = scores.argmax(dim=1)
     out = accuracy_summary(pred, labels, counts, many=many, few=few)

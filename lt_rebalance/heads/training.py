@@ -84,6 +84,11 @@ def train_sgd(
             opt.step()
             total += loss.detach()
         hist.loss.append(total.item() / len(batches))
+        if not math.isfinite(hist.loss[-1]):
+            raise ValueError(
+                f"training diverged: the loss is {hist.loss[-1]} in epoch {epoch + 1}; lower the learning rate "
+                "or rescale the features (e.g. divide them by their mean L2 norm)"
+            )
         hist.lr.append(lr_e)
         score = None
         if validate is not None:
