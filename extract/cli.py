@@ -1,0 +1,168 @@
+"""``ltr extract``: run a backbone once over a dataset and write the feature file (thin wrapper)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any, Optional
+
+import click
+
+from lt_rebalance.commands._common import (
+    device_option,
+    emit,
+    json_option,
+    log,
+    quiet_option,
+    resolve_device,
+    seed_option,
+    user_errors,
+)
+
+DATASET_CHOICES = ("imagenet_lt", "places_lt", "inat2018", "cifar10_lt", "cifar100_lt", "imagefolder")
+
+
+def _parse_splits(value: Optional[str], data: str) -> tuple[str, ...]:
+    if value is None:
+        return ("train", "val") if data == "inat2018" else ("train", "val", "test")
+    splits = tuple(dict.fromkeys(s.strip() for s in value.split(",") if s.strip()))
+    if not splits:
+        raise click.BadParameter("give at least one split, e.g. train,val,test", param_hint="--splits")
+    return splits
+
+
+def _torchrun_argv(ctx: click.Context, gpus: int) -> list[str]:
+    """This command's options for ``torchrun -m lt_rebalance.extract`` (all but --gpus)."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+            "-m", "lt_rebalance.extract"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "gpus" or value is None or value is False:
+            continue
+        argv += [param.opts[0]] if value is True else [param.opts[0], str(value)]
+    return argv
+
+
+def _human(r: dict) -> str:
+    lines = [f"wrote {r['out']}  ({r['images']} images in {r['seconds']:.1f} s, {r['images_per_second']:.1f} img/s)"]
+    lines += [f"  {s}: {n} rows" + (f", {len(r['bad'][s])} unreadable skipped" if s in r["bad"] else "")
+              for s, n in r["rows"].items()]
+    return "\n".join(lines)
+
+
+@click.command("extract", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", required=True, help="Alias (resnext50, resnet10, resnet50, resnet152, resnext152) or timm name.")
+@click.option("--data", required=True, type=click.Choice(DATASET_CHOICES), help="Dataset layout.")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Dataset root folder.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Feature file to write (.h5).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="State dict or reference checkpoint (.pth).")
+@click.option("--pretrained", is_flag=True, help="timm's published weights (needs network access).")
+@click.option("--random-init", is_flag=True, help="Random weights (tests only).")
+@click.option("--splits", default=None, help="Comma-separated splits [default: train,val,test; inat2018: train,val].")
+@click.option("--train-views", default=0, show_default=True, type=click.IntRange(0), help="K augmented passes over train.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(0),
+              help="DataLoader worker processes.")
+@device_option
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Stored feature dtype.")
+@click.option("--list-dir", type=click.Path(file_okay=False), help="Folder of list files (imagenet_lt, places_lt, inat2018).")
+@click.option("--transform", "transform_kind", default="reference", show_default=True,
+              type=click.Choice(["reference", "timm"]), help="Reference eval transform or the model's timm config.")
+@click.option("--image-size", type=click.IntRange(8), help="Crop side [default: 224; CIFAR 32].")
+@click.option("--imbalance", default=100.0, show_default=True, type=click.FloatRange(1.0), help="CIFAR-LT imbalance factor.")
+@click.option("--val-per-class", default=20, show_default=True, type=click.IntRange(1), help="CIFAR-LT val images per class.")
+@click.option("--resume", is_flag=True, help="Continue OUT.partial from the rows already written.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (or OUT.partial).")
+@click.option("--skip-bad", is_flag=True, help="Leave unreadable images out; record them in /splits/<split>/bad_paths.")
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1),
+              help="Processes (one per GPU) via torchrun; with --device cpu, CPU processes.")
+@seed_option
+@json_option
+@quiet_option
+@click.pass_context
+def extract(ctx: click.Context, **opts: Any) -> None:
+    """Run a backbone once over a long-tailed dataset and write the feature file."""
+    weights = [k for k in ("checkpoint", "pretrained", "random_init") if opts[k]]
+    if len(weights) != 1:
+        raise click.UsageError("give exactly one of --checkpoint PATH, --pretrained or --random-init")
+    splits = _parse_splits(opts["splits"], opts["data"])
+    device = resolve_device(opts["device"])
+    from .distributed import dist_env
+
+    env = dist_env()
+    if opts["gpus"] > 1 and env is None:
+        rc = subprocess.call(_torchrun_argv(ctx, opts["gpus"]))
+        if rc:
+            raise click.ClickException(f"{opts['gpus']} extraction processes failed (exit status {rc}); see above")
+        return
+    quiet = opts["quiet"] or (env is not None and env.rank != 0)
+    with user_errors():
+        result = _run(opts, splits, device if env is None or device == "cpu" else f"cuda:{env.local_rank}", env, quiet)
+    if env is None or env.rank == 0:
+        emit(result, opts["as_json"], _human)
+
+
+def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool) -> dict:
+    from .backbones import create_backbone
+    from .checkpoints import linear_head, load_checkpoint
+    from .datasets import DatasetOptions, load_dataset, reference_config, timm_config
+    from .run import ExtractConfig, extract_features
+
+    data = load_dataset(opts["data"], DatasetOptions(
+        opts["root"], splits, opts["list_dir"], opts["imbalance"], opts["val_per_class"], opts["seed"]))
+    for note in data.notes:
+        log(f"warning: {note}", quiet)
+    missing = data.missing_files()
+    if missing:
+        total = sum(map(len, missing.values()))
+        first = [p for m in missing.values() for p in m][:10]
+        if not opts["skip_bad"]:
+            raise ValueError(f"{total} image file(s) missing under {opts['root']} (first 10: {first}); "
+                             "pass --skip-bad to leave them out")
+        log(f"warning: {total} image file(s) missing (first 10: {first}); --skip-bad leaves them out", quiet)
+    num_classes = len(data.counts)
+    model = create_backbone(opts["model"], num_classes=None if opts["pretrained"] else num_classes,
+                            pretrained=opts["pretrained"])
+    sha, scales = "", None
+    if opts["checkpoint"]:
+        loaded = load_checkpoint(model, opts["checkpoint"])
+        sha, scales = loaded.sha256, loaded.scales
+    head = linear_head(model, scales)
+    if head is not None and head[0].shape[0] != num_classes:
+        log(f"note: the model's classifier has {head[0].shape[0]} classes, the dataset {num_classes}; "
+            "no /head stored", quiet)
+        head = None
+    transform = (timm_config(model, data.family, opts["image_size"]) if opts["transform_kind"] == "timm"
+                 else reference_config(data.family, opts["image_size"]))
+    config = ExtractConfig(opts["batch_size"], opts["workers"], device, opts["dtype"], opts["train_views"],
+                           opts["seed"], opts["resume"], opts["overwrite"], opts["skip_bad"])
+    meta = {"model": opts["model"], "dataset": data.name, "checkpoint_sha256": sha,
+            "weights": "checkpoint" if sha else ("pretrained" if opts["pretrained"] else "random-init")}
+    if data.family == "cifar":
+        meta["imbalance"] = opts["imbalance"]
+    total = sum(len(s) * (1 + (opts["train_views"] if name == "train" else 0)) for name, s in data.sources.items())
+    if env is not None:
+        total = total // env.world
+    kwargs = dict(counts=data.counts, transform=transform, config=config, head=head, class_names=data.class_names,
+                  meta=meta)
+    with click.progressbar(length=total, file=sys.stderr, label="extracting") if not quiet else _NoBar() as bar:
+        if env is None:
+            result = extract_features(model, data.sources, opts["out"], progress=bar.update, **kwargs)
+        else:
+            from .distributed import extract_sharded
+
+            result = extract_sharded(model, data.sources, opts["out"], env, progress=bar.update, **kwargs)
+    return {"out": str(result.path), "rows": result.rows, "bad": result.bad, "images": result.images,
+            "seconds": result.seconds, "images_per_second": result.images_per_second}
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None

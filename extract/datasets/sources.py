@@ -1,0 +1,75 @@
+"""Image sources: indexable images + int64 labels, decoded lazily to RGB PIL images."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+class ImageSource(Protocol):
+    """What the extraction loop reads: ``labels`` int64 (N,), ``load(i)`` an RGB PIL image."""
+
+    labels: np.ndarray
+    paths: Optional[list[str]]  # stored in /splits/<split>/paths when not None
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> Image.Image: ...
+
+    def name(self, i: int) -> str: ...
+
+
+def _labels(labels: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(y) != n:
+        raise ValueError(f"{n} images but {len(y)} labels")
+    return y
+
+
+class FileSource:
+    """Image files ``root/relpath`` with their labels (list files, ImageFolder)."""
+
+    def __init__(self, root: str | os.PathLike, paths: Sequence[str], labels: Sequence[int] | np.ndarray):
+        self.root = str(root)
+        self.paths = list(paths)
+        self.labels = _labels(labels, len(self.paths))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, i: int) -> str:
+        return self.paths[i]
+
+    def load(self, i: int) -> Image.Image:
+        with Image.open(os.path.join(self.root, self.paths[i])) as im:
+            return im.convert("RGB")
+
+    def missing(self) -> list[str]:
+        """Relative paths with no file under ``root``."""
+        return [p for p in self.paths if not os.path.isfile(os.path.join(self.root, p))]
+
+
+class ArraySource:
+    """In-memory images: uint8 array (N, H, W, 3) or (N, H, W) grayscale, with labels (N,)."""
+
+    paths = None
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int] | np.ndarray):
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+            raise ValueError(
+                f"images must be uint8 (N, H, W, 3) or (N, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        self.images = images
+        self.labels = _labels(labels, len(images))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def name(self, i: int) -> str:
+        return f"#{i}"
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i]).convert("RGB")

@@ -1,0 +1,159 @@
+"""Safe output handling: ``OUT.partial`` + lock file, resume checks, bad-image records, split shrinking."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import h5py
+import numpy as np
+
+from lt_rebalance.store import FeatureFileWriter
+
+FINGERPRINT_ATTR = "extract_fingerprint"
+
+
+def partial_path(out: str | os.PathLike) -> Path:
+    return Path(f"{out}.partial")
+
+
+def check_output(out: str | os.PathLike, overwrite: bool) -> None:
+    """The final output may be (re)written: its folder exists and it is absent or ``overwrite``."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder; --out needs a file path")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def output_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``target.lock``; refuse if another process holds it.
+
+    The kernel drops the lock when the holder dies (even by SIGKILL), so a stale lock file never blocks.
+    """
+    lock = Path(f"{target}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise FileExistsError(
+                f"another extraction (pid {holder}) is writing {target}; wait for it or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def open_partial(
+    target: str | os.PathLike, fingerprint: Mapping[str, Any], *, resume: bool, overwrite: bool
+) -> FeatureFileWriter | None:
+    """Reopen ``target.partial`` when resuming (fingerprint must match); None when a fresh file is needed."""
+    partial = partial_path(target)
+    if not partial.exists():
+        return None
+    if resume:
+        try:
+            writer = FeatureFileWriter.open_existing(partial)
+        except OSError as e:
+            raise ValueError(f"{partial} cannot be resumed ({e}); pass --overwrite to start over") from None
+        stored = json.loads(writer.file.attrs.get(FINGERPRINT_ATTR, "{}"))
+        expected = json.loads(json.dumps(fingerprint))  # same JSON normal form as stored
+        diff = sorted(k for k in expected.keys() | stored.keys() if stored.get(k) != expected.get(k))
+        if diff:
+            writer.close()
+            raise ValueError(
+                f"{partial} was started with different settings ({', '.join(diff)}); rerun with the same "
+                "options, or pass --overwrite to start over"
+            )
+        repair_shrink(writer.file)
+        return writer
+    if overwrite:
+        partial.unlink()
+        return None
+    raise FileExistsError(
+        f"{partial} is left from an interrupted extraction; pass --resume to continue it or --overwrite to start over"
+    )
+
+
+# -- bad images -------------------------------------------------------------------------------------
+def bad_indices(g: h5py.Group) -> np.ndarray:
+    """Source indices recorded as unreadable in split group ``g`` (int64, increasing)."""
+    return np.asarray(g["bad_indices"][...], dtype=np.int64) if "bad_indices" in g else np.zeros(0, np.int64)
+
+
+def bad_paths(g: h5py.Group) -> list[str]:
+    n = len(bad_indices(g))  # bad_paths may hold an unfinished record past the indices
+    return [p.decode() if isinstance(p, bytes) else str(p) for p in g["bad_paths"][:n]] if n else []
+
+
+def record_bad(g: h5py.Group, indices: np.ndarray, names: list[str]) -> None:
+    """Append to ``bad_indices``/``bad_paths`` (resizable) and flush."""
+    if "bad_indices" not in g:
+        g.create_dataset("bad_indices", shape=(0,), maxshape=(None,), dtype="int64", chunks=(1024,))
+        g.create_dataset("bad_paths", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
+    n = g["bad_indices"].shape[0]
+    for key, values in (("bad_paths", names), ("bad_indices", indices)):  # indices last: they mark the record
+        g[key].resize((n + len(indices),))
+        g[key][n:] = values
+    g.file.flush()
+
+
+def resume_position(num_items: int, rows: int, bad: np.ndarray) -> int:
+    """Source index after the ``rows``-th readable item (rows written + recorded bad items before it)."""
+    if rows == 0:
+        return 0
+    good = np.ones(num_items, dtype=np.int64)
+    good[bad] = 0
+    return int(np.searchsorted(np.cumsum(good), rows)) + 1
+
+
+def shrink_split(w: FeatureFileWriter, name: str, rows: int, block: int = 8192) -> None:
+    """Rewrite split ``name`` with capacity ``rows`` (after --skip-bad left rows unused), copying in blocks."""
+    f = w.file
+    g, tmp = f[f"splits/{name}"], f"{name}.shrunk"
+    if f"splits/{tmp}" in f:
+        del f[f"splits/{tmp}"]
+    feats = g["features"]
+    views = g["views"].shape[0] if "views" in g else 0
+    w.create_split(tmp, rows, feats.shape[1], dtype=str(feats.dtype), views=views, with_paths="paths" in g)
+    t = f[f"splits/{tmp}"]
+    for start in range(0, rows, block):
+        sl = slice(start, min(rows, start + block))
+        for key in ("features", "labels", "paths"):
+            if key in g:
+                t[key][sl] = g[key][sl]
+        if views:
+            t["views"][:, sl] = g["views"][:, sl]
+    for key in ("bad_indices", "bad_paths"):
+        f.copy(g[key], t, key)
+    for key, value in g.attrs.items():
+        t.attrs[key] = value
+    t.attrs["rows"] = rows
+    if views:
+        t.attrs["view_rows"] = np.full(views, rows, dtype=np.int64)
+    f.flush()
+    del f[f"splits/{name}"]
+    f.move(f"splits/{tmp}", f"splits/{name}")
+    f.flush()
+
+
+def repair_shrink(f: h5py.File) -> None:
+    """Finish or undo a :func:`shrink_split` interrupted by a crash."""
+    for key in [k for k in f["splits"] if k.endswith(".shrunk")]:
+        name = key[: -len(".shrunk")]
+        if name in f["splits"]:
+            del f[f"splits/{key}"]  # copy was incomplete: redo it later
+        else:
+            f.move(f"splits/{key}", f"splits/{name}")  # copy was complete, only the move was left
+    f.flush()
