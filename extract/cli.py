@@ -104,6 +104,8 @@ def extract(ctx: click.Context, **opts: Any) -> None:
 
 
 def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool) -> dict:
+    import torch
+
     from .backbones import create_backbone
     from .checkpoints import linear_head, load_checkpoint
     from .datasets import DatasetOptions, load_dataset, reference_config, timm_config
@@ -122,6 +124,7 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
                              "pass --skip-bad to leave them out")
         log(f"warning: {total} image file(s) missing (first 10: {first}); --skip-bad leaves them out", quiet)
     num_classes = len(data.counts)
+    torch.manual_seed(opts["seed"])  # --random-init weights are reproducible (and resumable)
     model = create_backbone(opts["model"], num_classes=None if opts["pretrained"] else num_classes,
                             pretrained=opts["pretrained"])
     sha, scales = "", None

@@ -31,26 +31,38 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> None:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
 
 
+_HELD: set[str] = set()  # lock files held by this process
+
+
 @contextmanager
 def output_lock(target: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``target.lock``; refuse if another process holds it.
+    """Hold an exclusive POSIX lock on ``target.lock``; refuse if another extraction holds it.
 
-    The kernel drops the lock when the holder dies (even by SIGKILL), so a stale lock file never blocks.
+    POSIX (``lockf``) locks belong to the process: DataLoader workers forked while it is held do not
+    inherit it, and the kernel drops it when the holder dies (even by SIGKILL), so a stale lock file
+    never blocks. ``_HELD`` refuses a second extraction inside the same process.
     """
     lock = Path(f"{target}.lock")
+    key = str(lock.resolve())
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if key in _HELD:
+                raise BlockingIOError
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise FileExistsError(
                 f"another extraction (pid {holder}) is writing {target}; wait for it or stop it first"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-        lock.unlink(missing_ok=True)
+        _HELD.add(key)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+            lock.unlink(missing_ok=True)
+        finally:
+            _HELD.discard(key)
     finally:
         os.close(fd)
 

@@ -1,7 +1,8 @@
 """The extraction loop: logits invariant, in-memory API, augmented views, bad images, output safety."""
-import fcntl
 import os
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from lt_rebalance.extract.backbones import create_backbone
 from lt_rebalance.extract.checkpoints import linear_head, save_reference_checkpoint
 from lt_rebalance.extract.datasets import ArraySource, reference_config
+from lt_rebalance.extract.output import output_lock
 from lt_rebalance.extract.run import ExtractConfig, extract_features
 from PIL import Image
 from torchvision import transforms as T
@@ -18,6 +20,7 @@ from torchvision import transforms as T
 from lt_rebalance.cli import main
 from lt_rebalance.store import FeatureStore
 
+HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
 IMNET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -145,8 +148,14 @@ def test_output_safety_overwrite_lock_and_stale_lock(tmp_path, image_folder):
     before = out.stat().st_mtime_ns
     _user_error(args, 1, "already exists", "--overwrite")
     assert out.stat().st_mtime_ns == before
-    with open(tmp_path / "f.h5.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "f.h5.lock")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        _user_error([*args, "--overwrite"], 1, "another extraction")
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(out):  # a second extraction inside one process is refused too
         _user_error([*args, "--overwrite"], 1, "another extraction")
     _extract([*args, "--overwrite"])
     _user_error([*args[:-4], "--out", str(tmp_path / "nodir" / "x.h5")], 1, "does not exist")
