@@ -536,7 +536,10 @@ def write_features(
                 w.append(name, x, arrays[1], paths)
                 w.mark_complete(name)
         # validate before publishing, so a bad file never reaches the final path
-        FeatureStore(tmp)
+        try:
+            FeatureStore(tmp)
+        except FeatureFileError as e:  # name the file the caller asked for, not the temporary one
+            raise FeatureFileError(path, e.problem) from None
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -117,7 +117,7 @@ def make_long_tailed(
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def lt_data():
     """Factory: ``lt_data(**kwargs)`` -> dict of synthetic long-tailed splits (see make_long_tailed)."""
     return make_long_tailed

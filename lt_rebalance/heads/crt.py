@@ -127,6 +127,8 @@ class CRT(BaseHead):
         X, y = check_features(X, y, device=device)
         N, D = X.shape
         C = int(num_classes if num_classes is not None else y.max().item() + 1)
+        if y.min() < 0 or y.max() >= C:
+            raise ValueError(f"labels must lie in [0, {C}); got range [{int(y.min())}, {int(y.max())}]")
         counts = torch.bincount(y, minlength=C).to(device)
         if views is not None:
             views = as_tensor(views, views.dtype if isinstance(views, torch.Tensor) else torch.float32, device)

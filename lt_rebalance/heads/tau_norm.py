@@ -6,7 +6,17 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..metrics import accuracy_summary
-from .base import ARRAY, NONE, BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted
+from .base import (
+    ARRAY,
+    NONE,
+    BaseHead,
+    Interval,
+    StrOptions,
+    as_tensor,
+    check_features,
+    check_is_fitted,
+    sweep_argmax,
+)
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 10) for i in range(21))  # linspace(0, 2, 21), the reference's grid
 SELECT_METRICS = {"top1": "all", "mean_class": "mean_class", "few": "few"}
@@ -42,13 +52,7 @@ def tau_sweep(
     y = as_tensor(y, torch.int64, W.device)
     taus_t = torch.as_tensor(list(taus), dtype=torch.float32, device=W.device)
     scale = W.norm(dim=1).clamp_min(1e-12)[None, :].pow(-taus_t[:, None])  # (T, C)
-    pred = torch.empty(len(taus_t), X.shape[0], dtype=torch.int64, device=W.device)
-    for start in range(0, X.shape[0], chunk):
-        s = slice(start, min(start + chunk, X.shape[0]))
-        base = X[s] @ W.T
-        for t in range(len(taus_t)):
-            torch.argmax(base * scale[t], dim=1, out=pred[t, s])
-    return accuracy_summary(pred, y, counts, **thresholds)
+    return accuracy_summary(sweep_argmax(X, W, scale, torch.mul, chunk), y, counts, **thresholds)
 
 
 class TauNorm(BaseHead):
@@ -106,7 +110,9 @@ class TauNorm(BaseHead):
             values = self.curve_[SELECT_METRICS[self.metric]]
             if torch.isnan(values).all():
                 raise ValueError(f"cannot select tau on {self.metric!r}: it is undefined on this split")
-            self.tau_ = float(list(self.taus)[int(torch.nan_to_num(values, nan=-1.0).argmax())])
+            values = torch.nan_to_num(values, nan=-1.0)
+            best = (values == values.max()).nonzero().flatten().tolist()
+            self.tau_ = float(min(list(self.taus)[i] for i in best))  # ties go to the smaller tau
         else:
             self.curve_, self.tau_ = None, float(self.tau)
         self.weight_ = tau_normalize(W, self.tau_)
