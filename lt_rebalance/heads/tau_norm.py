@@ -6,17 +6,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..metrics import accuracy_summary
-from .base import (
-    ARRAY,
-    NONE,
-    BaseHead,
-    Interval,
-    StrOptions,
-    as_tensor,
-    check_features,
-    check_is_fitted,
-    sweep_argmax,
-)
+from .base import ARRAY, NONE, BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 10) for i in range(21))  # linspace(0, 2, 21), the reference's grid
 SELECT_METRICS = {"top1": "all", "mean_class": "mean_class", "few": "few"}
@@ -52,7 +42,13 @@ def tau_sweep(
     y = as_tensor(y, torch.int64, W.device)
     taus_t = torch.as_tensor(list(taus), dtype=torch.float32, device=W.device)
     scale = W.norm(dim=1).clamp_min(1e-12)[None, :].pow(-taus_t[:, None])  # (T, C)
-    return accuracy_summary(sweep_argmax(X, W, scale, torch.mul, chunk), y, counts, **thresholds)
+    pred = torch.empty(len(taus_t), X.shape[0], dtype=torch.int64, device=W.device)
+    for start in range(0, X.shape[0], chunk):
+        s = slice(start, min(start + chunk, X.shape[0]))
+        base = X[s] @ W.T
+        for t in range(len(taus_t)):
+            torch.argmax(base * scale[t], dim=1, out=pred[t, s])
+    return accuracy_summary(pred, y, counts, **thresholds)
 
 
 class TauNorm(BaseHead):
