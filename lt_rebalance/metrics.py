@@ -21,6 +21,8 @@ def _tensor(a: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
 
 def shot_groups(counts: Any, many: int = DEFAULT_MANY, few: int = DEFAULT_FEW) -> dict[str, torch.Tensor]:
     """Boolean masks (C,) of the many (> many), medium and few (< few) shot classes."""
+    if few > many + 1:
+        raise ValueError(f"the few threshold ({few}) must not exceed the many threshold ({many}) + 1")
     c = _tensor(counts, torch.int64)
     m, f = c > many, c < few
     return {"many": m, "medium": ~m & ~f, "few": f}
