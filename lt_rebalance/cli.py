@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tau-sweep": ("lt_rebalance.commands.methods", "tau_sweep", "tau-normalise the stored classifier over a grid of tau."),
     "lws": ("lt_rebalance.commands.methods", "lws", "Learnable weight scaling on the frozen stored classifier."),
     "crt": ("lt_rebalance.commands.methods", "crt", "Re-train the linear classifier with class-balanced sampling."),
+    "logit-adjust": ("lt_rebalance.commands.posthoc", "logit_adjust", "Logit adjustment (z - tau log prior) over a grid of tau."),
+    "calibrate": ("lt_rebalance.commands.posthoc", "calibrate", "Temperature scaling on val; NLL and ECE before and after."),
     "compare": ("lt_rebalance.commands.compare", "compare", "Run every method with defaults and print one table."),
     "check": ("lt_rebalance.commands.check", "check", "Verify a feature file in full (exit 1 on any problem)."),
     "import": ("lt_rebalance.commands.import_npz", "import_npz", "Create a feature file from arrays in an .npz file."),

@@ -17,7 +17,15 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
-from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS
+from .heads.tau_norm import DEFAULT_TAUS
+from .posthoc import (
+    LogitAdjustment,
+    TemperatureScaled,
+    calibration_metrics,
+    logit_adjust_sweep,
+    pc_softmax,
+    select_tau,
+)
 from .store import FeatureStore
 
 CURVE_KEYS = ("all", "many", "medium", "few", "mean_class")
@@ -69,10 +77,14 @@ class Context:
         return out
 
 
+def _joint_head(ctx: Context) -> JointHead:
+    W, b = ctx.store.head()
+    return JointHead(W, b).fit()
+
+
 def run_joint(ctx: Context) -> tuple[dict, JointHead]:
     """The stored stage-1 classifier (logits = X Wᵀ + b)."""
-    W, b = ctx.store.head()
-    head = JointHead(W, b).fit()
+    head = _joint_head(ctx)
     return {"method": "joint", **ctx.report(head)}, head
 
 
@@ -103,6 +115,40 @@ def parse_taus(text: str) -> list[float]:
     return [round(t, 10) for t in taus]
 
 
+def _sweep_report(
+    ctx: Context,
+    method: str,
+    sweep: Callable[[torch.Tensor, torch.Tensor], dict],
+    make_head: Callable[[float], Any],
+    taus: Sequence[float],
+    select_on: Optional[str],
+    metric: str,
+    eval_split: str,
+) -> tuple[dict, Any]:
+    """Curves of ``sweep(X, y)`` on val and test, tau selected on ``select_on``, ``make_head(tau)`` reported."""
+    curve_splits = [s for s in ("val", "test") if s in ctx.store.splits]
+    for s in (select_on, eval_split):
+        if s is not None and s not in ctx.store.splits:
+            raise ValueError(f"{ctx.store.path} has no split {s!r}; available: {', '.join(ctx.store.splits)}")
+    if eval_split not in curve_splits:
+        curve_splits.append(eval_split)
+    curves = {}
+    for split in curve_splits:
+        c = sweep(*ctx.load(split))
+        curves[split] = {k: c[k].tolist() for k in CURVE_KEYS}
+    result = {"method": method, "taus": list(taus), "curves": curves, "metric": metric}
+    if select_on is None:
+        return {**result, "selected_tau": None, "selected_on": None, eval_split: None}, None
+    try:
+        tau = select_tau(curves[select_on], taus, metric)
+    except ValueError:
+        raise ValueError(f"cannot select tau on {select_on!r} by {metric!r}: it is undefined on that split") from None
+    head = make_head(tau)
+    X, y = ctx.load(eval_split)
+    metrics = head.evaluate(X, y, ctx.counts, **ctx.thresholds)
+    return {**result, "selected_tau": tau, "selected_on": select_on, eval_split: metrics}, head
+
+
 def run_tau_sweep(
     ctx: Context,
     taus: Sequence[float] = DEFAULT_TAUS,
@@ -116,28 +162,26 @@ def run_tau_sweep(
     mean_class}}, "selected_tau", "selected_on", "metric", eval_split: metrics at the selected tau}``.
     """
     W, _ = ctx.store.head()
-    curve_splits = [s for s in ("val", "test") if s in ctx.store.splits]
-    for s in (select_on, eval_split):
-        if s is not None and s not in ctx.store.splits:
-            raise ValueError(f"{ctx.store.path} has no split {s!r}; available: {', '.join(ctx.store.splits)}")
-    if eval_split not in curve_splits:
-        curve_splits.append(eval_split)
-    curves = {}
-    for split in curve_splits:
-        X, y = ctx.load(split)
-        c = tau_sweep(X, y, W, ctx.counts, taus, **ctx.thresholds)
-        curves[split] = {k: c[k].tolist() for k in CURVE_KEYS}
-    result = {"method": "tau_norm", "taus": list(taus), "curves": curves, "metric": metric}
-    if select_on is None:
-        return {**result, "selected_tau": None, "selected_on": None, eval_split: None}, None
-    values = torch.tensor(curves[select_on][SELECT_METRICS[metric]], dtype=torch.float64)
-    if torch.isnan(values).all():
-        raise ValueError(f"cannot select tau on {select_on!r} by {metric!r}: it is undefined on that split")
-    tau = float(list(taus)[int(torch.nan_to_num(values, nan=-1.0).argmax())])
-    head = TauNorm(W, tau).fit()
-    X, y = ctx.load(eval_split)
-    metrics = head.evaluate(X, y, ctx.counts, **ctx.thresholds)
-    return {**result, "selected_tau": tau, "selected_on": select_on, eval_split: metrics}, head
+    return _sweep_report(
+        ctx, "tau_norm", lambda X, y: tau_sweep(X, y, W, ctx.counts, taus, **ctx.thresholds),
+        lambda tau: TauNorm(W, tau).fit(), taus, select_on, metric, eval_split,
+    )
+
+
+def run_logit_adjust(
+    ctx: Context,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    select_on: Optional[str] = "val",
+    metric: str = "top1",
+    eval_split: str = "test",
+) -> tuple[dict, Optional[LogitAdjustment]]:
+    """Logit adjustment of the stored classifier (z − tau·log π); the JSON shape of :func:`run_tau_sweep`."""
+    base = _joint_head(ctx)
+    return _sweep_report(
+        ctx, "logit_adjust",
+        lambda X, y: logit_adjust_sweep(X, y, base.weight_, base.bias_, ctx.counts, taus, **ctx.thresholds),
+        lambda tau: LogitAdjustment(base, ctx.counts, tau).fit(), taus, select_on, metric, eval_split,
+    )
 
 
 def _epoch_logger(method: str, log: Optional[Callable[[str], None]]):
@@ -200,6 +244,20 @@ def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
     return {"method": "tau_norm", "selected_tau": head.tau_, "selected_on": "val", **ctx.report(head)}, head
 
 
+def run_logit_adjust_selected(ctx: Context) -> tuple[dict, LogitAdjustment]:
+    """Logit adjustment of the stored classifier, tau selected on val (as in ``compare``)."""
+    if "val" not in ctx.store.splits:
+        raise ValueError("logit adjustment needs a 'val' split to select tau on (see `ltr logit-adjust --select-on`)")
+    head = LogitAdjustment(_joint_head(ctx), ctx.counts).fit(*ctx.load("val"))
+    return {"method": "logit_adjust", "selected_tau": head.tau_, "selected_on": "val", **ctx.report(head)}, head
+
+
+def run_pc_softmax(ctx: Context) -> tuple[dict, LogitAdjustment]:
+    """PC softmax: the stored classifier's logits minus log π (logit adjustment at tau = 1)."""
+    head = pc_softmax(_joint_head(ctx), ctx.counts)
+    return {"method": "pc_softmax", "tau": 1.0, **ctx.report(head)}, head
+
+
 # name -> (runner, needs a stored head); ``compare`` runs them in this order
 METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
     "joint": (run_joint, True),
@@ -207,7 +265,48 @@ METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
     "crt": (run_crt, False),
     "tau_norm": (run_tau_selected, True),
     "lws": (run_lws, True),
+    "logit_adjust": (run_logit_adjust_selected, True),
+    "pc_softmax": (run_pc_softmax, True),
 }
+SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val split
+TRAINED = ("crt", "lws")  # runners that take ``log`` (per-epoch progress)
+
+
+def run_calibrate(
+    ctx: Context, method: str, eval_split: str = "test", log: Optional[Callable[[str], None]] = None, **params: Any
+) -> tuple[dict, TemperatureScaled]:
+    """Temperature scaling of ``method``'s head (a :data:`METHODS` name; ``params`` go to its runner).
+
+    T is fitted on val; NLL and ECE before and after are reported on ``eval_split``, over all rows
+    and per shot group: ``{"method": "calibrate", "base_method", "temperature", "fit_on": "val",
+    "eval_split", "before": {all|many|medium|few: {nll, ece, n}}, "after": {...}}``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    for split in ("val", eval_split):
+        if split not in ctx.store.splits:
+            raise ValueError(
+                f"{ctx.store.path} has no {split!r} split, which calibration needs; available: "
+                f"{', '.join(ctx.store.splits)}"
+            )
+    runner, needs_head = METHODS[method]
+    if needs_head and not ctx.store.has_head:
+        raise ValueError(f"{ctx.store.path} has no stored classifier, which {method} needs")
+    _, head = runner(ctx, **({"log": log} if method in TRAINED else {}), **params)
+    scaled = TemperatureScaled(head).fit(*ctx.load("val"))
+    X, y = ctx.load(eval_split)
+    before, after = (
+        calibration_metrics(h.decision_function(X), y, ctx.counts, **ctx.thresholds) for h in (head, scaled)
+    )
+    return {
+        "method": "calibrate",
+        "base_method": method,
+        "temperature": scaled.temperature_,
+        "fit_on": "val",
+        "eval_split": eval_split,
+        "before": before,
+        "after": after,
+    }, scaled
 
 
 def compare(
@@ -232,13 +331,13 @@ def compare(
             skipped.append({"method": name, "reason": "the file has no stored classifier"})
             continue
         kwargs = dict((overrides or {}).get(name, {}))
-        if name in ("crt", "lws"):
+        if name in TRAINED:
             kwargs["log"] = log
         t0 = time.perf_counter()
         try:
             row, _ = runner(ctx, **kwargs)
         except ValueError as e:
-            if name == "tau_norm" and "val" not in ctx.store.splits:
+            if name in SELECTED_ON_VAL and "val" not in ctx.store.splits:
                 skipped.append({"method": name, "reason": str(e)})
                 continue
             raise

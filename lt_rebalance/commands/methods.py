@@ -93,12 +93,16 @@ def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overw
     emit(result, as_json, _human(lambda r: f"NCM ({variant}), accuracy %", ctx.eval_splits))
 
 
+SWEEP_TITLES = {"tau_norm": "tau-normalisation", "logit_adjust": "logit adjustment"}
+
+
 def _tau_human(result: dict) -> str:
     curves, taus, sel = result["curves"], result["taus"], result["selected_tau"]
+    title = SWEEP_TITLES[result["method"]]
     cols = [(s, g) for s in curves for g in ("many", "medium", "few", "all")]
     head = f"{'tau':>6}  " + "  ".join(f"{s[:4]}/{g[:3]:>3}" for s, g in cols) + "   (accuracy %)"
-    lines = [f"tau-normalisation, selected on {result['selected_on']} by {result['metric']}" if sel is not None
-             else "tau-normalisation, no selection (--select-on none)", head]
+    lines = [f"{title}, selected on {result['selected_on']} by {result['metric']}" if sel is not None
+             else f"{title}, no selection (--select-on none)", head]
     for i, t in enumerate(taus):
         vals = "  ".join(f"{100 * curves[s][g][i]:>8.2f}" if curves[s][g][i] is not None and curves[s][g][i] == curves[s][g][i] else f"{'-':>8}" for s, g in cols)
         mark = "  <- selected" if sel is not None and abs(t - sel) < 1e-12 else ""
@@ -110,25 +114,32 @@ def _tau_human(result: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command("tau-sweep")
-@common_options
-@click.option("--taus", default="0:2:21", show_default=True, help="START:STOP:NUM (linspace) or a comma list.")
-@click.option("--select-on", type=click.Choice(["val", "test", "none"]), default=None,
-              help="Split to select tau on (default: val; test only when asked for explicitly).")
-@click.option("--metric", type=click.Choice(["top1", "mean_class", "few"]), default="top1", show_default=True,
-              help="What the selection maximises.")
-@click.option("--eval-split", default="test", show_default=True, help="Split reported at the selected tau.")
-@handle_user_errors
-def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split):
-    """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM."""
-    from ..experiments import parse_taus, run_tau_sweep
+def sweep_options(f: Callable) -> Callable:
+    """--taus, --select-on, --metric and --eval-split of the tau sweeps (tau-sweep, logit-adjust)."""
+    opts = [
+        click.option("--taus", default="0:2:21", show_default=True, help="START:STOP:NUM (linspace) or a comma list."),
+        click.option("--select-on", type=click.Choice(["val", "test", "none"]), default=None,
+                     help="Split to select tau on (default: val; test only when asked for explicitly)."),
+        click.option("--metric", type=click.Choice(["top1", "mean_class", "few"]), default="top1",
+                     show_default=True, help="What the selection maximises."),
+        click.option("--eval-split", default="test", show_default=True, help="Split reported at the selected tau."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def run_sweep_command(command: str, runner: Callable, features: str, as_json: bool, allow_incomplete: bool,
+                      taus: str, select_on: Optional[str], metric: str, eval_split: str) -> None:
+    """Parse and check the sweep options, run ``runner`` (run_tau_sweep's signature), print the result."""
+    from ..experiments import parse_taus
 
     try:
         tau_list = parse_taus(taus)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--taus") from None
     ctx = _context(features, allow_incomplete, None)
-    require_head(ctx.store, "tau-sweep")
+    require_head(ctx.store, command)
     if select_on is None:
         if "val" not in ctx.store.splits:
             raise click.ClickException(
@@ -137,8 +148,20 @@ def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metri
             )
         select_on = "val"
     require_split(ctx.store, eval_split, "for --eval-split")
-    result, _ = run_tau_sweep(ctx, tau_list, None if select_on == "none" else select_on, metric, eval_split)
+    result, _ = runner(ctx, tau_list, None if select_on == "none" else select_on, metric, eval_split)
     emit(result, as_json, _tau_human)
+
+
+@click.command("tau-sweep")
+@common_options
+@sweep_options
+@handle_user_errors
+def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split):
+    """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM."""
+    from ..experiments import run_tau_sweep
+
+    run_sweep_command("tau-sweep", run_tau_sweep, features, as_json, allow_incomplete, taus, select_on, metric,
+                      eval_split)
 
 
 def sgd_options(epochs: int, lr: float, sampler_help: str):

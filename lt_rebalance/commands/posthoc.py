@@ -1,0 +1,86 @@
+"""``ltr logit-adjust | calibrate``: post-hoc corrections of a head on a feature file."""
+from __future__ import annotations
+
+import math
+
+import click
+
+from ._common import (
+    common_options,
+    device_option,
+    emit,
+    handle_user_errors,
+    log,
+    resolve_device,
+    seed_option,
+)
+from .methods import _context, run_sweep_command, sweep_options
+
+# --method of `ltr calibrate` -> experiments.METHODS name
+CALIBRATE_METHODS = {
+    "joint": "joint",
+    "crt": "crt",
+    "tau": "tau_norm",
+    "lws": "lws",
+    "ncm": "ncm",
+    "logit_adjust": "logit_adjust",
+}
+
+
+@click.command("logit-adjust")
+@common_options
+@sweep_options
+@handle_user_errors
+def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split):
+    """Logit adjustment of the stored classifier (z - tau log prior) for every tau in one GEMM.
+
+    tau = 1 is PC softmax. The JSON has the shape of `ltr tau-sweep` (method "logit_adjust").
+    """
+    from ..experiments import run_logit_adjust
+
+    run_sweep_command("logit-adjust", run_logit_adjust, features, as_json, allow_incomplete, taus, select_on,
+                      metric, eval_split)
+
+
+def _num(v: float, fmt: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def _calibration_human(result: dict) -> str:
+    lines = [
+        f"{result['base_method']}: temperature T = {result['temperature']:.4g} fitted on {result['fit_on']} "
+        f"(NLL); {result['eval_split']} before -> after, ECE with 15 bins",
+        f"{'':<7} {'n':>7}  {'NLL':>8} {'-> NLL':>8}  {'ECE %':>7} {'-> ECE %':>8}",
+    ]
+    for g, b in result["before"].items():
+        a = result["after"][g]
+        ece = [None if m["ece"] is None or math.isnan(m["ece"]) else 100 * m["ece"] for m in (b, a)]
+        lines.append(
+            f"{g:<7} {b['n']:>7}  {_num(b['nll'], '.4f'):>8} {_num(a['nll'], '.4f'):>8}  "
+            f"{_num(ece[0], '.2f'):>7} {_num(ece[1], '.2f'):>8}"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@common_options
+@click.option("--method", required=True, type=click.Choice(list(CALIBRATE_METHODS)),
+              help="The head to calibrate (tau: tau-norm and logit_adjust with tau selected on val).")
+@click.option("--eval-split", default="test", show_default=True, help="Split the NLL and ECE are reported on.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Training epochs of crt/lws (default: theirs, 10 and 5).")
+@seed_option
+@device_option
+@handle_user_errors
+def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, epochs, seed, device):
+    """Temperature scaling: fit T on val (minimising NLL over log T), report NLL and ECE before/after.
+
+    Reported on --eval-split over all rows and per shot group (the rows of many/medium/few classes).
+    """
+    from ..experiments import run_calibrate
+
+    ctx = _context(features, allow_incomplete, None, resolve_device(device), seed)
+    name = CALIBRATE_METHODS[method]
+    params = {"epochs": epochs} if epochs is not None and name in ("crt", "lws") else {}
+    result, _ = run_calibrate(ctx, name, eval_split, log=None if quiet else log, **params)
+    emit(result, as_json, _calibration_human)

@@ -1,0 +1,282 @@
+"""Post-hoc corrections of a trained head (REFERENCE.md, "Post-hoc methods that fit cached features").
+
+* Logit adjustment (Menon et al., ICLR 2021): z_j − τ·log π_j with π the train class prior;
+  :func:`logit_adjust_sweep` scores every τ from one GEMM, :class:`LogitAdjustment` selects τ on val.
+* PC softmax (Hong et al., LADE, CVPR 2021): the τ = 1 case, :func:`pc_softmax`.
+* Temperature scaling (Guo et al., ICML 2017): logits / T with T minimising the NLL on val,
+  :func:`fit_temperature`, :class:`TemperatureScaled`; :func:`calibration_metrics` reports NLL and
+  ECE overall and per shot group.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .heads.base import (
+    ARRAY,
+    NONE,
+    BaseHead,
+    Interval,
+    Is,
+    StrOptions,
+    as_tensor,
+    check_features,
+    check_is_fitted,
+    chunked_matmul,
+)
+from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS
+from .metrics import GROUPS, accuracy_summary, expected_calibration_error, shot_groups
+
+
+def log_prior(counts: Any) -> torch.Tensor:
+    """log π_j = log(n_j / N), float32 (C,); classes without train rows count as one row."""
+    n = as_tensor(counts, torch.float64).clamp_min(1)
+    return (n / n.sum()).log().float()
+
+
+def select_tau(curve: dict[str, Any], taus: Sequence[float], metric: str = "top1") -> float:
+    """The τ of ``taus`` maximising ``curve[SELECT_METRICS[metric]]`` (T values); ties go to the smaller τ."""
+    values = torch.nan_to_num(torch.as_tensor(curve[SELECT_METRICS[metric]], dtype=torch.float64), nan=-1.0)
+    if (values < 0).all():
+        raise ValueError(f"cannot select tau on {metric!r}: it is undefined on this split")
+    return float(min(t for t, v in zip(taus, values.tolist()) if v == values.max()))
+
+
+def _offset_argmax(X: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Predictions int64 (T, N): ``argmax_j (X Wᵀ)[:, j] + offsets[t, j]`` for each of the T offset rows.
+
+    X Wᵀ is computed ONCE per row chunk (:func:`chunked_matmul`), bounding memory at chunk × C;
+    each τ only adds its (C,) offset before the argmax.
+    """
+    pred = torch.empty(len(offsets), X.shape[0], dtype=torch.int64, device=X.device)
+
+    def fill(base: torch.Tensor, s: slice) -> None:
+        for t in range(len(offsets)):
+            torch.argmax(base + offsets[t], dim=1, out=pred[t, s])
+
+    chunked_matmul(X, W, fill, chunk)
+    return pred
+
+
+def _linear(head: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (C, D), bias (C,)) of a fitted linear head; ValueError for any other head."""
+    if not hasattr(head, "weight_"):
+        raise ValueError(
+            f"logit adjustment needs a fitted linear head (weight_, bias_); got {type(head).__name__}"
+        )
+    W = head.weight_
+    b = getattr(head, "bias_", None)
+    return W, (torch.zeros(W.shape[0], device=W.device) if b is None else b)
+
+
+def logit_adjust_sweep(
+    X: Any,
+    y: Any,
+    weight: Any,
+    bias: Any,
+    counts: Any,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    *,
+    chunk: int = 8192,
+    **thresholds: int,
+) -> dict[str, torch.Tensor]:
+    """Accuracy of logit-adjusted linear heads for every τ, from ONE matmul of X with W.
+
+    logits(τ) = X Wᵀ + b − τ·log π; X Wᵀ is computed once (in row chunks) and each τ only adds
+    its (C,) offset before the argmax. ``weight`` float (C, D), ``bias`` (C,) or None,
+    ``counts`` the train counts (C,) that define π and the shot groups.
+
+    Returns
+    -------
+    dict of float64 (T,) tensors: ``all``, ``mean_class``, ``many``, ``medium``, ``few``.
+    """
+    W = as_tensor(weight, torch.float32, getattr(weight, "device", "cpu"))
+    b = torch.zeros(W.shape[0], device=W.device) if bias is None else as_tensor(bias, torch.float32, W.device)
+    X = check_features(X, n_features=W.shape[1], device=W.device)
+    y = as_tensor(y, torch.int64, W.device)
+    taus_t = torch.as_tensor(list(taus), dtype=torch.float32, device=W.device)
+    offsets = b[None, :] - taus_t[:, None] * log_prior(counts).to(W.device)[None, :]  # (T, C)
+    return accuracy_summary(_offset_argmax(X, W, offsets, chunk), y, counts, **thresholds)
+
+
+class LogitAdjustment(BaseHead):
+    """Post-hoc logit adjustment of a fitted linear head: z − τ·log π (Menon et al., ICLR 2021).
+
+    Parameters
+    ----------
+    head : fitted head with ``weight_`` (C, D) and ``bias_`` (C,)
+        The base classifier, e.g. ``JointHead(W, b).fit()`` (the stored stage-1 head) or a CRT.
+    counts : int (C,)
+        Train images per class: π_j = n_j / N.
+    tau : float or None, default=None
+        A fixed τ; None selects it in :meth:`fit` from ``taus`` on the data given there.
+    taus : sequence of float, default=linspace(0, 2, 21)
+    metric : {"top1", "mean_class", "few"}, default="top1"
+        What the selection maximises (ties go to the smaller τ).
+
+    Attributes
+    ----------
+    tau_ : float
+    curve_ : dict of (T,) tensors or None
+        Accuracies per τ on the selection split (None for a fixed τ).
+    weight_ : float32 (C, D)
+        The base head's weight.
+    bias_ : float32 (C,)
+        b − τ·log π: the adjusted head is again a plain linear layer.
+
+    Examples
+    --------
+    >>> la = LogitAdjustment(JointHead(W, b).fit(), counts).fit(X_val, y_val)   # doctest: +SKIP
+    """
+
+    _parameter_constraints = {
+        "head": [Is(lambda h: hasattr(h, "decision_function"), "a fitted head")],
+        "counts": [ARRAY],
+        "tau": [NONE, Interval(float, None, None)],
+        "metric": [StrOptions(set(SELECT_METRICS))],
+    }
+
+    def __init__(
+        self,
+        head: Any,
+        counts: Any,
+        tau: Optional[float] = None,
+        *,
+        taus: Sequence[float] = DEFAULT_TAUS,
+        metric: str = "top1",
+    ):
+        self.head = head
+        self.counts = counts
+        self.tau = tau
+        self.taus = taus
+        self.metric = metric
+
+    def fit(self, X: Any = None, y: Any = None) -> LogitAdjustment:
+        """Select τ on (X, y) (the val split) unless ``tau`` is fixed."""
+        self._validate_params()
+        W, b = _linear(self.head)
+        if len(self.counts) != W.shape[0]:
+            raise ValueError(f"counts have {len(self.counts)} classes but the head has {W.shape[0]}")
+        if self.tau is None:
+            if X is None or y is None:
+                raise ValueError("LogitAdjustment with tau=None selects tau on data: pass X and y to fit")
+            self.curve_ = logit_adjust_sweep(X, y, W, b, self.counts, self.taus)
+            self.tau_ = select_tau(self.curve_, self.taus, self.metric)
+        else:
+            self.curve_, self.tau_ = None, float(self.tau)
+        self.weight_ = W
+        self.bias_ = b - self.tau_ * log_prior(self.counts).to(b.device)
+        self.n_features_in_ = W.shape[1]
+        return self
+
+    def decision_function(self, X: Any) -> torch.Tensor:
+        """Adjusted logits float32 (N, C) = X Wᵀ + b − τ·log π."""
+        check_is_fitted(self, "bias_")
+        X = check_features(X, n_features=self.n_features_in_, device=self.weight_.device)
+        return torch.addmm(self.bias_, X, self.weight_.T)
+
+
+def pc_softmax(head: Any, counts: Any) -> LogitAdjustment:
+    """PC softmax (LADE, Hong et al., CVPR 2021): logit adjustment at τ = 1, fitted."""
+    return LogitAdjustment(head, counts, tau=1.0).fit()
+
+
+def fit_temperature(logits: Any, labels: Any, *, span: float = 25.0) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T), float.
+
+    ``logits`` float (N, C), ``labels`` int (N,). The NLL is unimodal in log T (convex in 1/T), so a
+    bounded Brent search over log T ∈ log s ± ``span`` finds it, with s the logits' spread (their
+    row-centred standard deviation): the search scales with the logits, however huge or tiny.
+    Computed in float64. Logits that are constant per row carry no confidence: T = 1.
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = as_tensor(logits, torch.float64)
+    y = as_tensor(labels, torch.int64)
+    if z.ndim != 2 or y.shape != (z.shape[0],) or z.shape[0] == 0:
+        raise ValueError(f"need logits (N, C) and labels (N,) with N > 0; got {tuple(z.shape)} and {tuple(y.shape)}")
+    if not torch.isfinite(z).all():
+        raise ValueError("logits contain NaN or Inf values")
+    z = z - z.mean(dim=1, keepdim=True)
+    spread = z.square().mean().sqrt().item()
+    if spread == 0 or not math.isfinite(spread):
+        return 1.0
+    z = z / spread  # the search runs on O(1) logits; T is rescaled at the end
+
+    def nll(log_t: float) -> float:
+        return torch.nn.functional.cross_entropy(z * math.exp(-log_t), y).item()
+
+    res = minimize_scalar(nll, bounds=(-span, span), method="bounded", options={"xatol": 1e-7})
+    return float(math.exp(res.x) * spread)
+
+
+class TemperatureScaled(BaseHead):
+    """A fitted head with its scores divided by a temperature fitted on held-out data.
+
+    Parameters
+    ----------
+    head : fitted head
+    temperature : float or None, default=None
+        A fixed T; None fits it in :meth:`fit` (:func:`fit_temperature`).
+
+    Attributes
+    ----------
+    temperature_ : float
+    weight_, bias_ : float32 (C, D), (C,)
+        W / T and b / T when the base head is linear (absent otherwise).
+    """
+
+    _parameter_constraints = {
+        "head": [Is(lambda h: hasattr(h, "decision_function"), "a fitted head")],
+        "temperature": [NONE, Interval(float, 0, None, closed="neither")],
+    }
+
+    def __init__(self, head: Any, temperature: Optional[float] = None):
+        self.head = head
+        self.temperature = temperature
+
+    def fit(self, X: Any = None, y: Any = None) -> TemperatureScaled:
+        """Fit T on (X, y) (the val split) unless ``temperature`` is fixed."""
+        self._validate_params()
+        if self.temperature is None:
+            if X is None or y is None:
+                raise ValueError("TemperatureScaled with temperature=None fits T on data: pass X and y to fit")
+            self.temperature_ = fit_temperature(self.head.decision_function(X), y)
+        else:
+            self.temperature_ = float(self.temperature)
+        if hasattr(self.head, "weight_"):
+            W, b = _linear(self.head)
+            self.weight_, self.bias_ = W / self.temperature_, b / self.temperature_
+        return self
+
+    def decision_function(self, X: Any) -> torch.Tensor:
+        """Scores float32 (N, C) of the base head divided by T."""
+        check_is_fitted(self, "temperature_")
+        return self.head.decision_function(X) / self.temperature_
+
+
+def calibration_metrics(
+    scores: Any, labels: Any, counts: Any, *, n_bins: int = 15, **thresholds: int
+) -> dict[str, dict[str, float]]:
+    """NLL and ECE (``n_bins`` bins) of softmax(scores) over all rows and per shot group.
+
+    ``scores`` float (N, C), ``labels`` int (N,); a group holds the rows whose class is in it
+    (by train ``counts``). Returns ``{"all" | "many" | "medium" | "few": {"nll", "ece", "n"}}``
+    (NaN for an empty group).
+    """
+    logp = torch.log_softmax(as_tensor(scores, torch.float64), dim=1)
+    y = as_tensor(labels, torch.int64, logp.device)
+    groups = shot_groups(counts, **thresholds)
+    masks = {"all": torch.ones_like(y, dtype=torch.bool), **{g: groups[g].to(y.device)[y] for g in GROUPS}}
+    out = {}
+    for name, m in masks.items():
+        n = int(m.sum())
+        lp, yy = logp[m], y[m]
+        out[name] = {
+            "nll": -lp.gather(1, yy[:, None]).mean().item() if n else math.nan,
+            "ece": expected_calibration_error(lp.exp().cpu(), yy.cpu(), n_bins) if n else math.nan,
+            "n": n,
+        }
+    return out
