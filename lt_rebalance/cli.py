@@ -48,8 +48,11 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, self.lazy_commands[name][2]) for name in sorted(self.lazy_commands)]
         if rows:
+            width = max(len(name) for name, _ in rows)
             with formatter.section("Commands"):
-                formatter.write_dl(rows)
+                # one line per command whatever the terminal width (write_dl would wrap long summaries)
+                for name, summary in rows:
+                    formatter.write(f"{'':>{formatter.current_indent}}{name:<{width}}  {summary}\n")
 
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,6 +10,7 @@ selection split of tau-normalisation and the keep-best epoch of cRT/LWS use ``va
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -112,6 +113,8 @@ def parse_taus(text: str) -> list[float]:
         ) from None
     if not taus:
         raise ValueError("no tau values given; use START:STOP:NUM (e.g. 0:2:21) or a comma list")
+    if not all(math.isfinite(t) for t in taus):
+        raise ValueError(f"taus must be finite numbers; got {text!r}")
     return [round(t, 10) for t in taus]
 
 

@@ -1,6 +1,9 @@
 """``ltr import``: a feature file from arrays that users already have."""
 from __future__ import annotations
 
+import os
+import zipfile
+
 import click
 
 from ._common import emit, handle_user_errors, json_option, log, quiet_option
@@ -12,38 +15,54 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
     """Read ``x_<split>, y_<split>`` (+ optional weight, bias, counts, class_names) and write ``out``."""
     import numpy as np
 
-    from ..store import write_features
+    from ..store import FeatureFileError, write_features
 
+    if not os.path.exists(npz_path):
+        raise click.ClickException(f"{npz_path}: no such file")
     try:
-        data = np.load(npz_path, allow_pickle=False)
+        if not zipfile.is_zipfile(npz_path):  # np.load would also take .npy or try to unpickle
+            raise click.ClickException(f"{npz_path}: not an .npz archive (write one with numpy.savez)")
+        npz = np.load(npz_path, allow_pickle=False)
+        data = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise click.ClickException(f"{npz_path}: no such file") from None
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise click.ClickException(f"{npz_path}: not a readable .npz file ({e})") from None
-    keys = set(data.files)
+    keys = set(data)
     splits = {}
     for s in SPLITS:
         if f"x_{s}" in keys or f"y_{s}" in keys:
             if not {f"x_{s}", f"y_{s}"} <= keys:
                 raise click.ClickException(f"{npz_path}: split {s!r} needs both x_{s} and y_{s}")
-            splits[s] = (data[f"x_{s}"], data[f"y_{s}"])
+            x, y = data[f"x_{s}"], data[f"y_{s}"]
+            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+                raise click.ClickException(f"{npz_path}: x_{s} has dtype {x.dtype}, expected real numbers")
+            if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)) \
+                    or (y.size and (y.min() < 0 or not np.array_equal(y, np.round(y)))):
+                raise click.ClickException(
+                    f"{npz_path}: y_{s} must be a 1-D array of class indices >= 0 (dtype {y.dtype}, shape {y.shape})"
+                )
+            splits[s] = (x, y.astype(np.int64))
     if not splits:
         raise click.ClickException(f"{npz_path}: no arrays x_train/y_train, x_val/y_val or x_test/y_test found")
     if "counts" not in keys and "train" not in splits:
         raise click.ClickException(f"{npz_path}: give x_train/y_train or a 'counts' array (training images per class)")
     names = [str(n) for n in data["class_names"]] if "class_names" in keys else None
-    write_features(
-        out,
-        splits,
-        counts=data["counts"] if "counts" in keys else None,
-        weight=data["weight"] if "weight" in keys else None,
-        bias=data["bias"] if "bias" in keys else None,
-        class_names=names,
-        dtype=dtype,
-        model=model,
-        dataset=dataset,
-        overwrite=overwrite,
-    )
+    try:
+        write_features(
+            out,
+            splits,
+            counts=data["counts"] if "counts" in keys else None,
+            weight=data["weight"] if "weight" in keys else None,
+            bias=data["bias"] if "bias" in keys else None,
+            class_names=names,
+            dtype=dtype,
+            model=model,
+            dataset=dataset,
+            overwrite=overwrite,
+        )
+    except FeatureFileError as e:  # raised on the temporary file: name the user's file instead
+        raise click.ClickException(f"{npz_path}: the arrays do not form a valid feature file: {e.problem}") from None
     return {"out": out, "splits": {s: int(len(splits[s][1])) for s in splits}, "has_head": "weight" in keys}
 
 

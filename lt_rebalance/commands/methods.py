@@ -200,9 +200,12 @@ def _check_training_args(epochs: int, batch_size: int, sampler: str) -> Any:
     if sampler in ("ib", "cb", "sqrt", "pb"):
         return sampler
     try:
-        return float(sampler)
+        q = float(sampler)
+        if q != q or q in (float("inf"), float("-inf")):  # nan / inf: not a usable power
+            raise ValueError
+        return q
     except ValueError:
-        raise click.BadParameter(f"unknown sampler {sampler!r}; use ib, cb, sqrt, pb or a power q",
+        raise click.BadParameter(f"unknown sampler {sampler!r}; use ib, cb, sqrt, pb or a finite power q",
                                  param_hint="--sampler") from None
 
 
