@@ -67,35 +67,43 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-def open_partial(
-    target: str | os.PathLike, fingerprint: Mapping[str, Any], *, resume: bool, overwrite: bool
-) -> FeatureFileWriter | None:
-    """Reopen ``target.partial`` when resuming (fingerprint must match); None when a fresh file is needed."""
+def resume_partial(target: str | os.PathLike, fingerprint: Mapping[str, Any], *, resume: bool, overwrite: bool) -> bool:
+    """True when ``target.partial`` exists and is to be resumed (its fingerprint must match);
+    False when a fresh one must be created (a leftover one is deleted only with ``overwrite``)."""
     partial = partial_path(target)
     if not partial.exists():
-        return None
+        return False
     if resume:
         try:
-            writer = FeatureFileWriter.open_existing(partial)
+            with h5py.File(partial, "r", locking=False) as f:
+                stored = json.loads(f.attrs.get(FINGERPRINT_ATTR, "{}"))
         except OSError as e:
             raise ValueError(f"{partial} cannot be resumed ({e}); pass --overwrite to start over") from None
-        stored = json.loads(writer.file.attrs.get(FINGERPRINT_ATTR, "{}"))
         expected = json.loads(json.dumps(fingerprint))  # same JSON normal form as stored
         diff = sorted(k for k in expected.keys() | stored.keys() if stored.get(k) != expected.get(k))
         if diff:
-            writer.close()
             raise ValueError(
                 f"{partial} was started with different settings ({', '.join(diff)}); rerun with the same "
                 "options, or pass --overwrite to start over"
             )
-        repair_shrink(writer.file)
-        return writer
+        return True
     if overwrite:
         partial.unlink()
-        return None
+        return False
     raise FileExistsError(
         f"{partial} is left from an interrupted extraction; pass --resume to continue it or --overwrite to start over"
     )
+
+
+def open_writer(partial: Path) -> FeatureFileWriter:
+    """Open ``partial`` for appending without HDF5's own file lock.
+
+    DataLoader workers forked later inherit the descriptor and may outlive a killed extractor by a few
+    seconds; an HDF5 lock on it would block ``--resume`` meanwhile. :func:`output_lock` guards writers.
+    """
+    w = FeatureFileWriter(h5py.File(partial, "r+", locking=False))
+    repair_shrink(w.file)
+    return w
 
 
 # -- bad images -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Public entry point: :func:`extract_features` (used by ``ltr extract`` and ``ltr 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -23,10 +24,11 @@ from .output import (
     bad_indices,
     bad_paths,
     check_output,
-    open_partial,
+    open_writer,
     output_lock,
     partial_path,
     record_bad,
+    resume_partial,
     resume_position,
     shrink_split,
 )
@@ -45,7 +47,7 @@ class ExtractConfig:
     batch_size: int = 256
     workers: int = 0  # DataLoader worker processes
     device: str = "cpu"
-    dtype: str = "float16"  # stored feature dtype
+    dtype: str = "float32"  # stored feature dtype (float16 halves the file)
     train_views: int = 0  # K augmented passes over the train split
     seed: int = 0  # augmentation seed (per image: seed, view, index)
     resume: bool = False
@@ -72,7 +74,11 @@ class BadImagesError(ValueError):
 
 
 class _Items:
-    """torch Dataset: index -> (image float32 (3, S, S), label, index, readable); seeded when augmenting."""
+    """torch Dataset: index -> (image float32 (3, S, S), label, index, readable).
+
+    Augmentation is seeded per image from (seed, view, image name), so it does not depend on workers,
+    resume points or shards.
+    """
 
     def __init__(self, source: ImageSource, transform: Callable, size: int, seed: Optional[tuple[int, int]] = None):
         self.source, self.transform, self.size, self.seed = source, transform, size, seed
@@ -90,7 +96,8 @@ class _Items:
             return torch.zeros(3, self.size, self.size), label, i, False
         if self.seed is None:
             return self.transform(img), label, i, True
-        state = np.random.SeedSequence([*self.seed, i]).generate_state(2, np.uint64)[0]
+        name = hashlib.blake2b(self.source.name(i).encode(), digest_size=8).digest()  # same in every shard
+        state = np.random.SeedSequence([*self.seed, int.from_bytes(name, "little")]).generate_state(1, np.uint64)[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(state))
             return self.transform(img), label, i, True
@@ -311,10 +318,10 @@ def extract_features(
     runner = _Runner(model, features_fn, cfg, transform, progress)
     t0 = time.perf_counter()
     with output_lock(out):
-        w = open_partial(out, fingerprint, resume=cfg.resume, overwrite=cfg.overwrite)
-        if w is None:
-            w = _create(partial_path(out), sources, runner.feature_dim(), counts=np.asarray(counts), transform=transform,
-                        cfg=cfg, head=head, class_names=class_names, meta=meta, fingerprint=fingerprint)
+        if not resume_partial(out, fingerprint, resume=cfg.resume, overwrite=cfg.overwrite):
+            _create(partial_path(out), sources, runner.feature_dim(), counts=np.asarray(counts), transform=transform,
+                    cfg=cfg, head=head, class_names=class_names, meta=meta, fingerprint=fingerprint).close()
+        w = open_writer(partial_path(out))
         bg = _BackgroundWriter()
         try:
             for name, src in sources.items():

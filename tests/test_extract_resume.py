@@ -81,7 +81,6 @@ def _resume(root, out, *extra):
 
 @pytest.mark.parametrize("target,k,when", [
     ("lt_rebalance.store:FeatureFileWriter.append", 4, "mid"),  # train, data written, rows not bumped
-    ("lt_rebalance.store:FeatureFileWriter.append", 12, "after"),  # first batch of val
     ("lt_rebalance.store:FeatureFileWriter.append_view", 3, "mid"),  # augmented view
     ("lt_rebalance.store:FeatureFileWriter.mark_complete", 2, "before"),  # val done, not marked
 ])
@@ -101,24 +100,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, image_folder, refere
     _assert_same(out, reference)
 
 
-def test_random_sigkills_with_workers(tmp_path, image_folder, reference):
-    """Killed at random moments (DataLoader workers on), resumed until done."""
+def test_random_sigkill_with_workers(tmp_path, image_folder, reference):
+    """Killed at a random moment (DataLoader workers on), then resumed."""
     out, partial = tmp_path / "f.h5", tmp_path / "f.h5.partial"
-    rng = random.Random(0)
-    for _ in range(2):
-        proc = subprocess.Popen([sys.executable, "-m", "lt_rebalance.extract", "--workers", "2",
-                                 *_args(image_folder, out, *(["--resume"] if partial.exists() else []))],
-                                stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert not out.exists() or proc.returncode == 0
-        if out.exists():
-            break
-    if not out.exists():
+    proc = subprocess.Popen([sys.executable, "-m", "lt_rebalance.extract", "--workers", "2",
+                             *_args(image_folder, out)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(0).uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode != 0:  # killed before the end: the final path holds nothing yet
+        assert not out.exists()
         _resume(image_folder, out)
     _assert_same(out, reference)
 
