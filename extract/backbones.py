@@ -33,6 +33,10 @@ register_backbone("resnet50", BackboneSpec("resnet50"))
 register_backbone("resnet152", BackboneSpec("resnet152"))
 # ResNeXt-152 of the paper: Bottleneck 3-8-36-3, cardinality 32, base width 4.
 register_backbone("resnext152", BackboneSpec("resnext101_32x4d", {"layers": (3, 8, 36, 3)}, has_pretrained=False))
+# ltr demo's stage-1 CNN for tiny images; importing tiny_cnn registers "ltr_tiny_cnn" with timm.
+from . import tiny_cnn  # noqa: E402,F401
+
+register_backbone("tiny_cnn", BackboneSpec("ltr_tiny_cnn", has_pretrained=False))
 
 
 def backbone_aliases() -> list[str]:

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "check": ("lt_rebalance.commands.check", "check", "Verify a feature file in full (exit 1 on any problem)."),
     "import": ("lt_rebalance.commands.import_npz", "import_npz", "Create a feature file from arrays in an .npz file."),
     "extract": ("lt_rebalance.extract.cli", "extract", "Run a backbone once over a dataset and write the feature file."),
+    "demo": ("lt_rebalance.commands.demo", "demo", "The whole pipeline on bundled digits images, offline, on a CPU."),
+    "plot": ("lt_rebalance.commands.plot", "plot", "Figures: tau-curve, norms, per-class, compare (needs matplotlib)."),
 }
 
 

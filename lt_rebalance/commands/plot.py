@@ -1,0 +1,164 @@
+"""``ltr plot``: figures of a feature file or a results file (thin wrappers over :mod:`lt_rebalance.plots`)."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from ._common import (
+    device_option,
+    emit,
+    features_option,
+    handle_user_errors,
+    json_option,
+    log,
+    open_store,
+    quiet_option,
+    resolve_device,
+    seed_option,
+)
+
+
+def _out_options(default: str) -> Callable:
+    def decorate(f: Callable) -> Callable:
+        f = click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")(f)
+        f = click.option("--out", default=default, show_default=True, type=click.Path(dir_okay=False),
+                         help="Image file; the suffix picks the format (.png, .pdf, .svg).")(f)
+        return quiet_option(json_option(f))
+
+    return decorate
+
+
+def _feature_options(f: Callable) -> Callable:
+    """--features, the shot-group thresholds, --seed and --device; the command gets ``ctx`` instead."""
+    @functools.wraps(f)
+    def wrapper(features: str, many: int, few: int, seed: int, device: str, **kwargs: Any) -> Any:
+        from ..experiments import Context
+
+        if few > many + 1:
+            raise click.BadParameter(f"--few {few} leaves no room under --many {many}", param_hint="--few")
+        store = open_store(features)
+        ctx = Context(store, device=resolve_device(device), seed=seed, thresholds={"many": many, "few": few})
+        return f(ctx=ctx, **kwargs)
+
+    for opt in (
+        device_option,
+        seed_option,
+        click.option("--few", default=20, show_default=True, type=click.IntRange(0), help="few-shot: < FEW train images."),
+        click.option("--many", default=100, show_default=True, type=click.IntRange(0),
+                     help="many-shot: > MANY train images."),
+        features_option,
+    ):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+def _training_options(f: Callable) -> Callable:
+    """--crt-epochs, --lws-epochs and --batch-size; the command gets ``overrides`` for the runners instead."""
+    @functools.wraps(f)
+    def wrapper(crt_epochs: int, lws_epochs: int, batch_size: int, **kwargs: Any) -> Any:
+        overrides = {"crt": {"epochs": crt_epochs, "batch_size": batch_size},
+                     "lws": {"epochs": lws_epochs, "batch_size": batch_size}}
+        return f(overrides=overrides, **kwargs)
+
+    for opt in (
+        click.option("--batch-size", default=512, show_default=True, type=click.IntRange(1),
+                     help="cRT and LWS batch size (at most the train rows)."),
+        click.option("--lws-epochs", default=5, show_default=True, type=click.IntRange(1)),
+        click.option("--crt-epochs", default=10, show_default=True, type=click.IntRange(1)),
+    ):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+def _done(kind: str, path: Any, as_json: bool, quiet: bool) -> None:
+    log(f"wrote {path}", quiet or as_json)
+    if as_json:
+        emit({"plot": kind, "out": str(path)}, True, str)
+
+
+def _plot_command(name: str) -> Callable:
+    """A subcommand of ``plot`` that turns a missing matplotlib into one ``Error:`` line."""
+    def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(**kwargs: Any) -> Any:
+            from ..plots import require_matplotlib
+
+            try:
+                require_matplotlib()
+            except ImportError as e:
+                raise click.ClickException(str(e)) from None
+            return f(**kwargs)
+
+        return plot.command(name)(handle_user_errors(wrapper))
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def plot() -> None:
+    """Figures (PNG by default; needs matplotlib): tau-curve, norms, per-class, compare."""
+
+
+@_plot_command("tau-curve")
+@_feature_options
+@_out_options("tau-curve.png")
+def tau_curve(ctx, out: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Accuracy vs tau on val and test, per shot group, the tau selected on val marked."""
+    from ..plots import plot_tau_curve
+
+    _done("tau-curve", plot_tau_curve(ctx, out, overwrite), as_json, quiet)
+
+
+@_plot_command("norms")
+@_feature_options
+@click.option("--head", "head_path", type=click.Path(dir_okay=False),
+              help="A saved re-balanced head (`ltr crt --save crt.pt`) shown instead of training cRT.")
+@_training_options
+@_out_options("norms.png")
+def norms(ctx, head_path: Optional[str], overrides: dict, out: str, overwrite: bool, as_json: bool,
+          quiet: bool) -> None:
+    """Per-class weight norm vs training images (log x): joint vs re-balanced heads."""
+    from ..head_io import load_head
+    from ..plots import plot_norms
+
+    head = load_head(head_path) if head_path else None
+    _done("norms", plot_norms(ctx, out, head, overrides, overwrite), as_json, quiet)
+
+
+@_plot_command("per-class")
+@_feature_options
+@click.option("--methods", default="joint,crt,tau", show_default=True,
+              help="Comma-separated methods (names of `ltr compare`; tau = tau_norm).")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate.")
+@_training_options
+@_out_options("per-class.png")
+def per_class(ctx, methods: str, split: str, overrides: dict, out: str, overwrite: bool, as_json: bool,
+              quiet: bool) -> None:
+    """Per-class accuracy of each method, classes sorted by training images."""
+    from ..plots import plot_per_class
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not names:
+        raise click.BadParameter("give at least one method", param_hint="--methods")
+    path = plot_per_class(ctx, out, names, split, overrides, overwrite)
+    _done("per-class", path, as_json, quiet)
+
+
+@_plot_command("compare")
+@click.option("--results", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSON of `ltr compare --out` or the demo's results.json.")
+@click.option("--split", default=None, help="Split to show [default: test when present].")
+@_out_options("compare.png")
+def compare(results: str, split: Optional[str], out: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Grouped bars: many / medium / few / all accuracy per method."""
+    from ..plots import plot_compare
+
+    try:
+        result = json.loads(Path(results).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"{results} is not a JSON results file ({e})") from None
+    _done("compare", plot_compare(result, out, split, overwrite), as_json, quiet)

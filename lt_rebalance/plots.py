@@ -1,0 +1,185 @@
+"""Figures of ``ltr plot`` and ``ltr demo``: the numbers come from the experiment runners.
+
+matplotlib is an optional extra, imported inside the functions (Agg canvas, no pyplot state).
+Every figure is ``FIGSIZE`` inches at ``DPI``: 900 x 550 pixels.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+
+from .metrics import DEFAULT_FEW, DEFAULT_MANY, GROUPS, per_class_accuracy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from .experiments import Context
+
+FIGSIZE, DPI = (9.0, 5.5), 100
+MATPLOTLIB_HINT = 'plots need matplotlib: pip install "lt-rebalance[plot]" (or pip install matplotlib)'
+METHOD_ALIASES = {"tau": "tau_norm", "tau-norm": "tau_norm"}
+GROUP_COLORS = {"all": "black", "many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+
+
+def require_matplotlib() -> None:
+    """Raise ImportError with the install hint when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError(MATPLOTLIB_HINT) from None
+
+
+def _figure(ncols: int = 1) -> tuple[Figure, Any]:
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, sharey=True, squeeze=False)[0]
+
+
+def _save(fig: Figure, out: str | os.PathLike, overwrite: bool) -> Path:
+    """Write atomically; the format follows the suffix (png when there is none)."""
+    from .store import atomic_output
+
+    out = Path(out)
+    tmp = atomic_output(out, overwrite)
+    try:
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=DPI)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _group_labels(ctx: Context) -> dict[str, str]:
+    many, few = ctx.thresholds.get("many", DEFAULT_MANY), ctx.thresholds.get("few", DEFAULT_FEW)
+    return {"all": "all", "many": f"many (> {many} train imgs)", "medium": f"medium ({few}-{many})",
+            "few": f"few (< {few})"}
+
+
+def _fit(ctx: Context, name: str, overrides: Optional[dict]) -> tuple[dict, Any]:
+    from .experiments import METHODS
+
+    name = METHOD_ALIASES.get(name, name)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (or tau)")
+    runner, needs_head = METHODS[name]
+    if needs_head and not ctx.store.has_head:
+        raise ValueError(f"{name} needs the stored classifier, which {ctx.store.path} lacks")
+    return runner(ctx, **(overrides or {}).get(name, {}))
+
+
+def plot_tau_curve(ctx: Context, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Accuracy vs tau on val and test per shot group, the tau selected on val marked."""
+    from .experiments import run_tau_sweep
+
+    result, _ = run_tau_sweep(ctx, select_on="val" if "val" in ctx.store.splits else None)
+    curves = result["curves"]
+    fig, axes = _figure(len(curves))
+    labels = _group_labels(ctx)
+    for ax, (split, curve) in zip(axes, curves.items()):
+        for g in ("all", *GROUPS):
+            ax.plot(result["taus"], [100 * v if v is not None else float("nan") for v in curve[g]], marker=".",
+                    color=GROUP_COLORS[g], lw=2.5 if g == "all" else 1.5, label=labels[g])
+        if result["selected_tau"] is not None:
+            ax.axvline(result["selected_tau"], color="gray", ls="--",
+                       label=f"selected τ = {result['selected_tau']:g} (on val)")
+        ax.set(title=f"{split} split", xlabel="τ (exponent of the weight norm, unitless)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    axes[-1].legend(loc="best", fontsize=9)
+    fig.suptitle(f"τ-normalisation: accuracy vs τ per shot group ({Path(ctx.store.path).name})")
+    return _save(fig, out, overwrite)
+
+
+def norm_heads(ctx: Context, head: Optional[dict] = None, overrides: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """label -> classifier weight (C, D): joint, tau-norm, LWS (when stored), and cRT (``head`` replaces it)."""
+    names = ["joint", "tau_norm", "lws"] if ctx.store.has_head else []
+    heads = {}
+    for name in names + ([] if head is not None else ["crt"]):
+        result, fitted = _fit(ctx, name, overrides)
+        label = f"τ-norm (τ = {result['selected_tau']:g})" if name == "tau_norm" else name
+        heads[label] = fitted.weight_
+    if head is not None:
+        if "weight" not in head:
+            raise ValueError(f"the --head file holds a {head.get('method')} head without a weight matrix (NCM?)")
+        heads[f"{head['method']} (--head)"] = torch.as_tensor(head["weight"])
+    return heads
+
+
+def plot_norms(ctx: Context, out: str | os.PathLike, head: Optional[dict] = None, overrides: Optional[dict] = None,
+               overwrite: bool = False) -> Path:
+    """Per-class weight norm (relative to the head's mean) vs train images per class, log x."""
+    counts = ctx.counts.double()
+    order = torch.argsort(counts, descending=True, stable=True)
+    fig, (ax,) = _figure()
+    for label, W in norm_heads(ctx, head, overrides).items():
+        norms = W.double().norm(dim=1)
+        ax.plot(counts[order].numpy(), (norms / norms.mean())[order].numpy(), marker="o", ms=4, label=label)
+    ax.set_xscale("log")
+    ax.set(xlabel="training images of the class (log scale)", ylabel="weight norm ‖w_j‖ / mean over classes",
+           title=f"Classifier weight norms vs class size ({Path(ctx.store.path).name})")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=9)
+    return _save(fig, out, overwrite)
+
+
+def plot_per_class(ctx: Context, out: str | os.PathLike, methods: Sequence[str], split: str = "test",
+                   overrides: Optional[dict] = None, overwrite: bool = False) -> Path:
+    """Per-class accuracy on ``split`` for each method, classes sorted by train count (largest first)."""
+    if split not in ctx.store.splits:
+        raise ValueError(f"{ctx.store.path} has no split {split!r}; available: {', '.join(ctx.store.splits)}")
+    X, y = ctx.load(split)
+    counts = ctx.counts
+    order = torch.argsort(counts, descending=True, stable=True)
+    rank = list(range(len(order)))
+    fig, (ax,) = _figure()
+    twin = ax.twinx()
+    twin.bar(rank, counts[order].numpy(), color="0.85", width=1.0, label="train images (right axis)")
+    twin.set_yscale("log")
+    twin.set_ylabel("training images per class (log scale)")
+    ax.set_zorder(twin.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for name in methods:
+        _, head = _fit(ctx, name, overrides)
+        acc = per_class_accuracy(head.predict(X).cpu(), y.cpu(), len(counts))
+        ax.plot(rank, 100 * acc[order].numpy(), marker="o" if len(order) <= 50 else None, ms=4,
+                label=METHOD_ALIASES.get(name, name))
+    if len(order) <= 30:
+        names = ctx.store.class_names or [str(i) for i in range(len(counts))]
+        ax.set_xticks(rank, [f"{names[i]}\n({int(counts[i])})" for i in order])
+    ax.set(xlabel="class (training images), sorted by training images, most first", ylabel=f"top-1 accuracy on {split} (%)",
+           title=f"Per-class accuracy, classes sorted by class size ({Path(ctx.store.path).name})")
+    ax.grid(alpha=0.3)
+    lines, bars = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+    ax.legend(lines[0] + bars[0], lines[1] + bars[1], loc="lower left", fontsize=9)
+    return _save(fig, out, overwrite)
+
+
+def plot_compare(result: dict, out: str | os.PathLike, split: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Grouped bars: many / medium / few / all accuracy per method (``ltr compare --out`` or demo results)."""
+    splits = result.get("eval_splits") or []
+    split = split or ("test" if "test" in splits else (splits or ["test"])[-1])
+    rows = [r for r in result.get("rows", []) if r.get(split)]
+    if not rows:
+        raise ValueError(f"the results hold no method evaluated on {split!r} (splits: {', '.join(splits) or 'none'})")
+    groups = (*GROUPS, "all")
+    fig, (ax,) = _figure()
+    width = 0.8 / len(rows)
+    for k, r in enumerate(rows):
+        x = [g + (k - (len(rows) - 1) / 2) * width for g in range(len(groups))]
+        vals = [100 * r[split][g] if r[split].get(g) is not None else float("nan") for g in groups]
+        bars = ax.bar(x, vals, width, label=r["method"])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(groups)), [f"{g}-shot" if g != "all" else "all classes" for g in groups])
+    ax.set(xlabel="shot group (by training images per class)", ylabel=f"top-1 accuracy on {split} (%)",
+           title=f"Accuracy per shot group and method ({split} split)", ylim=(0, 108))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    return _save(fig, out, overwrite)
