@@ -69,4 +69,4 @@ class NCM(BaseHead):
             return Z @ self.centroids_.T / Z.shape[1]
         # ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2, one GEMM
         d = torch.addmm(self.centroids_.square().sum(1)[None, :], Z, self.centroids_.T, alpha=-2.0)
-        return -(d + Z.square().sum(1, keepdim=True))
+        return d.add_(Z.square().sum(1, keepdim=True)).neg_()  # in place: no extra (N, C) arrays

@@ -31,7 +31,10 @@ def tau_sweep(
     """Accuracy of tau-normalised classifiers for every tau, from ONE matmul of X with W.
 
     logits(tau) = (X Wᵀ) scaled column-wise by ||w_j||^-tau, so X Wᵀ is computed once (in row
-    chunks of ``chunk``) and only the argmax is taken per tau.
+    chunks of ``chunk``) and only the argmax is taken per tau. The argmax over all classes is
+    not repeated for every tau: a bound over the whole tau range keeps, per row, only the classes
+    that can win at some tau (usually a handful), and the per-tau argmax runs over those; the
+    predictions are exactly those of ``argmax(logits * ||w||^-tau)`` (see :func:`_sweep_argmax`).
 
     Returns
     -------
@@ -43,12 +46,72 @@ def tau_sweep(
     taus_t = torch.as_tensor(list(taus), dtype=torch.float32, device=W.device)
     scale = W.norm(dim=1).clamp_min(1e-12)[None, :].pow(-taus_t[:, None])  # (T, C)
     pred = torch.empty(len(taus_t), X.shape[0], dtype=torch.int64, device=W.device)
+    bounds = _scale_bounds(scale) if torch.isfinite(W).all() else None
     for start in range(0, X.shape[0], chunk):
         s = slice(start, min(start + chunk, X.shape[0]))
         base = X[s] @ W.T
-        for t in range(len(taus_t)):
-            torch.argmax(base * scale[t], dim=1, out=pred[t, s])
+        for b in range(0, len(base), _BLOCK):  # blocks that stay in cache
+            block = base[b : b + _BLOCK]
+            _sweep_argmax(block, scale, bounds, pred[:, start + b : start + b + len(block)])
     return accuracy_summary(pred, y, counts, **thresholds)
+
+
+# Relative slack of the candidate bounds: far above float32 rounding (~1e-7 per operation), so
+# rounding can never drop a class that attains the maximum (or ties with it) at some tau.
+_SLACK = 1e-4
+_MAX_CANDIDATE_FRACTION = 0.125  # beyond this, the plain per-tau argmax is as fast
+_BLOCK = 2048  # rows per candidate search
+
+
+def _scale_bounds(scale: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-class upper and lower bounds (C,) over tau of ``scale`` divided by a per-tau constant.
+
+    Dividing every tau's scale by the same positive constant c_t (here the scale of a class of
+    middle norm) does not change that tau's argmax but makes the ranges over tau narrow, so the
+    bounds are tight. None when the scales are degenerate (empty, non-finite or not positive).
+    """
+    if scale.numel() == 0 or not torch.isfinite(scale).all() or not (scale > 0).all():
+        return None
+    logs = scale.log()
+    mid = (logs.amax(1, keepdim=True) + logs.amin(1, keepdim=True)) / 2  # (T, 1)
+    rel = (logs - mid).exp()  # (T, C), scale / c_t
+    hi, lo = rel.amax(0) * (1 + _SLACK), rel.amin(0) * (1 - _SLACK)
+    if not (torch.isfinite(hi).all() and (lo > 0).all()):
+        return None
+    return hi, lo
+
+
+def _sweep_argmax(base: torch.Tensor, scale: torch.Tensor, bounds, out: torch.Tensor) -> None:
+    """``out[t] = argmax_j base[:, j] * scale[t, j]`` for every t (first index on ties).
+
+    With ``bounds`` = (hi, lo): for a row, u_j = max(b_j hi_j, b_j lo_j) bounds b_j scale[t, j] / c_t
+    from above and l_j = min(...) from below, for every t. A class whose u_j is below the row's
+    largest l_k is beaten by class k at every tau, so it can be neither the maximum nor tied with
+    it; the exact products are then compared only among the remaining candidates, in class order.
+    """
+    T, C = scale.shape
+    n = base.shape[0]
+    if bounds is not None and n and T > 1:
+        hi, lo = bounds
+        P, Q = base * hi, base * lo
+        floor = torch.minimum(P, Q).amax(1, keepdim=True)  # a lower bound of every tau's row maximum
+        cand = torch.maximum(P, Q, out=P) >= floor
+        del Q
+        per_row = cand.sum(1)
+        K = int(per_row.max())
+        if K <= _MAX_CANDIDATE_FRACTION * C:
+            rows, cols = cand.nonzero(as_tuple=True)  # row-major: classes in increasing order per row
+            pos = torch.arange(len(rows), device=base.device) - (per_row.cumsum(0) - per_row)[rows]
+            # candidates packed to the left of (n, K); padding is -inf and loses every comparison
+            cols_k = torch.zeros(n, K, dtype=torch.int64, device=base.device)
+            cols_k[rows, pos] = cols
+            base_k = base.new_full((n, K), -torch.inf)
+            base_k[rows, pos] = base[rows, cols]
+            best = (base_k[None] * scale[:, cols_k]).argmax(2)  # (T, n): the same products as below
+            out.copy_(torch.gather(cols_k.expand(T, n, K), 2, best[..., None])[..., 0])
+            return
+    for t in range(T):
+        torch.argmax(base * scale[t], dim=1, out=out[t])
 
 
 class TauNorm(BaseHead):

@@ -1,0 +1,371 @@
+"""The benchmarked operations, each measured against its floor in the same process.
+
+Every function takes a :class:`Bench` and returns a :class:`~benchmarks.harness.Result`.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .harness import Result, timed
+
+
+@dataclass
+class Bench:
+    """What the operations share: the feature file, the device, repeats and loaded splits."""
+
+    path: Path
+    scale: Any  # data.Scale
+    device: str = "cpu"
+    repeats: int = 3
+    slow_repeats: int = 1  # for operations that take minutes at full scale (naive loop, cRT grid)
+    warmup: bool = True  # one unmeasured call before the timed ones
+    workdir: Optional[Path] = None
+    log: Callable[[str], None] = print
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def store(self):
+        from lt_rebalance.store import FeatureStore
+
+        if "store" not in self._cache:
+            self._cache["store"] = FeatureStore(self.path)
+        return self._cache["store"]
+
+    def load(self, split: str):
+        """(X, y) of ``split`` on the device (read once)."""
+        if split not in self._cache:
+            X, y = self.store.load(split)
+            self._cache[split] = (X.to(self.device), y.to(self.device))
+        return self._cache[split]
+
+    def head(self):
+        if "head" not in self._cache:
+            W, b = self.store.head()
+            self._cache["head"] = (W.to(self.device), b.to(self.device))
+        return self._cache["head"]
+
+    @property
+    def eval_split(self) -> str:
+        return "test" if "test" in self.store.splits else "val"
+
+    @property
+    def counts(self):
+        return self.store.counts_tensor()
+
+    @property
+    def large(self) -> bool:
+        return self.scale.dim * self.store.splits["train"].rows > 2**27  # beyond 'small'
+
+    def time(self, name, operation, op, floor_fn, **kwargs) -> Result:
+        kwargs.setdefault("repeats", self.repeats)
+        kwargs["warmup"] = kwargs.get("warmup", True) and self.warmup
+        return timed(name, operation, op, floor_fn, device=self.device, **kwargs)
+
+
+def _gemm_argmax(X, W):
+    return (X @ W.T).argmax(1)
+
+
+# -- tau-normalisation ------------------------------------------------------------------------------
+def tau_sweep_op(b: Bench) -> Result:
+    from lt_rebalance.heads import DEFAULT_TAUS, tau_sweep
+
+    W, _ = b.head()
+    splits = [s for s in ("val", "test") if s in b.store.splits]
+    data = [b.load(s) for s in splits]
+    counts = b.counts
+
+    def op():
+        return [tau_sweep(X, y, W, counts, DEFAULT_TAUS) for X, y in data]
+
+    def floor():
+        return [_gemm_argmax(X, W) for X, _ in data]
+
+    rows = sum(len(X) for X, _ in data)
+    return b.time(
+        "tau_sweep", f"tau-sweep, {len(DEFAULT_TAUS)} tau, {' + '.join(splits)} ({rows} rows)", op, floor,
+        floor="1 logits GEMM + argmax", goal=1.3,
+    )
+
+
+def naive_tau_loop(X, y, W, counts, taus):
+    """The reference's way: re-normalise W and run a full GEMM and argmax for every tau."""
+    from lt_rebalance.heads import tau_normalize
+    from lt_rebalance.metrics import accuracy_summary
+
+    preds = [(X @ tau_normalize(W, t).T).argmax(1) for t in taus]
+    return accuracy_summary(__import__("torch").stack(preds), y, counts)
+
+
+def tau_naive_op(b: Bench) -> Result:
+    from lt_rebalance.heads import DEFAULT_TAUS, tau_sweep
+
+    W, _ = b.head()
+    splits = [s for s in ("val", "test") if s in b.store.splits]
+    data = [b.load(s) for s in splits]
+    counts = b.counts
+    slow = b.large
+    r = b.time(
+        "tau_naive", f"naive per-tau loop ({len(DEFAULT_TAUS)} GEMMs), {' + '.join(splits)}",
+        lambda: [naive_tau_loop(X, y, W, counts, DEFAULT_TAUS) for X, y in data],
+        lambda: [tau_sweep(X, y, W, counts, DEFAULT_TAUS) for X, y in data],
+        floor="our tau_sweep", kind="info", repeats=b.slow_repeats if slow else b.repeats, warmup=not slow,
+        note="ratio = speed-up of tau_sweep over the naive loop",
+    )
+    return r
+
+
+# -- NCM ------------------------------------------------------------------------------------------
+def ncm_op(b: Bench) -> Result:
+    from lt_rebalance.heads import NCM
+
+    X, y = b.load("train")
+    Xt, _ = b.load(b.eval_split)
+    C = b.store.num_classes
+    W, _ = b.head()
+
+    def op():
+        return NCM("cl2n", device=b.device).fit(X, y, num_classes=C).predict(Xt)
+
+    return b.time(
+        "ncm", f"NCM (cl2n) fit on train + predict {b.eval_split}", op, lambda: _gemm_argmax(Xt, W),
+        floor=f"1 {b.eval_split} GEMM + argmax", goal=1.5,
+    )
+
+
+# -- LWS ------------------------------------------------------------------------------------------
+def lws_op(b: Bench) -> Result:
+    from lt_rebalance.heads import LWS
+
+    W, bias = b.head()
+    X, y = b.load("train")
+    Xv, yv = b.load("val")
+
+    def op():
+        return LWS(W, bias, device=b.device).fit(X, y, Xv, yv)
+
+    def floor():
+        return X @ W.T
+
+    return b.time(
+        "lws", "LWS, default epochs (5) on train, keep-best on val", op, floor, floor="1 train-logits GEMM", goal=3.0,
+    )
+
+
+# -- cRT ------------------------------------------------------------------------------------------
+def _three_gemms(X, W):
+    Z = X @ W.T  # forward (N, C)
+    gW = Z.T @ X  # backward: weight gradient (C, D)
+    gX = Z @ W  # backward: input gradient (N, D)
+    return gW, gX
+
+
+def crt_epoch_op(b: Bench) -> Result:
+    import torch
+
+    from lt_rebalance.heads import CRT
+
+    X, y = b.load("train")
+    C, D = b.store.num_classes, X.shape[1]
+    W = torch.randn(C, D, device=b.device) * 0.01
+
+    def op():
+        return CRT(epochs=1, device=b.device).fit(X, y, num_classes=C)
+
+    n_used = (len(y) // 512) * 512
+    return b.time(
+        "crt_epoch", f"cRT, one epoch ({len(y) // 512} batches of 512)", op, lambda: _three_gemms(X[:n_used], W),
+        floor="3 GEMMs of train size", kind="speed", goal=0.5,
+        note="ratio = floor FLOP/s fraction reached (floor time / epoch time)",
+    )
+
+
+def crt_grid_op(b: Bench, grid_size: int = 4) -> Result:
+    """``CRTGrid`` (lr grid, one epoch) against G lone ``CRT`` fits; both select on val."""
+    import importlib
+
+    name, operation = "crt_grid", f"cRT grid of G={grid_size} heads (lr grid, 1 epoch each)"
+    grid_cls = None
+    for module in ("lt_rebalance.heads.crt_grid", "lt_rebalance.heads.crt", "lt_rebalance.heads"):
+        try:
+            grid_cls = getattr(importlib.import_module(module), "CRTGrid", None)
+        except ImportError:
+            continue
+        if grid_cls is not None:
+            break
+    missing = Result(name, operation, floor=f"{grid_size} x one head", goal=0.6, status="not available yet")
+    if grid_cls is None:
+        missing.note = "no CRTGrid in lt_rebalance.heads"
+        return missing
+    from lt_rebalance.heads import CRT
+
+    X, y = b.load("train")
+    Xv, yv = b.load("val")
+    C = b.store.num_classes
+    lrs = [0.05 * 2**i for i in range(grid_size)]
+
+    def op():
+        return grid_cls(CRT(epochs=1, device=b.device), lrs=lrs, weight_decays=[5e-4]).fit(
+            X, y, Xv, yv, num_classes=C)
+
+    def one():
+        return CRT(lr=lrs[2], epochs=1, device=b.device).fit(X, y, Xv, yv, num_classes=C)
+
+    try:
+        return b.time(name, operation, op, one, floor=f"{grid_size} x one head", goal=0.6, floor_scale=grid_size,
+                      note="ratio = grid time / (G x one head time)")
+    except Exception as e:  # noqa: BLE001 - the grid is still being written: report, do not fail the suite
+        missing.note = f"CRTGrid present but not usable yet: {type(e).__name__}: {e}"
+        return missing
+
+
+# -- store ----------------------------------------------------------------------------------------
+def store_read_op(b: Bench) -> Result:
+    import h5py
+
+    from lt_rebalance.store import FeatureStore
+
+    split = "train"
+
+    def op():
+        return FeatureStore(b.path).features(split)
+
+    def floor():
+        with h5py.File(b.path, "r") as f:
+            return f[f"splits/{split}/features"][...]
+
+    info = b.store.splits[split]
+    return b.time(
+        "store_read", f"store read of {split} ({info.rows} x {b.store.dim} {info.dtype} -> float32 tensor)",
+        op, floor, floor="bare h5py ds[...]", kind="speed", goal=0.7,
+        note="file in the page cache (warm); ratio = floor time / store time",
+    )
+
+
+# -- extraction -----------------------------------------------------------------------------------
+def extraction_op(b: Bench, images: Optional[int] = None, size: Optional[int] = None) -> Result:
+    name = "extraction"
+    tiny = b.scale.name == "tiny"
+    images = images or (16 if tiny else 256)
+    size = size or (32 if tiny else 112)
+    operation = f"extraction, resnet10 (timm, random init), {images} images {size}px, CPU"
+    try:
+        import torch
+        from lt_rebalance.extract.backbones import create_backbone
+        from lt_rebalance.extract.datasets import ArraySource, TransformConfig, eval_transform
+        from lt_rebalance.extract.run import ExtractConfig, extract_features, pre_logits
+    except ImportError as e:
+        return Result(name, operation, floor="bare model forward", kind="speed", goal=0.85,
+                      status="not available yet", note=f"extraction API not importable: {e}")
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (images, size, size, 3), dtype=np.uint8)
+    labels = np.arange(images) % 10
+    src = ArraySource(imgs, labels)
+    tf = TransformConfig(size=size, resize=None)
+    model = create_backbone("resnet10", num_classes=10)
+    cfg = ExtractConfig(batch_size=64, workers=0, device="cpu", overwrite=True)
+    tmp = Path(tempfile.mkdtemp(prefix="ltr-bench-extract-", dir=b.workdir))
+    out = tmp / "feats.h5"
+    to_tensor = eval_transform(tf)
+    batches = [torch.stack([to_tensor(src.load(i)) for i in range(s, min(s + 64, images))])
+               for s in range(0, images, 64)]
+    fwd = pre_logits(model)
+
+    def op():
+        return extract_features(model, {"train": src}, out, counts=np.bincount(labels), transform=tf, config=cfg)
+
+    def floor():
+        with torch.inference_mode():
+            return [fwd(x) for x in batches]
+
+    try:
+        return b.time(
+            name, operation, op, floor, floor="bare model forward, same batches", kind="speed", goal=0.85,
+            note="ratio = images/s of extract_features (decode, transform, forward, HDF5 write) / bare forward",
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- start-up -------------------------------------------------------------------------------------
+def _run_child(argv: list[str]) -> float:
+    """Wall time of one child process."""
+    t0 = time.perf_counter()
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
+def _child_peak_rss_mib(argv: list[str]) -> float:
+    """Peak RSS of ``argv``, run from a small python wrapper (a child forked from this large
+    process would report this process's RSS as its own peak)."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def startup_op(b: Bench, repeats: Optional[int] = None) -> Result:
+    import statistics
+
+    ltr = shutil.which("ltr")
+    argv = [ltr, "--help"] if ltr else [sys.executable, "-m", "lt_rebalance.cli", "--help"]
+    base = [sys.executable, "-c", "pass"]
+    repeats = repeats or max(b.repeats, 5)
+    if b.warmup:
+        _run_child(argv)  # warm-up (page cache, .pyc)
+        _run_child(base)
+    ops, floors = [], []
+    for _ in range(repeats):
+        floors.append(_run_child(base))
+        ops.append(_run_child(argv))
+    rss = _child_peak_rss_mib(argv)
+    return Result(
+        "startup", "`ltr --help` start-up" + ("" if ltr else " (python -m lt_rebalance.cli)"),
+        statistics.median(ops), statistics.median(floors), "`python -c pass`", "excess", 0.3,
+        peak_rss_mib=rss, runs=ops, floor_runs=floors, note="peak memory: child's max RSS (absolute, not a delta)",
+    ).finish()
+
+
+OPERATIONS: dict[str, Callable[[Bench], Result]] = {
+    "tau_sweep": tau_sweep_op,
+    "tau_naive": tau_naive_op,
+    "ncm": ncm_op,
+    "lws": lws_op,
+    "crt_epoch": crt_epoch_op,
+    "crt_grid": crt_grid_op,
+    "store_read": store_read_op,
+    "extraction": extraction_op,
+    "startup": startup_op,
+}
+
+
+def run_study(b: Bench, crt_epochs: int = 10) -> dict:
+    """The whole classifier study (joint, NCM, cRT, tau-norm, LWS) end to end, via ``compare``.
+
+    Timed from opening the feature file (splits are read once) to the last metric.
+    """
+    from lt_rebalance.experiments import Context, compare
+    from lt_rebalance.store import FeatureStore
+
+    from .harness import PeakRSS
+
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        ctx = Context(FeatureStore(b.path), device=b.device)
+        out = compare(ctx, overrides={"crt": {"epochs": crt_epochs}}, log=b.log)
+        seconds = time.perf_counter() - t0
+    methods = {
+        r["method"]: {"seconds": r["seconds"], **{s: round(r[s]["all"], 4) for s in ctx.eval_splits if s in r}}
+        for r in out["rows"]
+    }
+    return {"seconds": seconds, "peak_rss_mib": mem.delta_mib, "crt_epochs": crt_epochs, "methods": methods,
+            "skipped": out["skipped"]}
