@@ -1,4 +1,5 @@
 """Backbone aliases and strict checkpoint loading (reference layout and plain state dicts)."""
+import pytest
 import timm
 import torch
 from click.testing import CliRunner
@@ -11,6 +12,8 @@ from lt_rebalance.extract.checkpoints import (
 )
 
 from lt_rebalance.cli import main
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _resnet10(num_classes=3, seed=0):

@@ -1,12 +1,17 @@
 """`ltr extract --gpus 2 --device cpu`: two gloo processes, shard files merged by rank 0 == one process."""
+import os
 import subprocess
 import sys
 
 import h5py
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from lt_rebalance.cli import main
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: no OpenMP spin-waits on shared cores
 
 
 def _read(path):
@@ -27,7 +32,7 @@ def test_two_gloo_processes_equal_single_process(tmp_path, image_folder):
     res = CliRunner().invoke(main, ["extract", *args, "--out", str(single), "--quiet"])
     assert res.exit_code == 0, res.output
     proc = subprocess.run([sys.executable, "-m", "lt_rebalance.cli", "extract", *args, "--out", str(multi),
-                           "--gpus", "2", "--json"], capture_output=True, text=True, timeout=300)
+                           "--gpus", "2", "--json"], capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"train": 21' in proc.stdout
     d1, a1, s1 = _read(single)

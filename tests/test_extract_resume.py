@@ -1,4 +1,5 @@
 """Never lose work: SIGKILL at chosen and random points, then --resume, equals an uninterrupted run."""
+import os
 import random
 import signal
 import subprocess
@@ -11,6 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from lt_rebalance.cli import main
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: no OpenMP spin-waits on shared cores
 
 # Runs `ltr extract ARGS` with TARGET wrapped so that its K-th call SIGKILLs the process
 # before it runs, after it returns, or at its first h5py flush ("mid": data written, rows not yet bumped).
@@ -87,7 +91,7 @@ def _resume(root, out, *extra):
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, image_folder, reference, target, k, when):
     out = tmp_path / "f.h5"
     proc = subprocess.run([sys.executable, "-c", KILLER, target, str(k), when, "--workers", "0",
-                           *_args(image_folder, out)], capture_output=True, text=True)
+                           *_args(image_folder, out)], capture_output=True, text=True, env=ENV)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists() and (tmp_path / "f.h5.partial").exists()
     if when == "mid":
@@ -104,7 +108,7 @@ def test_random_sigkill_with_workers(tmp_path, image_folder, reference):
     """Killed at a random moment (DataLoader workers on), then resumed."""
     out, partial = tmp_path / "f.h5", tmp_path / "f.h5.partial"
     proc = subprocess.Popen([sys.executable, "-m", "lt_rebalance.extract", "--workers", "2",
-                             *_args(image_folder, out)], stderr=subprocess.PIPE)
+                             *_args(image_folder, out)], stderr=subprocess.PIPE, env=ENV)
     deadline = time.monotonic() + 60
     while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -139,7 +143,7 @@ def test_sigkill_with_skip_bad(tmp_path, bad_folder, target, k, when):
     root, reference_out = bad_folder
     out = tmp_path / "f.h5"
     proc = subprocess.run([sys.executable, "-c", KILLER, target, str(k), when, "--workers", "0",
-                           *_args(root, out, "--skip-bad")], capture_output=True, text=True)
+                           *_args(root, out, "--skip-bad")], capture_output=True, text=True, env=ENV)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     _resume(root, out, "--skip-bad")
     _assert_same(out, reference_out)

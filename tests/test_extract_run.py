@@ -20,6 +20,8 @@ from torchvision import transforms as T
 from lt_rebalance.cli import main
 from lt_rebalance.store import FeatureStore
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
 IMNET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
