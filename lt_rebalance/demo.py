@@ -199,27 +199,21 @@ def summarize(result: dict, split: str = "test") -> list[str]:
     return lines
 
 
-def reproduce_commands(out: Path, cfg: DemoConfig, methods: list[str]) -> list[str]:
-    """``ltr`` commands that redo steps 3-4 by hand (the group columns of the method commands use 100/20)."""
-    from .cli import COMMANDS
-
+def reproduce_commands(out: Path, cfg: DemoConfig) -> list[str]:
+    """``ltr`` commands that redo the extraction, the comparison and the plots by hand."""
     f = shlex.quote(str(out / "features.h5"))
     groups = f"--many {cfg.many} --few {cfg.few} --seed {cfg.seed}"
-    trained = {"crt": f"--epochs {cfg.crt_epochs} --batch-size {cfg.batch_size} --seed {cfg.seed} "
-                      f"--save {shlex.quote(str(out / 'crt.pt'))} --overwrite",
-               "lws": f"--epochs {cfg.lws_epochs} --batch-size {cfg.batch_size} --seed {cfg.seed}"}
-    cmds = ["ltr extract " + shlex.join(extract_args(out, cfg)) + " --overwrite"]
-    for m in methods:
-        name = {"tau_norm": "tau-sweep"}.get(m, m.replace("_", "-"))
-        if name in COMMANDS:
-            cmds.append(f"ltr {name} --features {f} {trained.get(m, '')}".rstrip())
     training = f"--crt-epochs {cfg.crt_epochs} --lws-epochs {cfg.lws_epochs} --batch-size {cfg.batch_size}"
-    cmds += [f"ltr plot tau-curve --features {f} {groups} --out tau-curve.png",
-             f"ltr plot norms --features {f} --head {shlex.quote(str(out / 'crt.pt'))} {groups} {training} "
-             "--out norms.png",
-             f"ltr plot per-class --features {f} --methods joint,crt,tau {groups} {training} --out per-class.png",
-             f"ltr plot compare --results {shlex.quote(str(out / 'results.json'))} --out compare.png"]
-    return cmds
+    return [
+        "ltr extract " + shlex.join(extract_args(out, cfg)) + " --overwrite",
+        f"ltr compare --features {f} {groups} {training} --out {shlex.quote(str(out / 'results.json'))} --overwrite",
+        f"ltr crt --features {f} --epochs {cfg.crt_epochs} --batch-size {cfg.batch_size} --seed {cfg.seed} "
+        f"--save {shlex.quote(str(out / 'crt.pt'))} --overwrite",
+        f"ltr plot tau-curve --features {f} {groups} --out tau-curve.png",
+        f"ltr plot norms --features {f} --head {shlex.quote(str(out / 'crt.pt'))} {groups} {training} --out norms.png",
+        f"ltr plot per-class --features {f} --methods joint,crt,tau {groups} {training} --out per-class.png",
+        f"ltr plot compare --results {shlex.quote(str(out / 'results.json'))} --out compare.png",
+    ]
 
 
 @contextlib.contextmanager
@@ -277,13 +271,12 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
     crt_state = head_state(crt, "crt", overrides["crt"], str(out / "features.h5"))
     save_head(out / "crt.pt", crt_state)
     plots = draw_plots(ctx, result, out, crt_state, overrides, log)
-    methods = [r["method"] for r in result["rows"]]
     result.update(
         features=str(out / "features.h5"),
         demo={**asdict(cfg), "counts": counts.tolist(), "groups": groups, "stage1": stage1, "extract": extracted,
               "plots": plots, "seconds": round(time.perf_counter() - t0, 1)},
         summary=summarize(result),
-        reproduce=reproduce_commands(out, cfg, [r for r in METHODS if r in methods]),
+        reproduce=reproduce_commands(out, cfg),
     )
     (out / "results.json").write_text(json.dumps(jsonable(result), indent=2))
     return result

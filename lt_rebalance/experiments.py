@@ -19,6 +19,7 @@ import torch
 
 from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
 from .heads.tau_norm import DEFAULT_TAUS
+from .metrics import DEFAULT_FEW, DEFAULT_MANY
 from .posthoc import (
     LogitAdjustment,
     TemperatureScaled,
@@ -349,4 +350,5 @@ def compare(
         rows.append(row)
         if log:
             log(f"{name}: {row['seconds']:.2f} s")
-    return {"rows": rows, "skipped": skipped, "eval_splits": list(ctx.eval_splits)}
+    thresholds = {"many": DEFAULT_MANY, "few": DEFAULT_FEW, **ctx.thresholds}
+    return {"rows": rows, "skipped": skipped, "eval_splits": list(ctx.eval_splits), "thresholds": thresholds}

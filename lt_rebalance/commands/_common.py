@@ -152,3 +152,37 @@ def metrics_table(rows: list[tuple[str, dict]], keys=("many", "medium", "few", "
 
 def stderr_isatty() -> bool:
     return sys.stderr.isatty()
+
+
+def thresholds_options(f: Callable) -> Callable:
+    """--many/--few shot-group thresholds; the command gets ``thresholds={"many": .., "few": ..}``."""
+
+    @functools.wraps(f)
+    def wrapper(many: int, few: int, **kwargs: Any) -> Any:
+        if few > many + 1:
+            raise click.BadParameter(f"--few {few} leaves no room under --many {many}", param_hint="--few")
+        return f(thresholds={"many": many, "few": few}, **kwargs)
+
+    wrapper = click.option("--few", default=20, show_default=True, type=click.IntRange(0),
+                           help="few-shot classes: < FEW train images.")(wrapper)
+    return click.option("--many", default=100, show_default=True, type=click.IntRange(0),
+                        help="many-shot classes: > MANY train images.")(wrapper)
+
+
+def training_options(f: Callable) -> Callable:
+    """--crt-epochs, --lws-epochs and --batch-size; the command gets ``overrides`` for the runners."""
+
+    @functools.wraps(f)
+    def wrapper(crt_epochs: int, lws_epochs: int, batch_size: int, **kwargs: Any) -> Any:
+        overrides = {"crt": {"epochs": crt_epochs, "batch_size": batch_size},
+                     "lws": {"epochs": lws_epochs, "batch_size": batch_size}}
+        return f(overrides=overrides, **kwargs)
+
+    for opt in (
+        click.option("--batch-size", default=512, show_default=True, type=click.IntRange(1),
+                     help="cRT and LWS batch size (at most the train rows)."),
+        click.option("--lws-epochs", default=5, show_default=True, type=click.IntRange(1)),
+        click.option("--crt-epochs", default=10, show_default=True, type=click.IntRange(1)),
+    ):
+        wrapper = opt(wrapper)
+    return wrapper

@@ -15,6 +15,8 @@ from ._common import (
     log,
     resolve_device,
     seed_option,
+    thresholds_options,
+    training_options,
 )
 
 
@@ -26,7 +28,9 @@ def compare_table(result: dict) -> str:
     header = f"{'method':<{width}}  " + "   ".join(
         " ".join(f"{(s[:4] + '/' + g[:3]):>8}" for g in groups) for s in splits
     ) + f"  {'seconds':>8}"
-    lines = ["accuracy % per split and shot group (many > 100, medium 20-100, few < 20 train images)", header]
+    t = result.get("thresholds") or {"many": 100, "few": 20}
+    lines = [f"accuracy % per split and shot group (many > {t['many']}, medium {t['few']}-{t['many']}, "
+             f"few < {t['few']} train images)", header]
     for r in result["rows"]:
         cells = "   ".join(" ".join(f"{fmt_acc((r.get(s) or {}).get(g)):>8}" for g in groups) for s in splits)
         lines.append(f"{r['method']:<{width}}  {cells}  {r['seconds']:>8.2f}")
@@ -38,32 +42,33 @@ def compare_table(result: dict) -> str:
 @click.command()
 @common_options
 @click.option("--methods", default=None, help="Comma-separated subset (default: all the file supports).")
-@click.option("--crt-epochs", default=10, show_default=True, type=int)
-@click.option("--lws-epochs", default=5, show_default=True, type=int)
+@training_options
+@thresholds_options
 @click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test).")
 @click.option("--out", "out", type=click.Path(dir_okay=False), help="Also write the JSON results to this file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @seed_option
 @device_option
 @handle_user_errors
-def compare(features, as_json, quiet, allow_incomplete, methods, crt_epochs, lws_epochs, splits, out, overwrite,
+def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
             seed, device):
     """Run joint, NCM, cRT, tau-norm (tau selected on val) and LWS with defaults; print one table."""
     from ..experiments import Context
     from ..experiments import compare as run_compare
     from ._common import open_store
 
-    for name, v in (("--crt-epochs", crt_epochs), ("--lws-epochs", lws_epochs)):
-        if v < 1:
-            raise click.BadParameter(f"must be a positive number of epochs; got {v}", param_hint=name)
     if out:
         from ..store import atomic_output
 
         atomic_output(out, overwrite).unlink(missing_ok=True)  # fail early if --out cannot be written
     store = open_store(features, allow_incomplete)
-    ctx = Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device), seed=seed)
+    ctx = Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device), seed=seed,
+                  thresholds=thresholds)
+    batch_size = overrides["crt"]["batch_size"]
+    if "train" in store.splits and batch_size > store.splits["train"].rows:
+        raise click.BadParameter(f"{batch_size} is larger than the {store.splits['train'].rows} train rows",
+                                 param_hint="--batch-size")
     names = [m.strip() for m in methods.split(",")] if methods else None
-    overrides = {"crt": {"epochs": crt_epochs}, "lws": {"epochs": lws_epochs}}
     result = run_compare(ctx, names, overrides, log=None if quiet else log)
     result["features"] = features
     if out:

@@ -13,14 +13,12 @@ def _human(result: dict) -> str:
     from .compare import compare_table
 
     d = result["demo"]
-    table = compare_table(result).split("\n")[1:]  # its title states the default thresholds, not the demo's
-    lines = [f"accuracy % per split and shot group (many > {d['many']}, medium {d['few']}-{d['many']}, "
-             f"few < {d['few']} train images)", *table, "", *result["summary"], ""]
+    lines = [compare_table(result), "", *result["summary"], ""]
     if d["plots"]:
         lines.append("plots: " + ", ".join(d["plots"]))
     lines += [f"done in {d['seconds']:.0f} s; results in {Path(result['features']).parent / 'results.json'}", "",
-              "Reproduce each step by hand (stage 1 is trained only by the demo; the method commands report "
-              "shot groups with the default thresholds 100/20):", *(f"  {c}" for c in result["reproduce"])]
+              "Reproduce each step by hand (stage 1 is trained only by the demo):",
+              *(f"  {c}" for c in result["reproduce"])]
     return "\n".join(lines)
 
 

@@ -19,6 +19,8 @@ from ._common import (
     quiet_option,
     resolve_device,
     seed_option,
+    thresholds_options,
+    training_options,
 )
 
 
@@ -35,41 +37,14 @@ def _out_options(default: str) -> Callable:
 def _feature_options(f: Callable) -> Callable:
     """--features, the shot-group thresholds, --seed and --device; the command gets ``ctx`` instead."""
     @functools.wraps(f)
-    def wrapper(features: str, many: int, few: int, seed: int, device: str, **kwargs: Any) -> Any:
+    def wrapper(features: str, thresholds: dict, seed: int, device: str, **kwargs: Any) -> Any:
         from ..experiments import Context
 
-        if few > many + 1:
-            raise click.BadParameter(f"--few {few} leaves no room under --many {many}", param_hint="--few")
         store = open_store(features)
-        ctx = Context(store, device=resolve_device(device), seed=seed, thresholds={"many": many, "few": few})
+        ctx = Context(store, device=resolve_device(device), seed=seed, thresholds=thresholds)
         return f(ctx=ctx, **kwargs)
 
-    for opt in (
-        device_option,
-        seed_option,
-        click.option("--few", default=20, show_default=True, type=click.IntRange(0), help="few-shot: < FEW train images."),
-        click.option("--many", default=100, show_default=True, type=click.IntRange(0),
-                     help="many-shot: > MANY train images."),
-        features_option,
-    ):
-        wrapper = opt(wrapper)
-    return wrapper
-
-
-def _training_options(f: Callable) -> Callable:
-    """--crt-epochs, --lws-epochs and --batch-size; the command gets ``overrides`` for the runners instead."""
-    @functools.wraps(f)
-    def wrapper(crt_epochs: int, lws_epochs: int, batch_size: int, **kwargs: Any) -> Any:
-        overrides = {"crt": {"epochs": crt_epochs, "batch_size": batch_size},
-                     "lws": {"epochs": lws_epochs, "batch_size": batch_size}}
-        return f(overrides=overrides, **kwargs)
-
-    for opt in (
-        click.option("--batch-size", default=512, show_default=True, type=click.IntRange(1),
-                     help="cRT and LWS batch size (at most the train rows)."),
-        click.option("--lws-epochs", default=5, show_default=True, type=click.IntRange(1)),
-        click.option("--crt-epochs", default=10, show_default=True, type=click.IntRange(1)),
-    ):
+    for opt in (device_option, seed_option, thresholds_options, features_option):
         wrapper = opt(wrapper)
     return wrapper
 
@@ -117,7 +92,7 @@ def tau_curve(ctx, out: str, overwrite: bool, as_json: bool, quiet: bool) -> Non
 @_feature_options
 @click.option("--head", "head_path", type=click.Path(dir_okay=False),
               help="A saved re-balanced head (`ltr crt --save crt.pt`) shown instead of training cRT.")
-@_training_options
+@training_options
 @_out_options("norms.png")
 def norms(ctx, head_path: Optional[str], overrides: dict, out: str, overwrite: bool, as_json: bool,
           quiet: bool) -> None:
@@ -134,7 +109,7 @@ def norms(ctx, head_path: Optional[str], overrides: dict, out: str, overwrite: b
 @click.option("--methods", default="joint,crt,tau", show_default=True,
               help="Comma-separated methods (names of `ltr compare`; tau = tau_norm).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
-@_training_options
+@training_options
 @_out_options("per-class.png")
 def per_class(ctx, methods: str, split: str, overrides: dict, out: str, overwrite: bool, as_json: bool,
               quiet: bool) -> None:
