@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
+from .heads.crt_grid import CRTGrid
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY
 from .posthoc import (
@@ -204,21 +205,53 @@ def _history(h) -> dict:
 
 
 def run_crt(
-    ctx: Context, views: int = 0, log: Optional[Callable[[str], None]] = None, **params: Any
+    ctx: Context,
+    views: int = 0,
+    log: Optional[Callable[[str], None]] = None,
+    grid: Optional[tuple[Sequence[float], Sequence[float]]] = None,
+    **params: Any,
 ) -> tuple[dict, CRT]:
-    """cRT with ``params`` (CRT's keyword arguments); ``views`` > 0 trains on K stored views."""
+    """cRT with ``params`` (CRT's keyword arguments); ``views`` > 0 trains on K stored views.
+
+    ``grid`` = (lrs, weight_decays) trains every combination in one pass (:class:`CRTGrid`) and
+    selects the best val top-1; the result (of the selected head) then also has ``"grid"``: one
+    ``{"lr", "weight_decay", "best_epoch", "diverged", <split>: metrics}`` per head, and ``"selected"``.
+    """
     X, y = ctx.train()
     Xv, yv = ctx.val()
     V = ctx.store.views("train", views, dtype="stored") if views else None
     params = {"seed": ctx.seed, **params}
     head = CRT(device=ctx.device, progress=_epoch_logger("crt", log), **params)
-    head.fit(X, y, Xv, yv, views=V, num_classes=ctx.store.num_classes)
+    fit = dict(views=V, num_classes=ctx.store.num_classes)
+    extra: dict[str, Any] = {}
+    if grid is None:
+        head.fit(X, y, Xv, yv, **fit)
+    else:
+        if Xv is None:
+            raise ValueError(f"a cRT grid selects its head on val, and {ctx.store.path} has no 'val' split")
+        search = CRTGrid(head, *grid).fit(X, y, Xv, yv, **fit)
+        head = search.best_estimator_
+        extra["grid"] = [
+            {
+                "lr": e.lr,
+                "weight_decay": e.weight_decay,
+                "best_epoch": e.history_.best_epoch,
+                "diverged": e.history_.diverged,
+                **({s: None for s in ctx.eval_splits} if e.history_.diverged else ctx.report(e)),
+            }
+            for e in search.estimators_
+        ]
+        extra["selected"] = {
+            "index": search.best_index_, "lr": head.lr, "weight_decay": head.weight_decay,
+            "selected_on": "val", "metric": "top1", "val_top1": search.val_scores_[search.best_index_].item(),
+        }
     shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device")}
     return {
         "method": "crt",
         "params": {**shown, "views": views},
         "history": _history(head.history_),
         **ctx.report(head),
+        **extra,
     }, head
 
 

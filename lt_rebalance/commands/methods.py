@@ -1,6 +1,7 @@
 """``ltr joint | ncm | tau-sweep | crt | lws``: one method on a feature file, per split and group."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import click
@@ -10,6 +11,7 @@ from ._common import (
     device_option,
     emit,
     eval_splits,
+    fmt_acc,
     handle_user_errors,
     log,
     metrics_table,
@@ -164,13 +166,35 @@ def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metri
                       eval_split)
 
 
-def sgd_options(epochs: int, lr: float, sampler_help: str):
-    """The training options shared by crt and lws (reference defaults)."""
+class FloatList(click.ParamType):
+    """A comma-separated list of distinct finite numbers: '0.05,0.1,0.2' -> [0.05, 0.1, 0.2]."""
+
+    name = "FLOAT[,FLOAT...]"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[float]:
+        if isinstance(value, list):
+            return value
+        try:
+            out = [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a number or a comma-separated list of numbers", param, ctx)
+        if not out or not all(math.isfinite(v) for v in out) or len(set(out)) != len(out):
+            self.fail(f"{value!r}: give one or more distinct finite numbers, e.g. 0.05,0.1,0.2", param, ctx)
+        return out
+
+
+def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False):
+    """The training options shared by crt and lws (reference defaults).
+
+    ``grid``: --lr and --weight-decay take comma lists (:class:`FloatList`), a grid trained in one pass.
+    """
+    number, grid_help = (FloatList(), " A comma list trains a grid in one pass.") if grid else (float, "")
     opts = [
         click.option("--epochs", default=epochs, show_default=True, type=int, help="Training epochs."),
-        click.option("--lr", default=lr, show_default=True, type=float, help="Base learning rate (cosine schedule)."),
+        click.option("--lr", default=lr, show_default=True, type=number,
+                     help="Base learning rate (cosine schedule)." + grid_help),
         click.option("--batch-size", default=512, show_default=True, type=int),
-        click.option("--weight-decay", default=5e-4, show_default=True, type=float),
+        click.option("--weight-decay", default=5e-4, show_default=True, type=number, help=grid_help.strip() or None),
         click.option("--momentum", default=0.9, show_default=True, type=float),
         click.option("--sampler", default="cb", show_default=True, help=sampler_help),
         click.option("--schedule", type=click.Choice(["cosine", "cosine-reference", "constant"]), default="cosine",
@@ -225,9 +249,23 @@ def _batch_fits(ctx, batch_size: int) -> None:
         raise click.BadParameter(f"{batch_size} is larger than the {n} train rows", param_hint="--batch-size")
 
 
+def _crt_human(result: dict) -> str:
+    """The grid (one line per head, the selected one marked) above the selected head's table."""
+    if "grid" not in result:
+        return _trained_human(result)
+    splits = [k for k, v in result.items() if isinstance(v, dict) and "all" in v]
+    lines = [f"cRT grid: {len(result['grid'])} heads trained in one pass, selected on val by top-1",
+             f"{'lr':>8} {'wd':>8} {'epoch':>5}  " + "  ".join(f"{s[:5] + '/all':>9}" for s in splits)]
+    for i, row in enumerate(result["grid"]):
+        cells = "  ".join(f"{'diverged' if row['diverged'] else fmt_acc(row[s]['all']):>9}" for s in splits)
+        mark = "  <- selected" if i == result["selected"]["index"] else ""
+        lines.append(f"{row['lr']:>8g} {row['weight_decay']:>8g} {row['best_epoch'] + 1:>5}  {cells}{mark}")
+    return "\n".join(lines) + "\n\n" + _trained_human(result)
+
+
 @click.command()
 @common_options
-@sgd_options(10, 0.2, "ib, cb (class-balanced, default), sqrt, pb or a power q.")
+@sgd_options(10, 0.2, "ib, cb (class-balanced, default), sqrt, pb or a power q.", grid=True)
 @click.option("--views", default=0, show_default=True, type=int,
               help="Train on K stored augmented views (a random view per row per step).")
 @click.option("--loss", type=click.Choice(["ce", "balanced-softmax"]), default="ce", show_default=True)
@@ -251,13 +289,14 @@ def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
     if views < 0 or views > stored:
         raise click.BadParameter(f"{views} views asked for, but {features} stores {stored} train views",
                                  param_hint="--views")
+    grid = None if len(lr) == len(weight_decay) == 1 else (lr, weight_decay)
     result, head = run_crt(
-        ctx, views=views, log=None if quiet else log, epochs=epochs, lr=lr, batch_size=batch_size,
-        weight_decay=weight_decay, momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best,
+        ctx, views=views, log=None if quiet else log, grid=grid, epochs=epochs, lr=lr[0], batch_size=batch_size,
+        weight_decay=weight_decay[0], momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best,
         loss=loss, class_weights=class_weights, beta=beta, label_smoothing=label_smoothing,
     )
     _save(save, overwrite, head, result, features, quiet)
-    emit(result, as_json, _trained_human)
+    emit(result, as_json, _crt_human)
 
 
 @click.command()

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
 from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted, resolve_device
-from .training import ProgressFn, sgd_constraints, train_sgd
+from .training import ProgressFn, TrainHistory, sgd_constraints, train_sgd_members
 
 LOSSES = ("ce", "balanced-softmax")
 CLASS_WEIGHTS = ("none", "cb")
@@ -122,7 +122,29 @@ class CRT(BaseHead):
         ``views``: optional (K, N, D) augmented train features (any float dtype); each step then
         draws one of the K views per row. ``num_classes`` defaults to max(y) + 1.
         """
-        self._validate_params()
+        (self.weight_, self.bias_, self.history_), = self._fit_members(
+            X, y, X_val, y_val, views, num_classes, [(self.lr, self.weight_decay)]
+        )
+        self.n_features_in_ = self.weight_.shape[1]
+        return self
+
+    def _fit_members(
+        self,
+        X: Any,
+        y: Any,
+        X_val: Any,
+        y_val: Any,
+        views: Any,
+        num_classes: Optional[int],
+        grid: Sequence[tuple[float, float]],
+    ) -> list[tuple[torch.Tensor, torch.Tensor, TrainHistory]]:
+        """Train one head per (lr, weight_decay) of ``grid`` in one pass: (weight, bias, history) each.
+
+        Every member starts from the same initialisation and sees the same batches and view draws
+        as a lone run with this seed; the G heads form one [G·C, D] layer, so a step is one GEMM.
+        """
+        for lr, wd in grid:
+            CRT(**{**self.get_params(), "lr": lr, "weight_decay": wd})._validate_params()
         device = resolve_device(self.device)
         X, y = check_features(X, y, device=device)
         N, D = X.shape
@@ -135,50 +157,57 @@ class CRT(BaseHead):
             if views.ndim != 3 or views.shape[1:] != (N, D):
                 raise ValueError(f"views must have shape (K, {N}, {D}); got {tuple(views.shape)}")
 
+        G = len(grid)
         gen = torch.Generator().manual_seed(self.seed)
         w0, b0 = default_linear_init(C, D, gen)
-        W = w0.to(device).requires_grad_()
-        b = b0.to(device).requires_grad_()
+        Ws = [w0.to(device).clone().requires_grad_() for _ in range(G)]
+        bs = [b0.to(device).clone().requires_grad_() for _ in range(G)]
         shift = torch.log(counts.float().clamp_min(1)) if self.loss == "balanced-softmax" else None
         cw = class_balanced_weights(counts, self.beta) if self.class_weights == "cb" else None
         view_gen = torch.Generator(device=device).manual_seed(self.seed + 1) if views is not None else None
 
-        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        def logits(x: torch.Tensor) -> torch.Tensor:  # (n, G, C), one GEMM for all members
+            return torch.addmm(torch.cat(bs), x, torch.cat(Ws).T).view(len(x), G, C)
+
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # (G,) mean loss of each member
             if views is None:
                 xb = X[idx]
             else:
                 v = torch.randint(0, views.shape[0], idx.shape, generator=view_gen, device=device)
                 xb = views[v, idx].float()
-            z = torch.addmm(b, xb, W.T)
+            z = logits(xb)
             if shift is not None:
                 z = z + shift
-            return F.cross_entropy(z, y[idx], weight=cw, label_smoothing=self.label_smoothing)
+            yb = y[idx]
+            loss = F.cross_entropy(
+                z.view(-1, C), yb.repeat_interleave(G), weight=cw, label_smoothing=self.label_smoothing,
+                reduction="none",
+            ).view(-1, G)
+            return loss.sum(0) / (len(idx) if cw is None else cw[yb].sum())
 
         validate = None
         if X_val is not None:
             Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
 
-            def validate() -> float:
-                return (torch.addmm(b, Xv, W.T).argmax(1) == yv).float().mean().item()
+            def validate() -> torch.Tensor:
+                return (logits(Xv).argmax(2) == yv[:, None]).float().mean(0)
 
-        self.history_ = train_sgd(
-            [W, b],
+        hists = train_sgd_members(
+            [[W, b] for W, b in zip(Ws, bs)],
             batch_loss,
             make_sampler(self.sampler, y.cpu(), C),
             epochs=self.epochs,
-            lr=self.lr,
+            lrs=[lr for lr, _ in grid],
             batch_size=self.batch_size,
             momentum=self.momentum,
-            weight_decay=self.weight_decay,
+            weight_decays=[wd for _, wd in grid],
             schedule=self.schedule,
             generator=gen,
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,
         )
-        self.weight_, self.bias_ = W.detach(), b.detach()
-        self.n_features_in_ = D
-        return self
+        return [(W.detach(), b.detach(), h) for W, b, h in zip(Ws, bs, hists)]
 
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logits float32 (N, C)."""

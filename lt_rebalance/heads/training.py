@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -42,6 +42,7 @@ class TrainHistory:
     lr: list[float] = field(default_factory=list)
     val: list[float] = field(default_factory=list)
     best_epoch: int = -1
+    diverged: bool = False  # the loss stopped being finite (grid members only; a lone run raises)
 
 
 def train_sgd(
@@ -66,47 +67,104 @@ def train_sgd(
     device). ``validate()`` returns a score (higher is better) after each epoch; with ``keep_best``
     the parameters of the best epoch are restored at the end (ties keep the earlier epoch).
     """
-    learning_rate(lr, 0, epochs, schedule)  # validates the schedule name
+    (hist,) = train_sgd_members(
+        [params],
+        lambda idx: batch_loss(idx).reshape(1),
+        sampler,
+        epochs=epochs,
+        lrs=[lr],
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decays=[weight_decay],
+        schedule=schedule,
+        generator=generator,
+        validate=None if validate is None else lambda: torch.tensor([float(validate())], dtype=torch.float64),
+        keep_best=keep_best,
+        progress=progress,
+    )
+    return hist
+
+
+def train_sgd_members(
+    members: list[list[torch.Tensor]],
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    sampler: BaseSampler,
+    *,
+    epochs: int,
+    lrs: Sequence[float],
+    batch_size: int,
+    momentum: float,
+    weight_decays: Sequence[float],
+    schedule: str,
+    generator: torch.Generator,
+    validate: Optional[Callable[[], torch.Tensor]] = None,
+    keep_best: bool = True,
+    progress: Optional[ProgressFn] = None,
+) -> list[TrainHistory]:
+    """:func:`train_sgd` for G independent members sharing one sampler stream (a hyper-parameter grid).
+
+    Member g owns the tensors ``members[g]`` and its own rate ``lrs[g]`` and weight decay
+    ``weight_decays[g]`` (one optimizer parameter group each, so its updates are exactly those of a
+    lone run). ``batch_loss(idx)`` returns the (G,) mean losses (their sum is minimised: members do
+    not interact); ``validate()`` returns (G,) scores, and each member keeps its own best epoch.
+    A member whose loss stops being finite is marked ``diverged`` and frozen out of the selection;
+    when every member has diverged, training stops with a ValueError. ``progress`` sees the mean
+    loss of the live members and their best val score.
+    """
+    learning_rate(lrs[0], 0, epochs, schedule)  # validates the schedule name
+    params = [p for member in members for p in member]
     device = params[0].device
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    hist = TrainHistory()
-    best_score, best_params = -math.inf, None
+    opt = torch.optim.SGD(
+        [{"params": m, "lr": lr, "weight_decay": wd} for m, lr, wd in zip(members, lrs, weight_decays)],
+        lr=lrs[0],
+        momentum=momentum,
+    )
+    hists = [TrainHistory() for _ in members]
+    best_score = torch.full((len(members),), -math.inf, dtype=torch.float64)
+    best_params: list[Optional[list[torch.Tensor]]] = [None] * len(members)
+    live = torch.ones(len(members), dtype=torch.bool)
     for epoch in range(epochs):
-        lr_e = learning_rate(lr, epoch, epochs, schedule)
-        for group in opt.param_groups:
-            group["lr"] = lr_e
+        for group, base_lr, h in zip(opt.param_groups, lrs, hists):
+            group["lr"] = learning_rate(base_lr, epoch, epochs, schedule)
+            h.lr.append(group["lr"])
         batches = sampler.epoch(epoch, epochs, batch_size, generator).to(device, non_blocking=True)
-        total = torch.zeros((), device=device)
+        total = torch.zeros(len(members), device=device)
         for idx in batches:
             opt.zero_grad(set_to_none=True)
             loss = batch_loss(idx)
-            loss.backward()
+            loss.sum().backward()
             opt.step()
             total += loss.detach()
-        hist.loss.append(total.item() / len(batches))
-        if not math.isfinite(hist.loss[-1]):
+        losses = (total / len(batches)).cpu().double()
+        live &= torch.isfinite(losses)
+        for g, h in enumerate(hists):
+            h.loss.append(losses[g].item())
+            h.diverged = not live[g].item()
+        if not live.any():
             raise ValueError(
-                f"training diverged: the loss is {hist.loss[-1]} in epoch {epoch + 1}; lower the learning rate "
+                f"training diverged: the loss is {losses[0].item()} in epoch {epoch + 1}; lower the learning rate "
                 "or rescale the features (e.g. divide them by their mean L2 norm)"
             )
-        hist.lr.append(lr_e)
         score = None
         if validate is not None:
             with torch.no_grad():
-                score = float(validate())
-            hist.val.append(score)
-            if keep_best and score > best_score:
-                best_score, hist.best_epoch = score, epoch
-                best_params = [p.detach().clone() for p in params]
+                scores = torch.as_tensor(validate(), dtype=torch.float64).cpu().reshape(len(members))
+            for g, h in enumerate(hists):
+                h.val.append(scores[g].item())
+                if keep_best and live[g] and scores[g] > best_score[g]:
+                    best_score[g], h.best_epoch = scores[g], epoch
+                    best_params[g] = [p.detach().clone() for p in members[g]]
+            score = scores[live].max().item()
         if progress is not None:
-            progress(epoch, epochs, hist.loss[-1], score)
-    if keep_best and best_params is not None:
-        with torch.no_grad():
-            for p, best in zip(params, best_params):
-                p.copy_(best)
-    else:
-        hist.best_epoch = epochs - 1
-    return hist
+            progress(epoch, epochs, losses[live].mean().item(), score)
+    for member, best, h in zip(members, best_params, hists):
+        if keep_best and best is not None:
+            with torch.no_grad():
+                for p, b in zip(member, best):
+                    p.copy_(b)
+        else:
+            h.best_epoch = epochs - 1
+    return hists
 
 
 def sgd_constraints() -> dict[str, list]:
