@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "crt": ("lt_rebalance.commands.methods", "crt", "Re-train the linear classifier with class-balanced sampling."),
     "logit-adjust": ("lt_rebalance.commands.posthoc", "logit_adjust", "Logit adjustment (z - tau log prior) over a grid of tau."),
     "calibrate": ("lt_rebalance.commands.posthoc", "calibrate", "Temperature scaling on val; NLL and ECE before and after."),
+    "export": ("lt_rebalance.commands.export", "export", "Write a timm checkpoint whose classifier is a re-balanced head."),
     "compare": ("lt_rebalance.commands.compare", "compare", "Run every method with defaults and print one table."),
     "check": ("lt_rebalance.commands.check", "check", "Verify a feature file in full (exit 1 on any problem)."),
     "import": ("lt_rebalance.commands.import_npz", "import_npz", "Create a feature file from arrays in an .npz file."),
