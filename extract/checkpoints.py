@@ -87,7 +87,8 @@ def check_state_dict(sd: Mapping[str, Any], model: nn.Module) -> None:
     if shapes:
         problems.append(f"shape mismatches: {'; '.join(shapes[:4])}")
     if problems:
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems)
+                         + "; pass the --model the checkpoint was trained with")
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> LoadedCheckpoint:

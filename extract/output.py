@@ -44,26 +44,39 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
     """
     lock = Path(f"{target}.lock")
     key = str(lock.resolve())
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if key in _HELD:
                 raise BlockingIOError
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             raise FileExistsError(
                 f"another extraction (pid {holder}) is writing {target}; wait for it or stop it first"
             ) from None
-        _HELD.add(key)
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
-            lock.unlink(missing_ok=True)
-        finally:
-            _HELD.discard(key)
-    finally:
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder before us may have unlinked the file we locked: lock the one at the path
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    _HELD.add(key)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:  # removed on failure too (while still held), so a failed run leaves no file behind
+        lock.unlink(missing_ok=True)
+        _HELD.discard(key)
         os.close(fd)
 
 

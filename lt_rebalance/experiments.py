@@ -60,7 +60,14 @@ class Context:
 
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._cache:
-            self._cache[split] = self.store.load(split)
+            X, y = self.store.load(split)
+            if X.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(X))).all()):  # NaN propagates
+                bad = int((~torch.isfinite(X)).any(dim=1).sum())
+                raise ValueError(
+                    f"{self.store.path}: split {split!r} has {bad} feature row(s) with NaN/Inf values; "
+                    f"`ltr check {self.store.path}` lists every problem, re-extract the file to fix it"
+                )
+            self._cache[split] = (X, y)
         return self._cache[split]
 
     def train(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,7 +58,8 @@ def load_head(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file
-        raise ValueError(f"{path}: not a head file saved by lt-rebalance ({type(e).__name__})") from None
+        raise ValueError(f"{path}: not a head file saved by lt-rebalance ({type(e).__name__}); "
+                         "`ltr crt --save` writes one") from None
     if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
         raise ValueError(f"{path}: not a head file saved by lt-rebalance (`ltr crt --save` writes one)")
     return state

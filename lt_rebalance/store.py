@@ -26,12 +26,18 @@ FEATURE_DTYPES = ("float16", "float32")
 PathLike = Union[str, os.PathLike]
 
 
-class FeatureFileError(ValueError):
-    """A feature file that cannot be used; the message names the file and the problem."""
+REMAKE_HINT = "re-create it with `ltr extract` or `ltr import` (`ltr check` lists every problem)"
 
-    def __init__(self, path: PathLike, problem: str):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}")
+
+class FeatureFileError(ValueError):
+    """A feature file that cannot be used; the message names the file, the problem and the fix.
+
+    ``problem`` is the bare problem; ``hint`` (may be empty) what to do about it.
+    """
+
+    def __init__(self, path: PathLike, problem: str, hint: str = ""):
+        self.path, self.problem, self.hint = str(path), problem, hint
+        super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else ""))
 
 
 @dataclass(frozen=True)
@@ -87,13 +93,15 @@ class FeatureStore:
         self.path = Path(path)
         self.allow_incomplete = allow_incomplete
         if not self.path.exists():
-            raise FeatureFileError(path, "no such file")
+            raise FeatureFileError(path, "no such file", "check the path, or create the file with `ltr extract` or `ltr import`")
         if self.path.is_dir():
             raise FeatureFileError(path, "is a folder, not a feature file")
+        if not os.access(self.path, os.R_OK):
+            raise FeatureFileError(path, "cannot be read (permission denied)", "check the file's permissions")
         try:
             is_hdf5 = h5py.is_hdf5(self.path)
         except OSError as e:  # unreadable
-            raise FeatureFileError(path, f"cannot be read ({e.strerror or e})") from None
+            raise FeatureFileError(path, f"cannot be read ({e.strerror or e})", "check the file's permissions") from None
         if not is_hdf5:
             raise FeatureFileError(path, "not an HDF5 file (create one with `ltr extract` or `ltr import`)")
         try:
@@ -102,16 +110,21 @@ class FeatureStore:
         except FeatureFileError:
             raise
         except (OSError, KeyError, ValueError, TypeError) as e:
-            raise FeatureFileError(path, f"damaged or truncated HDF5 file ({e})") from None
+            raise FeatureFileError(path, f"damaged or truncated HDF5 file ({e})", REMAKE_HINT) from None
 
     # -- validation -----------------------------------------------------------------------------
     def _fail(self, problem: str) -> FeatureFileError:
         return FeatureFileError(self.path, problem)
 
+    def _damaged(self, problem: str) -> FeatureFileError:
+        """A structural problem: the file was damaged or not written by lt-rebalance."""
+        return FeatureFileError(self.path, problem, REMAKE_HINT)
+
     def _read_metadata(self, f: h5py.File) -> None:
         fmt = _str_attr(f.attrs.get("format", ""))
         if fmt != FORMAT:
-            raise self._fail(f"format is {fmt!r}, expected {FORMAT!r}: not an lt-rebalance feature file")
+            raise FeatureFileError(self.path, f"format is {fmt!r}, expected {FORMAT!r}: not an lt-rebalance feature file",
+                                   "give a file written by `ltr extract` or `ltr import`")
         version = int(f.attrs.get("format_version", -1))
         if version > FORMAT_VERSION:
             raise self._fail(
@@ -119,21 +132,21 @@ class FeatureStore:
                 "upgrade lt-rebalance"
             )
         if version < 1:
-            raise self._fail(f"invalid format_version {version}")
+            raise self._damaged(f"invalid format_version {version}")
         self.format_version = version
         self.attrs = {k: (_str_attr(v) if isinstance(v, (bytes, str)) else v) for k, v in f.attrs.items()}
         if "classes/counts" not in f:
-            raise self._fail("missing /classes/counts (training images per class)")
+            raise self._damaged("missing /classes/counts (training images per class)")
         self.counts = np.asarray(f["classes/counts"][...], dtype=np.int64)
         if self.counts.ndim != 1 or len(self.counts) == 0:
-            raise self._fail(f"/classes/counts must be a non-empty 1-D array, got shape {self.counts.shape}")
+            raise self._damaged(f"/classes/counts must be a non-empty 1-D array, got shape {self.counts.shape}")
         if (self.counts < 0).any():
-            raise self._fail("/classes/counts has negative entries")
+            raise self._damaged("/classes/counts has negative entries")
         self.num_classes = len(self.counts)
         names = f.get("classes/names")
         self.class_names = [_str_attr(s) for s in names[...]] if names is not None else None
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise self._fail(f"/classes/names has {len(self.class_names)} entries for {self.num_classes} classes")
+            raise self._damaged(f"/classes/names has {len(self.class_names)} entries for {self.num_classes} classes")
 
         self.splits: dict[str, SplitInfo] = {}
         dims = set()
@@ -142,9 +155,9 @@ class FeatureStore:
             dims.add(g["features"].shape[1])
             self.splits[name] = info
         if not self.splits:
-            raise self._fail("no splits under /splits")
+            raise self._damaged("no splits under /splits")
         if len(dims) > 1:
-            raise self._fail(f"splits have different feature dimensions {sorted(dims)}")
+            raise self._damaged(f"splits have different feature dimensions {sorted(dims)}")
         self.dim = dims.pop()
 
         self.has_head = "head/weight" in f
@@ -152,30 +165,30 @@ class FeatureStore:
         if self.has_head:
             shape = tuple(f["head/weight"].shape)
             if shape != (self.num_classes, self.dim):
-                raise self._fail(
+                raise self._damaged(
                     f"/head/weight has shape {shape}, expected (C, D) = ({self.num_classes}, {self.dim})"
                 )
         if self.has_bias and tuple(f["head/bias"].shape) != (self.num_classes,):
-            raise self._fail(f"/head/bias has shape {tuple(f['head/bias'].shape)}, expected ({self.num_classes},)")
+            raise self._damaged(f"/head/bias has shape {tuple(f['head/bias'].shape)}, expected ({self.num_classes},)")
 
     def _read_split(self, name: str, g: h5py.Group) -> SplitInfo:
         where = f"/splits/{name}"
         if "features" not in g or "labels" not in g:
-            raise self._fail(f"{where} needs both 'features' and 'labels'")
+            raise self._damaged(f"{where} needs both 'features' and 'labels'")
         feats, labels = g["features"], g["labels"]
         if feats.ndim != 2:
-            raise self._fail(f"{where}/features must be 2-D [N, D], got shape {feats.shape}")
+            raise self._damaged(f"{where}/features must be 2-D [N, D], got shape {feats.shape}")
         if str(feats.dtype) not in FEATURE_DTYPES:
-            raise self._fail(f"{where}/features has dtype {feats.dtype}, expected float16 or float32")
+            raise self._damaged(f"{where}/features has dtype {feats.dtype}, expected float16 or float32")
         capacity = feats.shape[0]
         if labels.shape != (capacity,):
-            raise self._fail(
+            raise self._damaged(
                 f"{where}: features have {capacity} rows but labels have shape {labels.shape} (length mismatch)"
             )
         rows = int(g.attrs.get("rows", capacity))
         complete = bool(g.attrs.get("complete", True))
         if not 0 <= rows <= capacity:
-            raise self._fail(f"{where}: attribute rows={rows} outside [0, {capacity}]")
+            raise self._damaged(f"{where}: attribute rows={rows} outside [0, {capacity}]")
         if not complete and not self.allow_incomplete:
             raise self._fail(
                 f"split {name!r} is incomplete ({rows}/{capacity} rows written); finish it with "
@@ -184,14 +197,14 @@ class FeatureStore:
         y = labels[:rows]
         if rows and (y.min() < 0 or y.max() >= self.num_classes):
             bad = y[(y < 0) | (y >= self.num_classes)]
-            raise self._fail(
+            raise self._damaged(
                 f"{where}/labels has {len(bad)} value(s) outside [0, {self.num_classes}) (e.g. {int(bad[0])})"
             )
         views = 0
         if "views" in g:
             vshape = g["views"].shape
             if len(vshape) != 3 or vshape[1:] != feats.shape:
-                raise self._fail(f"{where}/views has shape {vshape}, expected [K, {capacity}, {feats.shape[1]}]")
+                raise self._damaged(f"{where}/views has shape {vshape}, expected [K, {capacity}, {feats.shape[1]}]")
             views = vshape[0]
         return SplitInfo(name, rows, capacity, complete, str(feats.dtype), views, "paths" in g)
 

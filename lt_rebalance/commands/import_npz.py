@@ -18,14 +18,14 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
     from ..store import FeatureFileError, write_features
 
     if not os.path.exists(npz_path):
-        raise click.ClickException(f"{npz_path}: no such file")
+        raise click.ClickException(f"{npz_path}: no such file (check the path; write one with numpy.savez)")
     try:
         if not zipfile.is_zipfile(npz_path):  # np.load would also take .npy or try to unpickle
             raise click.ClickException(f"{npz_path}: not an .npz archive (write one with numpy.savez)")
         npz = np.load(npz_path, allow_pickle=False)
         data = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
-        raise click.ClickException(f"{npz_path}: no such file") from None
+        raise click.ClickException(f"{npz_path}: no such file (check the path; write one with numpy.savez)") from None
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise click.ClickException(f"{npz_path}: not a readable .npz file ({e})") from None
     keys = set(data)

@@ -135,5 +135,6 @@ def compare(results: str, split: Optional[str], out: str, overwrite: bool, as_js
     try:
         result = json.loads(Path(results).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise click.ClickException(f"{results} is not a JSON results file ({e})") from None
+        raise click.ClickException(f"{results} is not a JSON results file ({e}); write one with "
+                                   "`ltr compare --out results.json`") from None
     _done("compare", plot_compare(result, out, split, overwrite), as_json, quiet)

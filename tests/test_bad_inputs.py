@@ -1,0 +1,349 @@
+"""The bad-input battery (issue 9): one table of user mistakes across every ``ltr`` command.
+
+Each case builds its own folder, runs one command through ``CliRunner`` and asserts:
+
+* exit status 1 (2 for usage errors);
+* exactly one line starting with ``Error:`` that names the problem and the fix (``ltr check`` reports
+  instead: exactly one ``[FAIL]`` line naming the problem, exit 1);
+* no traceback, no exception other than ``SystemExit``;
+* no file created or changed in the case's folder (names, sizes, mtimes and content hashes), except
+  the one documented ``OUT.partial`` an extraction keeps for ``--resume`` when it meets a corrupt image.
+
+docs/BAD_INPUTS.md lists the battery as a table; keep the two in step.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lt_rebalance.cli import main
+from lt_rebalance.store import FeatureFileWriter, write_features
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+C, D = 4, 6
+COUNTS = np.array([40, 20, 8, 3])
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def _arrays(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    means = 3 * rng.normal(size=(C, D))
+    out = {}
+    for split, per_class in (("train", COUNTS), ("val", 4), ("test", 5)):
+        y = np.repeat(np.arange(C), per_class)
+        out[split] = ((means[y] + rng.normal(size=(len(y), D))).astype(np.float32), y)
+    out["weight"] = means.astype(np.float32)
+    out["bias"] = np.zeros(C, np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    """A valid feature file (train/val/test, stored head); cases copy it into their folder."""
+    a = _arrays()
+    path = tmp_path_factory.mktemp("battery_src") / "good.h5"
+    write_features(path, {s: a[s] for s in ("train", "val", "test")}, weight=a["weight"], bias=a["bias"])
+    return path
+
+
+def _copy(good: Path, d: Path, name: str = "f.h5") -> Path:
+    dst = d / name
+    shutil.copyfile(good, dst)
+    return dst
+
+
+def _edit(good: Path, d: Path, fn: Callable[[h5py.File], None]) -> str:
+    path = _copy(good, d)
+    with h5py.File(path, "r+") as f:
+        fn(f)
+    return str(path)
+
+
+def _set(path: str, value) -> Callable[[h5py.File], None]:
+    return lambda f: f[path].__setitem__((1, 2), value)
+
+
+def _replace(key: str, shape: tuple, dtype="float32") -> Callable[[h5py.File], None]:
+    def fn(f):
+        del f[key]
+        f.create_dataset(key, data=np.zeros(shape, dtype=dtype))
+    return fn
+
+
+def _incomplete(d: Path) -> str:
+    a = _arrays()
+    path = d / "f.h5"
+    with FeatureFileWriter.create(path, counts=COUNTS) as w:
+        w.set_head(a["weight"], a["bias"])
+        for s in ("train", "val", "test"):
+            x, y = a[s]
+            w.create_split(s, len(x), D)
+            w.append(s, x[: len(x) // 2], y[: len(x) // 2])  # stopped half way
+            if s != "test":
+                w.append(s, x[len(x) // 2:], y[len(x) // 2:])
+                w.mark_complete(s)
+    return str(path)
+
+
+def _tiny_images(root: Path, counts=(3, 2), splits=("train", "val")) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, n in enumerate(counts):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _tiny_cifar(root: Path, drop: str) -> Path:
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        if name != drop:
+            batch = {b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), b"labels": list(range(10)) * 2}
+            (base / name).write_bytes(pickle.dumps(batch))
+    (base / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    return root
+
+
+def _list_dataset(d: Path, bad_line: bool) -> list[str]:
+    """imagenet_lt layout with two images; ``bad_line`` breaks line 2 of the train list, else an image is absent."""
+    lists = d / "lists"
+    lists.mkdir()
+    root = _tiny_images(d / "data", counts=(1, 1), splits=("train",))
+    train = ["train/c0/0.png 0", "train/c1/0.png" if bad_line else "train/c1/0.png 1"]
+    if not bad_line:
+        train.append("train/c1/absent.png 1")
+    (lists / "ImageNet_LT_train.txt").write_text("\n".join(train) + "\n")
+    (lists / "ImageNet_LT_val.txt").write_text("train/c0/0.png 0\n")
+    return ["--data", "imagenet_lt", "--root", str(root), "--list-dir", str(lists), "--splits", "train,val"]
+
+
+def _extract_args(d: Path, *extra: str, model: str = "tiny_cnn", data: list[str] | None = None,
+                  out: str = "f.h5") -> list[str]:
+    data = data if data is not None else ["--data", "imagefolder", "--root", str(_tiny_images(d / "data"))]
+    weights = [] if any(a in ("--checkpoint", "--pretrained") for a in extra) else ["--random-init"]
+    return ["extract", "--model", model, *weights, *data, "--out", str(d / out), "--splits", "train,val",
+            "--image-size", "8", "--batch-size", "2", "--workers", "0", "--quiet", *extra]
+
+
+def _checkpoint(d: Path, fix: Callable[[dict], None]) -> str:
+    import torch
+    from lt_rebalance.extract.backbones import create_backbone
+
+    sd = create_backbone("tiny_cnn", num_classes=2).state_dict()
+    fix(sd)
+    path = d / "model.pth"
+    torch.save(sd, path)
+    return str(path)
+
+
+def _npz(d: Path) -> str:
+    a = _arrays()
+    path = d / "arrays.npz"
+    np.savez(path, x_train=a["train"][0], y_train=a["train"][1])
+    return str(path)
+
+
+def _no_gpu() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+
+
+def _cuda(d, good):
+    _no_gpu()
+    return ["crt", "-f", _copy(good, d), "--device", "cuda", "--epochs", "1"]
+
+
+def _unreadable(d, good):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod 000 does not stop root from reading the file")
+    path = _copy(good, d)
+    os.chmod(path, 0)
+    return ["joint", "-f", str(path)]
+
+
+# -- the table -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    id: str
+    setup: Callable[[Path, Path], list[str]]  # (case folder, good feature file) -> argv
+    code: int  # expected exit status
+    needles: tuple[str, ...]  # substrings of the Error line: the problem, then the fix
+    report: bool = False  # ltr check: one [FAIL] line instead of an Error line
+    may_create: tuple[str, ...] = field(default=())  # names a failed run may leave on purpose
+
+
+CASES = [
+    # -- feature files -----------------------------------------------------------------------------
+    Case("missing-file", lambda d, g: ["info", str(d / "nope.h5")], 1, ("no such file", "ltr extract")),
+    Case("unreadable-file", _unreadable, 1, ("cannot be read", "check the file's permissions")),
+    Case("empty-file", lambda d, g: ["ncm", "-f", str(_touch(d / "f.h5"))], 1, ("not an HDF5 file", "ltr import")),
+    Case("not-hdf5", lambda d, g: ["joint", "-f", _text(d / "f.h5")], 1, ("not an HDF5 file", "ltr extract")),
+    Case("truncated-file", lambda d, g: ["tau-sweep", "-f", _truncated(g, d)], 1,
+         ("damaged or truncated", "ltr extract")),
+    Case("wrong-format", lambda d, g: ["lws", "-f", _edit(g, d, lambda f: f.attrs.__setitem__("format", "x/y"))],
+         1, ("format is 'x/y'", "not an lt-rebalance feature file")),
+    Case("newer-format-version",
+         lambda d, g: ["compare", "-f", _edit(g, d, lambda f: f.attrs.__setitem__("format_version", 7))],
+         1, ("format_version 7 is newer", "upgrade lt-rebalance")),
+    Case("labels-out-of-range", lambda d, g: ["ncm", "-f", _edit(g, d, lambda f: f["splits/test/labels"]
+                                                                 .__setitem__(0, C + 3))],
+         1, ("outside [0, 4)", "re-create it with `ltr extract`")),
+    Case("nan-features", lambda d, g: ["ncm", "-f", _edit(g, d, _set("splits/test/features", np.nan))], 1,
+         ("NaN/Inf", "ltr check")),
+    Case("inf-features", lambda d, g: ["joint", "-f", _edit(g, d, _set("splits/val/features", np.inf))], 1,
+         ("NaN/Inf", "ltr check")),
+    Case("nan-train-features", lambda d, g: ["crt", "-f", _edit(g, d, _set("splits/train/features", np.nan)),
+                                             "--epochs", "1", "--batch-size", "8"], 1, ("NaN/Inf", "ltr check")),
+    Case("check-nan-features", lambda d, g: ["check", _edit(g, d, _set("splits/test/features", np.nan))], 1,
+         ("test: features finite", "1 rows with NaN/Inf"), report=True),
+    Case("length-mismatch", lambda d, g: ["joint", "-f", _edit(g, d, _replace("splits/test/labels", (3,), "int64"))],
+         1, ("length mismatch", "ltr extract")),
+    Case("incomplete-split", lambda d, g: ["joint", "-f", _incomplete(d)], 1, ("incomplete", "--allow-incomplete")),
+    Case("unknown-split", lambda d, g: ["joint", "-f", _copy(g, d), "--splits", "holdout"], 1,
+         ("no split 'holdout'", "available: test, train, val")),
+    Case("head-wrong-shape", lambda d, g: ["tau-sweep", "-f", _edit(g, d, _replace("head/weight", (C, D + 1)))],
+         1, ("/head/weight has shape (4, 7)", "ltr extract")),
+    # -- options of the head commands ---------------------------------------------------------------
+    Case("taus-malformed", lambda d, g: ["tau-sweep", "-f", _copy(g, d), "--taus", "0:x:3"], 2, ("--taus",)),
+    Case("taus-empty", lambda d, g: ["logit-adjust", "-f", _copy(g, d), "--taus", ""], 2, ("--taus",)),
+    Case("epochs-zero", lambda d, g: ["crt", "-f", _copy(g, d), "--epochs", "0"], 2, ("--epochs", "positive")),
+    Case("epochs-negative", lambda d, g: ["lws", "-f", _copy(g, d), "--epochs", "-3"], 2, ("--epochs", "positive")),
+    Case("calibrate-epochs-zero", lambda d, g: ["calibrate", "-f", _copy(g, d), "--method", "crt", "--epochs", "0"],
+         2, ("--epochs", "0")),
+    Case("batch-larger-than-train", lambda d, g: ["crt", "-f", _copy(g, d), "--epochs", "1", "--batch-size", "9999"],
+         2, ("--batch-size", "larger than the 71 train rows")),
+    Case("unknown-sampler", lambda d, g: ["crt", "-f", _copy(g, d), "--sampler", "balanced"], 2,
+         ("unknown sampler 'balanced'", "use ib, cb, sqrt, pb")),
+    Case("views-beyond-stored", lambda d, g: ["crt", "-f", _copy(g, d), "--epochs", "1", "--batch-size", "8", "--views", "2"], 2,
+         ("--views", "stores 0 train views")),
+    Case("cuda-without-gpu", _cuda, 1, ("no CUDA GPU", "--device cpu")),
+    Case("output-folder-missing", lambda d, g: ["compare", "-f", _copy(g, d), "--out", str(d / "no" / "r.json")], 1,
+         ("does not exist", "create it first")),
+    Case("save-exists", lambda d, g: ["ncm", "-f", _copy(g, d), "--save", _text(d / "ncm.pt")], 1,
+         ("already exists", "--overwrite")),
+    Case("calibrate-unknown-eval-split", lambda d, g: ["calibrate", "-f", _copy(g, d), "--method", "joint",
+                                                       "--eval-split", "holdout"], 1, ("holdout", "available")),
+    Case("plot-head-not-a-head", lambda d, g: ["plot", "norms", "-f", _copy(g, d), "--head", _text(d / "h.pt"),
+                                               "--out", str(d / "n.png")], 1,
+         ("not a head file", "ltr crt --save")),
+    Case("plot-results-not-json", lambda d, g: ["plot", "compare", "--results", _text(d / "r.json"),
+                                                "--out", str(d / "c.png")], 1, ("not a JSON results file", "ltr compare --out")),
+    # -- import and demo ------------------------------------------------------------------------------
+    Case("import-npz-missing", lambda d, g: ["import", "--npz", str(d / "a.npz"), "--out", str(d / "f.h5")], 1,
+         ("a.npz: no such file", "numpy.savez")),
+    Case("import-out-exists", lambda d, g: ["import", "--npz", _npz(d), "--out", _copy(g, d)], 1,
+         ("already exists", "--overwrite")),
+    Case("demo-out-exists", lambda d, g: ["demo", "--out", str(_text(d / "mine.txt", d / "out")), "--quick"], 1,
+         ("exists", "--overwrite")),
+    # -- extraction ----------------------------------------------------------------------------------
+    Case("extract-unknown-model", lambda d, g: _extract_args(d, model="resnet_nope"), 1,
+         ("unknown model 'resnet_nope'", "timm.list_models()")),
+    Case("extract-ckpt-missing-keys",
+         lambda d, g: _extract_args(d, "--checkpoint", _checkpoint(d, lambda sd: sd.pop("fc.bias"))), 1,
+         ("missing keys (1): ['fc.bias']", "pass the --model")),
+    Case("extract-ckpt-unexpected-keys",
+         lambda d, g: _extract_args(d, "--checkpoint", _checkpoint(d, lambda sd: sd.__setitem__("extra.w", sd["fc.bias"]))),
+         1, ("unexpected keys (1): ['extra.w']", "pass the --model")),
+    Case("extract-list-bad-line", lambda d, g: _extract_args(d, data=_list_dataset(d, bad_line=True)), 1,
+         ("ImageNet_LT_train.txt:2:", "'<relative/path> <integer label>'")),
+    Case("extract-image-missing", lambda d, g: _extract_args(d, data=_list_dataset(d, bad_line=False)), 1,
+         ("1 image file(s) missing", "--skip-bad")),
+    Case("extract-corrupt-image", lambda d, g: _extract_args(d, data=_corrupt(d)), 1,
+         ("unreadable image(s)", "--skip-bad"), may_create=("f.h5.partial",)),
+    Case("extract-cifar-batch-missing",
+         lambda d, g: _extract_args(d, data=["--data", "cifar10_lt", "--root", str(_tiny_cifar(d / "c", "data_batch_3"))]),
+         1, ("data_batch_3 not found", "--root must hold")),
+    Case("extract-out-folder-missing", lambda d, g: _extract_args(d, out="no/f.h5"), 1,
+         ("does not exist", "create it first")),
+    Case("extract-out-exists", lambda d, g: _extract_args(d, out=Path(_copy(g, d)).name), 1,
+         ("already exists", "--overwrite")),
+    Case("extract-partial-left", lambda d, g: _extract_args(d, out=Path(_text(d / "f.h5.partial")).name[:-8]), 1,
+         ("left from an interrupted extraction", "--resume")),
+    Case("extract-cuda-without-gpu", lambda d, g: _no_gpu() or _extract_args(d, "--device", "cuda"), 1,
+         ("no CUDA GPU", "--device cpu")),
+    Case("extract-no-weights", lambda d, g: [a for a in _extract_args(d) if a != "--random-init"], 2,
+         ("--checkpoint PATH, --pretrained or --random-init",)),
+]
+
+
+def _touch(p: Path) -> Path:
+    p.touch()
+    return p
+
+
+def _text(p: Path, folder: Path | None = None) -> str:
+    """A small text file at ``p`` (inside ``folder`` when given, whose path is returned then)."""
+    if folder is not None:
+        folder.mkdir()
+        p = folder / p.name
+    p.write_text("not what you think\n")
+    return str(folder if folder is not None else p)
+
+
+def _truncated(good: Path, d: Path) -> str:
+    data = good.read_bytes()
+    (d / "f.h5").write_bytes(data[: len(data) // 2])
+    return str(d / "f.h5")
+
+
+def _corrupt(d: Path) -> list[str]:
+    root = _tiny_images(d / "data")
+    (root / "train" / "c1" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return ["--data", "imagefolder", "--root", str(root)]
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """relative path -> (size, mtime_ns, sha256) of every file and folder under ``folder``."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and os.access(p, os.R_OK) else ""
+        out[str(p.relative_to(folder))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, digest)
+    return out
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, good: Path, tmp_path: Path):
+    d = tmp_path / "case"
+    d.mkdir()
+    args = case.setup(d, good)
+    before = snapshot(d)
+    result = CliRunner().invoke(main, args)
+    out = result.output
+    assert "Traceback" not in out, out
+    assert result.exception is None or isinstance(result.exception, SystemExit), (repr(result.exception), out)
+    assert result.exit_code == case.code, f"exit {result.exit_code}, expected {case.code}:\n{out}"
+    if case.report:
+        lines = [line for line in out.splitlines() if "[FAIL]" in line]
+    else:
+        lines = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, out
+    for needle in case.needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    after = snapshot(d)
+    created = sorted(set(after) - set(before))
+    assert created == sorted(case.may_create), f"created {created}"
+    assert {k: v for k, v in after.items() if k in before} == before, "a file was changed or deleted"
