@@ -281,17 +281,19 @@ class FeatureStore:
         return f"FeatureStore({str(self.path)!r}, C={self.num_classes}, D={self.dim}, splits: {splits})"
 
 
-def _read_rows_float32(ds: h5py.Dataset, rows: int, block_rows: int = 8192) -> torch.Tensor:
+def _read_rows_float32(ds: h5py.Dataset, rows: int, block_rows: int = 2048) -> torch.Tensor:
     """Read ``ds[:rows]`` as a float32 tensor with contiguous slab reads.
 
-    float16 data is read in blocks into a reused buffer and upcast by torch, which is much faster
-    than HDF5's own half-to-float conversion and keeps peak memory at one output array.
+    float16 data is read in blocks into a reused, cache-sized buffer and upcast by torch, which is
+    much faster than HDF5's own half-to-float conversion and keeps peak memory at one output array.
+    The output is allocated by numpy, which asks the kernel for huge pages on large arrays
+    (``torch.empty`` does not): first-touch page faults were a third of the read time.
     """
     import torch
 
     if ds.dtype == np.float32:
         return torch.from_numpy(ds[:rows] if rows < ds.shape[0] else ds[...])
-    out = torch.empty((rows, ds.shape[1]), dtype=torch.float32)
+    out = torch.from_numpy(np.empty((rows, ds.shape[1]), dtype=np.float32))
     buf = np.empty((min(block_rows, max(rows, 1)), ds.shape[1]), dtype=ds.dtype)
     for start in range(0, rows, block_rows):
         n = min(block_rows, rows - start)

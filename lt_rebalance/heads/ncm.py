@@ -1,7 +1,7 @@
 """Nearest class mean (REFERENCE.md, "NCM")."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -41,11 +41,12 @@ class NCM(BaseHead):
         self.variant = variant
         self.device = device
 
-    def _transform(self, X: torch.Tensor) -> torch.Tensor:
+    def _centred_norms(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(X - mean, row norms clamped as F.normalize does) for cl2n/l2n/cos; (X, None) for un."""
         if self.variant == "un":
-            return X
-        Z = X - self.mean_ if self.variant in ("cl2n", "cos") else X
-        return torch.nn.functional.normalize(Z, dim=1)
+            return X, None
+        D = X - self.mean_ if self.variant in ("cl2n", "cos") else X.clone()
+        return D, torch.linalg.vector_norm(D, dim=1, keepdim=True).clamp_min_(_EPS)
 
     def fit(self, X: Any, y: Any, num_classes: int | None = None) -> NCM:
         """Compute the train mean and class centroids. X float (N, D), y int (N,)."""
@@ -53,20 +54,45 @@ class NCM(BaseHead):
         X, y = check_features(X, y, device=self.device)
         self.n_features_in_ = X.shape[1]
         self.mean_ = X.mean(0) if self.variant in ("cl2n", "cos") else X.new_zeros(X.shape[1])
-        Z = self._transform(X)
         counts = torch.bincount(y, minlength=num_classes or 0)
         if (counts == 0).any():
             missing = counts.eq(0).nonzero().flatten().tolist()
             raise ValueError(f"NCM needs train rows for every class; none for classes {missing[:10]}")
-        self.centroids_ = Z.new_zeros(len(counts), Z.shape[1]).index_add_(0, y, Z) / counts[:, None]
+        sums = X.new_zeros(len(counts), X.shape[1])
+        for rows in _row_chunks(X.shape[0]):  # cache-sized chunks: the transformed rows never exist at once
+            Z, norms = self._centred_norms(X[rows])
+            sums.index_add_(0, y[rows], Z if norms is None else Z.div_(norms))
+        self.centroids_ = sums / counts[:, None]
         return self
 
     def decision_function(self, X: Any) -> torch.Tensor:
-        """Scores float32 (N, C): -squared distance to each centroid (``cos``: scaled dot product)."""
+        """Scores float32 (N, C): -squared distance to each centroid (``cos``: scaled dot product).
+
+        With z = d / |d| (d the centred row): z·c = (d·c) / |d|, so one GEMM of the centred rows
+        with the centroids gives every score; ||z - c||^2 = ||z||^2 - 2 z·c + ||c||^2.
+        """
         check_is_fitted(self, "centroids_")
-        Z = self._transform(check_features(X, n_features=self.n_features_in_, device=self.device))
-        if self.variant == "cos":
-            return Z @ self.centroids_.T / Z.shape[1]
-        # ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2, one GEMM
-        d = torch.addmm(self.centroids_.square().sum(1)[None, :], Z, self.centroids_.T, alpha=-2.0)
-        return d.add_(Z.square().sum(1, keepdim=True)).neg_()  # in place: no extra (N, C) arrays
+        X = check_features(X, n_features=self.n_features_in_, device=self.device)
+        C = self.centroids_
+        out = X.new_empty(X.shape[0], C.shape[0])
+        c_sq = C.square().sum(1)[None, :]
+        for rows in _row_chunks(X.shape[0]):
+            Dc, norms = self._centred_norms(X[rows])
+            scores = torch.mm(Dc, C.T, out=out[rows])  # d·c
+            if self.variant == "cos":
+                scores.div_(norms * Dc.shape[1])
+                continue
+            if norms is None:
+                z_sq = Dc.square().sum(1, keepdim=True)
+            else:
+                scores.div_(norms)
+                z_sq = (norms > _EPS).to(norms.dtype)  # |z| is 1, or 0 for a zero row (F.normalize)
+            scores.mul_(2).sub_(c_sq).sub_(z_sq)  # -(||z||^2 - 2 z·c + ||c||^2)
+        return out
+
+
+_EPS = 1e-12  # F.normalize's default
+
+
+def _row_chunks(n: int, size: int = 1024) -> Iterator[slice]:
+    return (slice(s, min(s + size, n)) for s in range(0, n, size))
