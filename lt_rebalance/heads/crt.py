@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..samplers import make_sampler
 from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted, resolve_device
-from .training import ProgressFn, TrainHistory, sgd_constraints, train_sgd_members
+from .training import ProgressFn, TrainHistory, flush_tiny_gradient, sgd_constraints, train_sgd_members
 
 LOSSES = ("ce", "balanced-softmax")
 CLASS_WEIGHTS = ("none", "cb")
@@ -160,14 +160,14 @@ class CRT(BaseHead):
         G = len(grid)
         gen = torch.Generator().manual_seed(self.seed)
         w0, b0 = default_linear_init(C, D, gen)
-        Ws = [w0.to(device).clone().requires_grad_() for _ in range(G)]
-        bs = [b0.to(device).clone().requires_grad_() for _ in range(G)]
+        W = w0.to(device).repeat(G, 1, 1).requires_grad_()  # (G, C, D): every member starts alike
+        b = b0.to(device).repeat(G, 1).requires_grad_()  # (G, C)
         shift = torch.log(counts.float().clamp_min(1)) if self.loss == "balanced-softmax" else None
         cw = class_balanced_weights(counts, self.beta) if self.class_weights == "cb" else None
         view_gen = torch.Generator(device=device).manual_seed(self.seed + 1) if views is not None else None
 
         def logits(x: torch.Tensor) -> torch.Tensor:  # (n, G, C), one GEMM for all members
-            return torch.addmm(torch.cat(bs), x, torch.cat(Ws).T).view(len(x), G, C)
+            return flush_tiny_gradient(torch.addmm(b.view(-1), x, W.view(G * C, D).T)).view(len(x), G, C)
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # (G,) mean loss of each member
             if views is None:
@@ -193,7 +193,7 @@ class CRT(BaseHead):
                 return (logits(Xv).argmax(2) == yv[:, None]).float().mean(0)
 
         hists = train_sgd_members(
-            [[W, b] for W, b in zip(Ws, bs)],
+            [W, b],
             batch_loss,
             make_sampler(self.sampler, y.cpu(), C),
             epochs=self.epochs,
@@ -207,7 +207,7 @@ class CRT(BaseHead):
             keep_best=self.keep_best,
             progress=self.progress,
         )
-        return [(W.detach(), b.detach(), h) for W, b, h in zip(Ws, bs, hists)]
+        return [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)]
 
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logits float32 (N, C)."""

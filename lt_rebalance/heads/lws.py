@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..samplers import make_sampler
 from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, check_is_fitted, resolve_device
-from .training import ProgressFn, sgd_constraints, train_sgd
+from .training import ProgressFn, flush_tiny_gradient, sgd_constraints, train_sgd
 
 
 class LWS(BaseHead):
@@ -97,7 +97,7 @@ class LWS(BaseHead):
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
             z = Z[idx] if cache else self._joint_logits(X[idx])
-            return F.cross_entropy(z * s, y[idx])
+            return F.cross_entropy(flush_tiny_gradient(z * s), y[idx])
 
         validate = None
         if X_val is not None:
