@@ -277,6 +277,7 @@ def test_cli_compare_includes_posthoc(files):
         ("full", ["calibrate", "--method", "bogus"], 2, "--method"),
         ("full", ["calibrate", "--method", "joint", "--eval-split", "nope"], 1, "no 'nope' split"),
         ("full", ["calibrate", "--method", "crt", "--epochs", "0"], 2, "--epochs"),
+        ("full", ["calibrate", "--method", "lws", "--batch-size", "100000"], 2, "larger than the"),
     ],
 )
 def test_cli_errors(files, file, args, code, message):

@@ -14,7 +14,7 @@ from ._common import (
     resolve_device,
     seed_option,
 )
-from .methods import _context, run_sweep_command, sweep_options
+from .methods import _batch_fits, _context, run_sweep_command, sweep_options
 
 # --method of `ltr calibrate` -> experiments.METHODS name
 CALIBRATE_METHODS = {
@@ -69,10 +69,12 @@ def _calibration_human(result: dict) -> str:
 @click.option("--eval-split", default="test", show_default=True, help="Split the NLL and ECE are reported on.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Training epochs of crt/lws (default: theirs, 10 and 5).")
+@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Batch size of crt/lws (at most the train rows).")
 @seed_option
 @device_option
 @handle_user_errors
-def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, epochs, seed, device):
+def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, epochs, batch_size, seed, device):
     """Temperature scaling: fit T on val (minimising NLL over log T), report NLL and ECE before/after.
 
     Reported on --eval-split over all rows and per shot group (the rows of many/medium/few classes).
@@ -81,6 +83,9 @@ def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, ep
 
     ctx = _context(features, allow_incomplete, None, resolve_device(device), seed)
     name = CALIBRATE_METHODS[method]
-    params = {"epochs": epochs} if epochs is not None and name in ("crt", "lws") else {}
+    params = {}
+    if name in ("crt", "lws"):
+        _batch_fits(ctx, batch_size)
+        params = {"batch_size": batch_size, **({"epochs": epochs} if epochs is not None else {})}
     result, _ = run_calibrate(ctx, name, eval_split, log=None if quiet else log, **params)
     emit(result, as_json, _calibration_human)
