@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
@@ -148,10 +147,6 @@ def metrics_table(rows: list[tuple[str, dict]], keys=("many", "medium", "few", "
     for label, m in rows:
         lines.append(f"{label:<{width}}  " + "  ".join(fmt_acc(m.get(k)) for k in keys))
     return "\n".join(lines)
-
-
-def stderr_isatty() -> bool:
-    return sys.stderr.isatty()
 
 
 def thresholds_options(f: Callable) -> Callable:
