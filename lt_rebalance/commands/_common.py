@@ -128,6 +128,13 @@ def require_split(store, name: str, purpose: str) -> None:
         )
 
 
+def check_batch_fits(store, batch_size: int) -> None:
+    """--batch-size must not exceed the train rows (no check when the file has no train split)."""
+    if "train" in store.splits and batch_size > store.splits["train"].rows:
+        raise click.BadParameter(f"{batch_size} is larger than the {store.splits['train'].rows} train rows",
+                                 param_hint="--batch-size")
+
+
 def require_head(store, command: str) -> None:
     if not store.has_head:
         raise click.ClickException(

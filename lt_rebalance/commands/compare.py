@@ -6,6 +6,7 @@ import json
 import click
 
 from ._common import (
+    check_batch_fits,
     common_options,
     device_option,
     emit,
@@ -64,10 +65,7 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     store = open_store(features, allow_incomplete)
     ctx = Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device), seed=seed,
                   thresholds=thresholds)
-    batch_size = overrides["crt"]["batch_size"]
-    if "train" in store.splits and batch_size > store.splits["train"].rows:
-        raise click.BadParameter(f"{batch_size} is larger than the {store.splits['train'].rows} train rows",
-                                 param_hint="--batch-size")
+    check_batch_fits(store, overrides["crt"]["batch_size"])
     names = [m.strip() for m in methods.split(",")] if methods else None
     result = run_compare(ctx, names, overrides, log=None if quiet else log)
     result["features"] = features

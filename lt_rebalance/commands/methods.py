@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 import click
 
 from ._common import (
+    check_batch_fits,
     common_options,
     device_option,
     emit,
@@ -243,12 +244,6 @@ def _trained_human(result: dict) -> str:
     return f"{title}\n{_splits_table(result, splits)}"
 
 
-def _batch_fits(ctx, batch_size: int) -> None:
-    n = ctx.store.splits["train"].rows
-    if batch_size > n:
-        raise click.BadParameter(f"{batch_size} is larger than the {n} train rows", param_hint="--batch-size")
-
-
 def _crt_human(result: dict) -> str:
     """The grid (one line per head, the selected one marked) above the selected head's table."""
     if "grid" not in result:
@@ -284,7 +279,7 @@ def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
     _check_save(save, overwrite)
     ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
     require_split(ctx.store, "train", "to train on")
-    _batch_fits(ctx, batch_size)
+    check_batch_fits(ctx.store, batch_size)
     stored = ctx.store.splits["train"].views
     if views < 0 or views > stored:
         raise click.BadParameter(f"{views} views asked for, but {features} stores {stored} train views",
@@ -313,7 +308,7 @@ def lws(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
     ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
     require_head(ctx.store, "lws")
     require_split(ctx.store, "train", "to train on")
-    _batch_fits(ctx, batch_size)
+    check_batch_fits(ctx.store, batch_size)
     result, head = run_lws(
         ctx, log=None if quiet else log, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
         momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best,

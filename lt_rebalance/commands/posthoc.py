@@ -6,6 +6,7 @@ import math
 import click
 
 from ._common import (
+    check_batch_fits,
     common_options,
     device_option,
     emit,
@@ -14,7 +15,7 @@ from ._common import (
     resolve_device,
     seed_option,
 )
-from .methods import _batch_fits, _context, run_sweep_command, sweep_options
+from .methods import _context, run_sweep_command, sweep_options
 
 # --method of `ltr calibrate` -> experiments.METHODS name
 CALIBRATE_METHODS = {
@@ -85,7 +86,7 @@ def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, ep
     name = CALIBRATE_METHODS[method]
     params = {}
     if name in ("crt", "lws"):
-        _batch_fits(ctx, batch_size)
+        check_batch_fits(ctx.store, batch_size)
         params = {"batch_size": batch_size, **({"epochs": epochs} if epochs is not None else {})}
     result, _ = run_calibrate(ctx, name, eval_split, log=None if quiet else log, **params)
     emit(result, as_json, _calibration_human)
