@@ -26,7 +26,7 @@ from .heads.base import (
     check_is_fitted,
     chunked_matmul,
 )
-from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS
+from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS, select_tau
 from .metrics import GROUPS, accuracy_summary, expected_calibration_error, shot_groups
 
 
@@ -34,14 +34,6 @@ def log_prior(counts: Any) -> torch.Tensor:
     """log π_j = log(n_j / N), float32 (C,); classes without train rows count as one row."""
     n = as_tensor(counts, torch.float64).clamp_min(1)
     return (n / n.sum()).log().float()
-
-
-def select_tau(curve: dict[str, Any], taus: Sequence[float], metric: str = "top1") -> float:
-    """The τ of ``taus`` maximising ``curve[SELECT_METRICS[metric]]`` (T values); ties go to the smaller τ."""
-    values = torch.nan_to_num(torch.as_tensor(curve[SELECT_METRICS[metric]], dtype=torch.float64), nan=-1.0)
-    if (values < 0).all():
-        raise ValueError(f"cannot select tau on {metric!r}: it is undefined on this split")
-    return float(min(t for t, v in zip(taus, values.tolist()) if v == values.max()))
 
 
 def _offset_argmax(X: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor, chunk: int) -> torch.Tensor:

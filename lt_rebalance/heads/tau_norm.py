@@ -18,6 +18,14 @@ def tau_normalize(weight: Any, tau: float) -> torch.Tensor:
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
 
 
+def select_tau(curve: dict[str, Any], taus: Sequence[float], metric: str = "top1") -> float:
+    """The τ of ``taus`` maximising ``curve[SELECT_METRICS[metric]]`` (T values); ties go to the smaller τ."""
+    values = torch.nan_to_num(torch.as_tensor(curve[SELECT_METRICS[metric]], dtype=torch.float64), nan=-1.0)
+    if (values < 0).all():
+        raise ValueError(f"cannot select tau on {metric!r}: it is undefined on this split")
+    return float(min(t for t, v in zip(taus, values.tolist()) if v == values.max()))
+
+
 def tau_sweep(
     X: Any,
     y: Any,
@@ -166,12 +174,7 @@ class TauNorm(BaseHead):
             if X is None or y is None or counts is None:
                 raise ValueError("TauNorm with tau=None selects tau on data: pass X, y and counts to fit")
             self.curve_ = tau_sweep(X, y, W, counts, self.taus)
-            values = self.curve_[SELECT_METRICS[self.metric]]
-            if torch.isnan(values).all():
-                raise ValueError(f"cannot select tau on {self.metric!r}: it is undefined on this split")
-            values = torch.nan_to_num(values, nan=-1.0)
-            best = (values == values.max()).nonzero().flatten().tolist()
-            self.tau_ = float(min(list(self.taus)[i] for i in best))  # ties go to the smaller tau
+            self.tau_ = select_tau(self.curve_, self.taus, self.metric)
         else:
             self.curve_, self.tau_ = None, float(self.tau)
         self.weight_ = tau_normalize(W, self.tau_)
