@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
+from .heads.base import all_finite
 from .heads.crt_grid import CRTGrid
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY
@@ -61,7 +62,7 @@ class Context:
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._cache:
             X, y = self.store.load(split)
-            if X.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(X))).all()):  # NaN propagates
+            if not all_finite(X):
                 bad = int((~torch.isfinite(X)).any(dim=1).sum())
                 raise ValueError(
                     f"{self.store.path}: split {split!r} has {bad} feature row(s) with NaN/Inf values; "

@@ -135,7 +135,7 @@ def as_tensor(a: Any, dtype: torch.dtype, device: Any = "cpu") -> torch.Tensor:
     return t.to(device=device, dtype=dtype)
 
 
-def _all_finite(X: torch.Tensor) -> bool:
+def all_finite(X: torch.Tensor) -> bool:
     """True when X has no NaN/Inf: one min/max reduction (NaN propagates), no boolean copy of X."""
     if X.numel() == 0:
         return True
@@ -157,7 +157,7 @@ def check_features(
         raise ValueError(f"features must be 2-D (N, D); got shape {tuple(X.shape)}")
     if n_features is not None and X.shape[1] != n_features:
         raise ValueError(f"features have {X.shape[1]} dimensions, but the head was fitted on {n_features}")
-    if not _all_finite(X):
+    if not all_finite(X):
         raise ValueError("features contain NaN or Inf values")
     if y is None:
         return X
