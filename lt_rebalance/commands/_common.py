@@ -111,14 +111,12 @@ def resolve_device(device: str) -> str:
 
 
 def eval_splits(store, names: Optional[str] = None) -> list[str]:
-    """The splits to evaluate: ``names`` (comma-separated) or every non-train split present."""
-    if names:
-        wanted = [s.strip() for s in names.split(",") if s.strip()]
-        for s in wanted:
-            if s not in store.splits:
-                raise click.ClickException(f"no split {s!r} in {store.path}; available: {', '.join(store.splits)}")
-        return wanted
-    return [s for s in ("val", "test") if s in store.splits] or [s for s in store.splits if s != "train"]
+    """The splits named in ``names`` (comma-separated, each checked), or [] for :class:`Context`'s default."""
+    wanted = [s.strip() for s in (names or "").split(",") if s.strip()]
+    for s in wanted:
+        if s not in store.splits:
+            raise click.ClickException(f"no split {s!r} in {store.path}; available: {', '.join(store.splits)}")
+    return wanted
 
 
 def require_split(store, name: str, purpose: str) -> None:
