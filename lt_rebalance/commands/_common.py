@@ -95,6 +95,14 @@ def open_store(path: str, allow_incomplete: bool = False):
         return FeatureStore(path, allow_incomplete=allow_incomplete)
 
 
+def check_writable(path: Optional[str], overwrite: bool) -> None:
+    """Fail before any work when an output file (--out, --save) cannot be written; None: no output."""
+    if path:
+        from ..store import atomic_output
+
+        atomic_output(path, overwrite)
+
+
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when available else 'cpu'; a CUDA device without a GPU is an error."""
     import torch

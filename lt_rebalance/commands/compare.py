@@ -7,6 +7,7 @@ import click
 
 from ._common import (
     check_batch_fits,
+    check_writable,
     common_options,
     device_option,
     emit,
@@ -58,10 +59,7 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     from ..experiments import compare as run_compare
     from ._common import open_store
 
-    if out:
-        from ..store import atomic_output
-
-        atomic_output(out, overwrite).unlink(missing_ok=True)  # fail early if --out cannot be written
+    check_writable(out, overwrite)  # fail early if --out cannot be written
     store = open_store(features, allow_incomplete)
     ctx = Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device), seed=seed,
                   thresholds=thresholds)

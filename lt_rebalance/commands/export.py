@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import click
 
-from ._common import emit, handle_user_errors, json_option, log, open_store, quiet_option
+from ._common import check_writable, emit, handle_user_errors, json_option, log, open_store, quiet_option
 
 
 def head_as_linear(state: dict) -> tuple[Any, Any]:
@@ -89,9 +89,8 @@ def export(head_path: str, features: str, checkpoint: str, out: str, model_name:
     """Write a timm checkpoint whose classifier is the re-balanced head (loads strictly in timm)."""
     from ..extract.checkpoints import file_sha256
     from ..head_io import load_head, save_head
-    from ..store import atomic_output
 
-    atomic_output(out, overwrite).unlink(missing_ok=True)  # fail early if --out cannot be written
+    check_writable(out, overwrite)  # fail early if --out cannot be written
     state = load_head(head_path)
     store = open_store(features)
     if (state["num_classes"], state["dim"]) != (store.num_classes, store.dim):

@@ -8,6 +8,7 @@ import click
 
 from ._common import (
     check_batch_fits,
+    check_writable,
     common_options,
     device_option,
     emit,
@@ -45,14 +46,6 @@ def _human(title: Callable[[dict], str], splits) -> Callable[[dict], str]:
     return lambda r: f"{title(r)}\n{_splits_table(r, splits)}"
 
 
-def _check_save(save: Optional[str], overwrite: bool) -> None:
-    """Fail before any work when --save cannot be written."""
-    if save:
-        from ..store import atomic_output
-
-        atomic_output(save, overwrite)
-
-
 def _save(save: Optional[str], overwrite: bool, head: Any, result: dict, features: str, quiet: bool) -> None:
     if save:
         from ..head_io import head_state, save_head
@@ -88,7 +81,7 @@ def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overw
     """Nearest class mean on the cached train features (needs no stored classifier)."""
     from ..experiments import run_ncm
 
-    _check_save(save, overwrite)
+    check_writable(save, overwrite)
     ctx = _context(features, allow_incomplete, splits)
     require_split(ctx.store, "train", "to compute class means")
     result, head = run_ncm(ctx, variant)
@@ -276,7 +269,7 @@ def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
     from ..experiments import run_crt
 
     sampler = _check_training_args(epochs, batch_size, sampler)
-    _check_save(save, overwrite)
+    check_writable(save, overwrite)
     ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)
@@ -304,7 +297,7 @@ def lws(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
     from ..experiments import run_lws
 
     sampler = _check_training_args(epochs, batch_size, sampler)
-    _check_save(save, overwrite)
+    check_writable(save, overwrite)
     ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
     require_head(ctx.store, "lws")
     require_split(ctx.store, "train", "to train on")
