@@ -91,24 +91,34 @@ def check_state_dict(sd: Mapping[str, Any], model: nn.Module) -> None:
                          + "; pass the --model the checkpoint was trained with")
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> LoadedCheckpoint:
-    """Load ``path`` into ``model`` strictly; returns the file's sha256 and LWS scales if any."""
+def read_checkpoint(path: str | os.PathLike, head_prefix: str = "fc") -> tuple[dict, Optional[Tensor]]:
+    """``torch.load`` of ``path`` (weights only) -> (flat state dict, LWS scales or None); ValueError if unreadable."""
     import pickle
 
     import torch
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    sd, scales = to_state_dict(obj, classifier_prefix(model))
+    return to_state_dict(obj, head_prefix)
+
+
+def load_strict(model: nn.Module, sd: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """:func:`check_state_dict` (its error prefixed with ``path``), then ``load_state_dict(strict=True)``."""
     try:
         check_state_dict(sd, model)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     model.load_state_dict(sd, strict=True)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> LoadedCheckpoint:
+    """Load ``path`` into ``model`` strictly; returns the file's sha256 and LWS scales if any."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    sd, scales = read_checkpoint(path, classifier_prefix(model))
+    load_strict(model, sd, path)
     return LoadedCheckpoint(file_sha256(path), scales)
 
 

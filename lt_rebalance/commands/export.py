@@ -42,12 +42,10 @@ def export_state_dict(model_name: str, checkpoint: str, weight: Any, bias: Any) 
     Returns (state dict that the model with C classes loads strictly, the model's BackboneSpec).
     The checkpoint's own classifier (any number of classes, LWS scales included) is dropped.
     """
-    import pickle
-
     import torch
 
     from ..extract.backbones import create_backbone, resolve_backbone
-    from ..extract.checkpoints import check_state_dict, classifier_prefix, to_state_dict
+    from ..extract.checkpoints import classifier_prefix, load_strict, read_checkpoint
 
     C, D = weight.shape
     model = create_backbone(model_name, num_classes=C)
@@ -55,18 +53,10 @@ def export_state_dict(model_name: str, checkpoint: str, weight: Any, bias: Any) 
     fc = model.get_classifier()
     if not isinstance(fc, torch.nn.Linear) or fc.in_features != D:
         raise ValueError(f"{model_name}'s classifier is {fc}, not a linear layer on {D}-d features like the head")
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"cannot read checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
-    sd, _ = to_state_dict(obj, prefix)
+    sd, _ = read_checkpoint(checkpoint, prefix)
     sd = {k: v for k, v in sd.items() if not k.startswith(prefix + ".")}
     sd[f"{prefix}.weight"], sd[f"{prefix}.bias"] = weight.contiguous(), bias.contiguous()
-    try:
-        check_state_dict(sd, model)
-    except ValueError as e:
-        raise ValueError(f"{checkpoint}: {e}") from None
-    model.load_state_dict(sd, strict=True)
+    load_strict(model, sd, checkpoint)
     return model.state_dict(), resolve_backbone(model_name)
 
 
