@@ -237,7 +237,7 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = Fal
 
 
 def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Callable[[str], None]) -> dict:
-    from .commands._common import jsonable
+    from .commands._common import jsonable, training_overrides
     from .experiments import METHODS, Context, compare, run_crt
     from .head_io import head_state, save_head
     from .metrics import group_sizes
@@ -264,8 +264,7 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
 
     log(f"4/4 every method ({', '.join(METHODS)}) on the cached features")
     ctx = Context(FeatureStore(out / "features.h5"), seed=cfg.seed, thresholds=cfg.thresholds)
-    overrides = {"crt": {"epochs": cfg.crt_epochs, "batch_size": cfg.batch_size},
-                 "lws": {"epochs": cfg.lws_epochs, "batch_size": cfg.batch_size}}
+    overrides = training_overrides(cfg.crt_epochs, cfg.lws_epochs, cfg.batch_size)
     result = compare(ctx, None, overrides, log=None if quiet else log)
     _, crt = run_crt(ctx, **overrides["crt"])  # saved for `ltr plot norms --head`
     crt_state = head_state(crt, "crt", overrides["crt"], str(out / "features.h5"))

@@ -177,14 +177,18 @@ def thresholds_options(f: Callable) -> Callable:
                         help="many-shot classes: > MANY train images.")(wrapper)
 
 
+def training_overrides(crt_epochs: int, lws_epochs: int, batch_size: int) -> dict[str, dict]:
+    """``overrides`` of :func:`lt_rebalance.experiments.compare`: epochs and batch size of cRT and LWS."""
+    return {"crt": {"epochs": crt_epochs, "batch_size": batch_size},
+            "lws": {"epochs": lws_epochs, "batch_size": batch_size}}
+
+
 def training_options(f: Callable) -> Callable:
     """--crt-epochs, --lws-epochs and --batch-size; the command gets ``overrides`` for the runners."""
 
     @functools.wraps(f)
     def wrapper(crt_epochs: int, lws_epochs: int, batch_size: int, **kwargs: Any) -> Any:
-        overrides = {"crt": {"epochs": crt_epochs, "batch_size": batch_size},
-                     "lws": {"epochs": lws_epochs, "batch_size": batch_size}}
-        return f(overrides=overrides, **kwargs)
+        return f(overrides=training_overrides(crt_epochs, lws_epochs, batch_size), **kwargs)
 
     for opt in (
         click.option("--batch-size", default=512, show_default=True, type=click.IntRange(1),
