@@ -56,6 +56,11 @@ class Context:
             self.eval_splits = present or [s for s in self.store.splits if s != "train"]
 
     @property
+    def group_thresholds(self) -> dict[str, int]:
+        """The shot-group thresholds in use, ``{"many": .., "few": ..}``, defaults filled in."""
+        return {"many": DEFAULT_MANY, "few": DEFAULT_FEW, **self.thresholds}
+
+    @property
     def counts(self) -> torch.Tensor:
         return self.store.counts_tensor()
 
@@ -391,5 +396,4 @@ def compare(
         rows.append(row)
         if log:
             log(f"{name}: {row['seconds']:.2f} s")
-    thresholds = {"many": DEFAULT_MANY, "few": DEFAULT_FEW, **ctx.thresholds}
-    return {"rows": rows, "skipped": skipped, "eval_splits": list(ctx.eval_splits), "thresholds": thresholds}
+    return {"rows": rows, "skipped": skipped, "eval_splits": list(ctx.eval_splits), "thresholds": ctx.group_thresholds}

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
-from .metrics import DEFAULT_FEW, DEFAULT_MANY, GROUPS, per_class_accuracy
+from .metrics import GROUPS, per_class_accuracy
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -57,7 +57,7 @@ def _save(fig: Figure, out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def _group_labels(ctx: Context) -> dict[str, str]:
-    many, few = ctx.thresholds.get("many", DEFAULT_MANY), ctx.thresholds.get("few", DEFAULT_FEW)
+    many, few = ctx.group_thresholds["many"], ctx.group_thresholds["few"]
     return {"all": "all", "many": f"many (> {many} train imgs)", "medium": f"medium ({few}-{many})",
             "few": f"few (< {few})"}
 
