@@ -191,22 +191,7 @@ def crt_epoch_op(b: Bench) -> Result:
 
 def crt_grid_op(b: Bench, grid_size: int = 4) -> Result:
     """``CRTGrid`` (lr grid, one epoch) against G lone ``CRT`` fits; both select on val."""
-    import importlib
-
-    name, operation = "crt_grid", f"cRT grid of G={grid_size} heads (lr grid, 1 epoch each)"
-    grid_cls = None
-    for module in ("lt_rebalance.heads.crt_grid", "lt_rebalance.heads.crt", "lt_rebalance.heads"):
-        try:
-            grid_cls = getattr(importlib.import_module(module), "CRTGrid", None)
-        except ImportError:
-            continue
-        if grid_cls is not None:
-            break
-    missing = Result(name, operation, floor=f"{grid_size} x one head", goal=0.6, status="not available yet")
-    if grid_cls is None:
-        missing.note = "no CRTGrid in lt_rebalance.heads"
-        return missing
-    from lt_rebalance.heads import CRT
+    from lt_rebalance.heads import CRT, CRTGrid
 
     X, y = b.load("train")
     Xv, yv = b.load("val")
@@ -214,18 +199,15 @@ def crt_grid_op(b: Bench, grid_size: int = 4) -> Result:
     lrs = [0.05 * 2**i for i in range(grid_size)]
 
     def op():
-        return grid_cls(CRT(epochs=1, device=b.device), lrs=lrs, weight_decays=[5e-4]).fit(
+        return CRTGrid(CRT(epochs=1, device=b.device), lrs=lrs, weight_decays=[5e-4]).fit(
             X, y, Xv, yv, num_classes=C)
 
     def one():
         return CRT(lr=lrs[2], epochs=1, device=b.device).fit(X, y, Xv, yv, num_classes=C)
 
-    try:
-        return b.time(name, operation, op, one, floor=f"{grid_size} x one head", goal=0.6, floor_scale=grid_size,
-                      note="ratio = grid time / (G x one head time)")
-    except Exception as e:  # noqa: BLE001 - the grid is still being written: report, do not fail the suite
-        missing.note = f"CRTGrid present but not usable yet: {type(e).__name__}: {e}"
-        return missing
+    return b.time("crt_grid", f"cRT grid of G={grid_size} heads (lr grid, 1 epoch each)", op, one,
+                  floor=f"{grid_size} x one head", goal=0.6, floor_scale=grid_size,
+                  note="ratio = grid time / (G x one head time)")
 
 
 # -- store ----------------------------------------------------------------------------------------
@@ -253,19 +235,15 @@ def store_read_op(b: Bench) -> Result:
 
 # -- extraction -----------------------------------------------------------------------------------
 def extraction_op(b: Bench, images: Optional[int] = None, size: Optional[int] = None) -> Result:
-    name = "extraction"
+    import torch
+    from lt_rebalance.extract.backbones import create_backbone
+    from lt_rebalance.extract.datasets import ArraySource, TransformConfig, eval_transform
+    from lt_rebalance.extract.run import ExtractConfig, extract_features, pre_logits
+
     tiny = b.scale.name == "tiny"
     images = images or (16 if tiny else 256)
     size = size or (32 if tiny else 112)
     operation = f"extraction, resnet10 (timm, random init), {images} images {size}px, CPU"
-    try:
-        import torch
-        from lt_rebalance.extract.backbones import create_backbone
-        from lt_rebalance.extract.datasets import ArraySource, TransformConfig, eval_transform
-        from lt_rebalance.extract.run import ExtractConfig, extract_features, pre_logits
-    except ImportError as e:
-        return Result(name, operation, floor="bare model forward", kind="speed", goal=0.85,
-                      status="not available yet", note=f"extraction API not importable: {e}")
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (images, size, size, 3), dtype=np.uint8)
     labels = np.arange(images) % 10
@@ -289,7 +267,7 @@ def extraction_op(b: Bench, images: Optional[int] = None, size: Optional[int] = 
 
     try:
         return b.time(
-            name, operation, op, floor, floor="bare model forward, same batches", kind="speed", goal=0.85,
+            "extraction", operation, op, floor, floor="bare model forward, same batches", kind="speed", goal=0.85,
             note="ratio = images/s of extract_features (decode, transform, forward, HDF5 write) / bare forward",
         )
     finally:
