@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..samplers import BaseSampler
+from ..samplers import SAMPLERS, BaseSampler
 
 SCHEDULES = ("cosine", "cosine-reference", "constant")
 
@@ -222,7 +222,7 @@ def sgd_constraints() -> dict[str, list]:
     from .base import Interval, Is, StrOptions
 
     sampler_ok = Is(
-        lambda v: v in ("ib", "cb", "sqrt", "pb") or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+        lambda v: v in SAMPLERS or (isinstance(v, (int, float)) and not isinstance(v, bool)),
         "'ib', 'cb', 'sqrt', 'pb' or a power q",
     )
     return {
