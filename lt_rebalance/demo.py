@@ -238,7 +238,7 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = Fal
 
 def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Callable[[str], None]) -> dict:
     from .commands._common import jsonable, training_overrides
-    from .experiments import METHODS, Context, compare, run_crt
+    from .experiments import METHODS, Context, compare
     from .head_io import head_state, save_head
     from .metrics import group_sizes
     from .store import FeatureStore
@@ -265,9 +265,10 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
     log(f"4/4 every method ({', '.join(METHODS)}) on the cached features")
     ctx = Context(FeatureStore(out / "features.h5"), seed=cfg.seed, thresholds=cfg.thresholds)
     overrides = training_overrides(cfg.crt_epochs, cfg.lws_epochs, cfg.batch_size)
-    result = compare(ctx, None, overrides, log=None if quiet else log)
-    _, crt = run_crt(ctx, **overrides["crt"])  # saved for `ltr plot norms --head`
-    crt_state = head_state(crt, "crt", overrides["crt"], str(out / "features.h5"))
+    heads: dict = {}
+    result = compare(ctx, None, overrides, log=None if quiet else log, heads=heads)
+    # compare's cRT head, saved for `ltr plot norms --head`
+    crt_state = head_state(heads["crt"], "crt", overrides["crt"], str(out / "features.h5"))
     save_head(out / "crt.pt", crt_state)
     plots = draw_plots(ctx, result, out, crt_state, overrides, log)
     result.update(

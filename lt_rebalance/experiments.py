@@ -364,10 +364,12 @@ def compare(
     methods: Optional[Sequence[str]] = None,
     overrides: Optional[dict[str, dict]] = None,
     log: Optional[Callable[[str], None]] = None,
+    heads: Optional[dict[str, Any]] = None,
 ) -> dict:
     """Run ``methods`` (default: all that the file supports) with defaults; time each.
 
     ``overrides`` maps a method to keyword arguments for its runner (e.g. fewer epochs).
+    ``heads``, when given, receives each method's fitted head (name -> head), e.g. to save one.
     Returns ``{"rows": [{"method", <split>: metrics, "seconds", ...}], "skipped": [...]}``.
     """
     names = list(methods or METHODS)
@@ -385,12 +387,14 @@ def compare(
             kwargs["log"] = log
         t0 = time.perf_counter()
         try:
-            row, _ = runner(ctx, **kwargs)
+            row, head = runner(ctx, **kwargs)
         except ValueError as e:
             if name in SELECTED_ON_VAL and "val" not in ctx.store.splits:
                 skipped.append({"method": name, "reason": str(e)})
                 continue
             raise
+        if heads is not None:
+            heads[name] = head
         row.pop("history", None)
         row["seconds"] = round(time.perf_counter() - t0, 4)
         rows.append(row)
