@@ -40,7 +40,8 @@ class Context:
     """A feature file and the choices shared by every method of a run.
 
     ``eval_splits``: the splits to report (default: val and test when present, else every
-    non-train split). Loaded splits are cached, so ``compare`` reads each split once.
+    non-train split). Loaded splits and the stored classifier are cached, so ``compare`` reads
+    each of them once.
     """
 
     store: FeatureStore
@@ -49,6 +50,7 @@ class Context:
     seed: int = 0
     thresholds: dict = field(default_factory=dict)  # many=, few= for the shot groups
     _cache: dict = field(default_factory=dict, repr=False)
+    _head: Optional[tuple] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.eval_splits:
@@ -76,6 +78,12 @@ class Context:
             self._cache[split] = (X, y)
         return self._cache[split]
 
+    def head(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The stored stage-1 classifier (:meth:`FeatureStore.head`), read once."""
+        if self._head is None:
+            self._head = self.store.head()
+        return self._head
+
     def train(self) -> tuple[torch.Tensor, torch.Tensor]:
         if "train" not in self.store.splits:
             raise ValueError(f"{self.store.path} has no 'train' split, which this method trains on")
@@ -94,7 +102,7 @@ class Context:
 
 
 def _joint_head(ctx: Context) -> JointHead:
-    W, b = ctx.store.head()
+    W, b = ctx.head()
     return JointHead(W, b).fit()
 
 
@@ -179,7 +187,7 @@ def run_tau_sweep(
     Returns ``{"method": "tau_norm", "taus", "curves": {split: {all, many, medium, few,
     mean_class}}, "selected_tau", "selected_on", "metric", eval_split: metrics at the selected tau}``.
     """
-    W, _ = ctx.store.head()
+    W, _ = ctx.head()
     return _sweep_report(
         ctx, "tau_norm", lambda X, y: tau_sweep(X, y, W, ctx.counts, taus, **ctx.thresholds),
         lambda tau: TauNorm(W, tau).fit(), taus, select_on, metric, eval_split,
@@ -270,7 +278,7 @@ def run_crt(
 
 def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, LWS]:
     """LWS on the stored classifier with ``params`` (LWS's keyword arguments)."""
-    W, b = ctx.store.head()
+    W, b = ctx.head()
     X, y = ctx.train()
     Xv, yv = ctx.val()
     params = {"seed": ctx.seed, **params}
@@ -288,7 +296,7 @@ def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
     """tau-norm with tau selected on val (as in ``compare``), reported on every eval split."""
     if "val" not in ctx.store.splits:
         raise ValueError("tau-norm needs a 'val' split to select tau on (see `ltr tau-sweep --select-on`)")
-    W, _ = ctx.store.head()
+    W, _ = ctx.head()
     Xv, yv = ctx.load("val")
     head = TauNorm(W).fit(Xv, yv, ctx.counts)
     return {"method": "tau_norm", "selected_tau": head.tau_, "selected_on": "val", **ctx.report(head)}, head
