@@ -237,7 +237,7 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = Fal
 
 
 def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Callable[[str], None]) -> dict:
-    from .commands._common import jsonable, training_overrides
+    from .commands._common import to_json, training_overrides
     from .experiments import METHODS, Context, compare
     from .head_io import head_state, save_head
     from .metrics import group_sizes
@@ -278,7 +278,7 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
         summary=summarize(result),
         reproduce=reproduce_commands(out, cfg),
     )
-    (out / "results.json").write_text(json.dumps(jsonable(result), indent=2))
+    (out / "results.json").write_text(to_json(result))
     return result
 
 

@@ -53,10 +53,15 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def to_json(result: Any) -> str:
+    """The JSON document of ``result`` as ``--json`` prints it and results files hold it."""
+    return json.dumps(jsonable(result), indent=2)
+
+
 def emit(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
     """Print ``result`` as one JSON document, or its human rendering, on stdout."""
     if as_json:
-        click.echo(json.dumps(jsonable(result), indent=2))
+        click.echo(to_json(result))
     else:
         click.echo(human(result))
 

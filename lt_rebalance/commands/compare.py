@@ -1,8 +1,6 @@
 """``ltr compare``: every method with its defaults, one table."""
 from __future__ import annotations
 
-import json
-
 import click
 
 from ._common import (
@@ -15,9 +13,11 @@ from ._common import (
     fmt_acc,
     handle_user_errors,
     log,
+    open_store,
     resolve_device,
     seed_option,
     thresholds_options,
+    to_json,
     training_options,
 )
 
@@ -57,7 +57,6 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     """Run joint, NCM, cRT, tau-norm (tau selected on val) and LWS with defaults; print one table."""
     from ..experiments import Context
     from ..experiments import compare as run_compare
-    from ._common import open_store
 
     check_writable(out, overwrite)  # fail early if --out cannot be written
     store = open_store(features, allow_incomplete)
@@ -69,9 +68,8 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     result["features"] = features
     if out:
         from ..store import atomic_output
-        from ._common import jsonable
 
         tmp = atomic_output(out, overwrite)
-        tmp.write_text(json.dumps(jsonable(result), indent=2))
+        tmp.write_text(to_json(result))
         tmp.replace(out)
     emit(result, as_json, compare_table)
