@@ -227,21 +227,25 @@ def _check_training_args(epochs: int, batch_size: int, sampler: str) -> Any:
                                  param_hint="--sampler") from None
 
 
+def _metric_splits(result: dict) -> list[str]:
+    """The splits a trained method's result reports metrics for."""
+    return [k for k, v in result.items() if isinstance(v, dict) and "all" in v]
+
+
 def _trained_human(result: dict) -> str:
     p = result["params"]
     h = result["history"]
     best = f", kept epoch {h['best_epoch'] + 1}" if h["val_top1"] else ""
     title = (f"{result['method']}: {p['epochs']} epochs, lr {p['lr']}, batch {p['batch_size']}, "
              f"sampler {p['sampler']}{best}; accuracy %")
-    splits = [k for k, v in result.items() if isinstance(v, dict) and "all" in v]
-    return f"{title}\n{_splits_table(result, splits)}"
+    return f"{title}\n{_splits_table(result, _metric_splits(result))}"
 
 
 def _crt_human(result: dict) -> str:
     """The grid (one line per head, the selected one marked) above the selected head's table."""
     if "grid" not in result:
         return _trained_human(result)
-    splits = [k for k, v in result.items() if isinstance(v, dict) and "all" in v]
+    splits = _metric_splits(result)
     lines = [f"cRT grid: {len(result['grid'])} heads trained in one pass, selected on val by top-1",
              f"{'lr':>8} {'wd':>8} {'epoch':>5}  " + "  ".join(f"{s[:5] + '/all':>9}" for s in splits)]
     for i, row in enumerate(result["grid"]):
