@@ -37,17 +37,9 @@ def head_state(head: Any, method: str, params: Optional[dict] = None, features: 
 
 def save_head(path: str | os.PathLike, state: dict, overwrite: bool = False) -> Path:
     """Write ``state`` atomically (temporary file in the same folder, then rename)."""
-    from .store import atomic_output
+    from .store import atomic_write
 
-    path = Path(path)
-    tmp = atomic_output(path, overwrite)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite)
 
 
 def load_head(path: str | os.PathLike) -> dict:

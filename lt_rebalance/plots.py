@@ -44,16 +44,10 @@ def _figure(ncols: int = 1) -> tuple[Figure, Any]:
 
 def _save(fig: Figure, out: str | os.PathLike, overwrite: bool) -> Path:
     """Write atomically; the format follows the suffix (png when there is none)."""
-    from .store import atomic_output
+    from .store import atomic_write
 
-    out = Path(out)
-    tmp = atomic_output(out, overwrite)
-    try:
-        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=DPI)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    fmt = Path(out).suffix.lstrip(".").lower() or "png"
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI), overwrite)
 
 
 def _group_labels(ctx: Context) -> dict[str, str]:

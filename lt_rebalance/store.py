@@ -11,7 +11,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import h5py
 import numpy as np
@@ -497,6 +497,22 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
+def atomic_write(path: PathLike, write: Callable[[Path], Any], overwrite: bool = False) -> Path:
+    """``write(tmp)`` a temporary file in ``path``'s folder, then rename it to ``path``.
+
+    The temporary file is removed on any failure, so ``path`` only ever holds a complete file;
+    an existing ``path`` is replaced only with ``overwrite``.
+    """
+    tmp = atomic_output(path, overwrite)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(path)
+
+
 def write_features(
     path: PathLike,
     splits: Mapping[str, tuple],
@@ -535,8 +551,8 @@ def write_features(
         if weight is not None:
             num_classes = max(num_classes, _to_numpy(weight).shape[0])
         counts = np.bincount(ytr, minlength=num_classes)
-    tmp = atomic_output(path, overwrite)
-    try:
+
+    def write(tmp: Path) -> None:
         with FeatureFileWriter.create(
             tmp, counts=counts, model=model, dataset=dataset, class_names=class_names, **_root_kwargs(attrs)
         ) as w:
@@ -555,11 +571,8 @@ def write_features(
             FeatureStore(tmp)
         except FeatureFileError as e:  # name the file the caller asked for, not the temporary one
             raise FeatureFileError(path, e.problem) from None
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(path)
+
+    return atomic_write(path, write, overwrite)
 
 
 def _root_kwargs(attrs: Mapping[str, Any]) -> dict[str, Any]:

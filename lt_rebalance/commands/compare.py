@@ -67,9 +67,8 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     result = run_compare(ctx, names, overrides, log=None if quiet else log)
     result["features"] = features
     if out:
-        from ..store import atomic_output
+        from ..store import atomic_write
 
-        tmp = atomic_output(out, overwrite)
-        tmp.write_text(to_json(result))
-        tmp.replace(out)
+        text = to_json(result)
+        atomic_write(out, lambda tmp: tmp.write_text(text), overwrite)
     emit(result, as_json, compare_table)
