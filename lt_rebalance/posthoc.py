@@ -26,7 +26,7 @@ from .heads.base import (
     check_is_fitted,
     chunked_matmul,
 )
-from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS, select_tau
+from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS, select_tau, sweep_inputs
 from .metrics import GROUPS, accuracy_summary, expected_calibration_error, shot_groups
 
 
@@ -84,11 +84,8 @@ def logit_adjust_sweep(
     -------
     dict of float64 (T,) tensors: ``all``, ``mean_class``, ``many``, ``medium``, ``few``.
     """
-    W = as_tensor(weight, torch.float32, getattr(weight, "device", "cpu"))
+    W, X, y, taus_t = sweep_inputs(X, y, weight, taus)
     b = torch.zeros(W.shape[0], device=W.device) if bias is None else as_tensor(bias, torch.float32, W.device)
-    X = check_features(X, n_features=W.shape[1], device=W.device)
-    y = as_tensor(y, torch.int64, W.device)
-    taus_t = torch.as_tensor(list(taus), dtype=torch.float32, device=W.device)
     offsets = b[None, :] - taus_t[:, None] * log_prior(counts).to(W.device)[None, :]  # (T, C)
     return accuracy_summary(_offset_argmax(X, W, offsets, chunk), y, counts, **thresholds)
 

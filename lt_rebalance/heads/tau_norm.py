@@ -6,7 +6,17 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..metrics import accuracy_summary
-from .base import ARRAY, NONE, BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted
+from .base import (
+    ARRAY,
+    NONE,
+    BaseHead,
+    Interval,
+    StrOptions,
+    as_tensor,
+    check_features,
+    check_is_fitted,
+    chunked_matmul,
+)
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 10) for i in range(21))  # linspace(0, 2, 21), the reference's grid
 SELECT_METRICS = {"top1": "all", "mean_class": "mean_class", "few": "few"}
@@ -48,20 +58,29 @@ def tau_sweep(
     -------
     dict of float64 (T,) tensors: ``all``, ``mean_class``, ``many``, ``medium``, ``few``.
     """
-    W = as_tensor(weight, torch.float32, getattr(weight, "device", "cpu"))
-    X = check_features(X, n_features=W.shape[1], device=W.device)
-    y = as_tensor(y, torch.int64, W.device)
-    taus_t = torch.as_tensor(list(taus), dtype=torch.float32, device=W.device)
+    W, X, y, taus_t = sweep_inputs(X, y, weight, taus)
     scale = W.norm(dim=1).clamp_min(1e-12)[None, :].pow(-taus_t[:, None])  # (T, C)
     pred = torch.empty(len(taus_t), X.shape[0], dtype=torch.int64, device=W.device)
     bounds = _scale_bounds(scale) if torch.isfinite(W).all() else None
-    for start in range(0, X.shape[0], chunk):
-        s = slice(start, min(start + chunk, X.shape[0]))
-        base = X[s] @ W.T
+
+    def fill(base: torch.Tensor, s: slice) -> None:
         for b in range(0, len(base), _BLOCK):  # blocks that stay in cache
             block = base[b : b + _BLOCK]
-            _sweep_argmax(block, scale, bounds, pred[:, start + b : start + b + len(block)])
+            _sweep_argmax(block, scale, bounds, pred[:, s.start + b : s.start + b + len(block)])
+
+    chunked_matmul(X, W, fill, chunk)
     return accuracy_summary(pred, y, counts, **thresholds)
+
+
+def sweep_inputs(
+    X: Any, y: Any, weight: Any, taus: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs of a one-GEMM sweep on ``weight``'s device: W float32 (C, D), X float32 (N, D)
+    (checked), y int64 (N,), taus float32 (T,)."""
+    W = as_tensor(weight, torch.float32, getattr(weight, "device", "cpu"))
+    X = check_features(X, n_features=W.shape[1], device=W.device)
+    y = as_tensor(y, torch.int64, W.device)
+    return W, X, y, torch.as_tensor(list(taus), dtype=torch.float32, device=W.device)
 
 
 # Relative slack of the candidate bounds: far above float32 rounding (~1e-7 per operation), so
