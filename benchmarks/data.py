@@ -54,7 +54,7 @@ SCALES: dict[str, Scale] = {
     ),
     "imagenet_lt": Scale("imagenet_lt", 1000, 2048, 115_846, 20, 50, "imagenet_lt", description="ImageNet-LT"),
     "places_lt": Scale("places_lt", 365, 2048, 62_500, 20, 100, "places_lt", 4980, 5, description="Places-LT"),
-    "inat2018": Scale("inat2018", 8142, 2048, 437_513, 3, 0, None, 1000, 2, description="iNaturalist 2018"),
+    "inat2018": Scale("inat2018", 8142, 2048, 437_513, 3, 3, None, 1000, 2, description="iNaturalist 2018 (val and test: 3 per class)"),
 }
 
 

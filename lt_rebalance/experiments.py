@@ -18,14 +18,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
-from .heads.base import all_finite
+from .blocks import all_finite
 from .heads.crt_grid import CRTGrid
 from .heads.tau_norm import DEFAULT_TAUS
-from .metrics import DEFAULT_FEW, DEFAULT_MANY
+from .metrics import DEFAULT_FEW, DEFAULT_MANY, head_row_statistics
 from .posthoc import (
     LogitAdjustment,
     TemperatureScaled,
-    calibration_metrics,
+    calibration_from_rows,
     logit_adjust_sweep,
     pc_softmax,
     select_tau,
@@ -67,8 +67,10 @@ class Context:
         return self.store.counts_tensor()
 
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, y) of ``split``, read once: features in the stored dtype (float16 stays float16: the
+        heads upcast a block of rows at a time), labels int64."""
         if split not in self._cache:
-            X, y = self.store.load(split)
+            X, y = self.store.load(split, dtype="stored")
             if not all_finite(X):
                 bad = int((~torch.isfinite(X)).any(dim=1).sum())
                 raise ValueError(
@@ -353,8 +355,10 @@ def run_calibrate(
     _, head = runner(ctx, **({"log": log} if method in TRAINED else {}), **params)
     scaled = TemperatureScaled(head).fit(*ctx.load("val"))
     X, y = ctx.load(eval_split)
+    counts = ctx.counts
     before, after = (
-        calibration_metrics(h.decision_function(X), y, ctx.counts, **ctx.thresholds) for h in (head, scaled)
+        calibration_from_rows(head_row_statistics(h, X, y, len(counts)), y, counts, **ctx.thresholds)
+        for h in (head, scaled)
     )
     return {
         "method": "calibrate",

@@ -6,9 +6,11 @@ of its classes that have evaluation images (the reference's ``shot_acc``), and N
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
+
+from .blocks import SCORE_ROWS, all_finite, row_blocks
 
 GROUPS = ("many", "medium", "few")
 DEFAULT_MANY, DEFAULT_FEW = 100, 20
@@ -82,13 +84,77 @@ def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> floa
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """ECE with ``n_bins`` equal-width confidence bins over (0, 1]: sum_b |B|/N * |acc_b - conf_b|."""
     conf, pred = probs.max(dim=1)
-    correct = (pred == labels).to(torch.float64)
-    conf = conf.to(torch.float64)
+    return calibration_error(conf.to(torch.float64), pred == labels, n_bins)
+
+
+def calibration_error(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> float:
+    """ECE (``n_bins`` bins) of per-row confidences float64 (N,) and correctness bool (N,)."""
+    correct = correct.to(torch.float64)
     # bin b holds confidences in (b/n, (b+1)/n]; confidence 0 joins the first bin
     bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
-    return ((acc_sum - conf_sum).abs().sum() / max(len(labels), 1)).item()
+    return ((acc_sum - conf_sum).abs().sum() / max(len(correct), 1)).item()
+
+
+NONFINITE_SCORES = (
+    "the classifier produced NaN/Inf scores (float32 overflow: features or weights of huge magnitude?); "
+    "rescale the features, e.g. divide them by their mean L2 norm"
+)
+
+
+def row_statistics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-row quantities every metric is built from, for one block of rows.
+
+    ``scores`` float (n, C), ``labels`` int64 (n,). Returns CPU tensors (n,): ``pred`` int64
+    (argmax), ``top5`` bool (label among the 5 best), ``nll`` float64 (−log softmax of the label)
+    and ``conf`` float64 (the largest softmax probability); the softmax is taken in float64.
+    """
+    scores = scores.float()
+    if not all_finite(scores):
+        raise ValueError(NONFINITE_SCORES)
+    logp = torch.log_softmax(scores.double(), dim=1)
+    k = min(5, scores.shape[1])
+    out = {
+        "pred": scores.argmax(dim=1),
+        "top5": (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1),
+        "nll": -logp.gather(1, labels[:, None])[:, 0],
+        "conf": logp.amax(dim=1).exp(),
+    }
+    return {key: v.cpu() for key, v in out.items()}
+
+
+def _rows(blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> dict[str, torch.Tensor]:
+    parts = []
+    for scores, labels in blocks:
+        if scores.ndim != 2 or scores.shape[1] != num_classes:
+            raise ValueError(f"scores have {scores.shape[-1]} classes but counts have {num_classes}")
+        parts.append(row_statistics(scores, labels.to(scores.device)))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _blocks(n: int) -> list[slice]:
+    return list(row_blocks(n, SCORE_ROWS)) or [slice(0, 0)]
+
+
+def score_row_statistics(scores: Any, labels: Any, num_classes: int) -> dict[str, torch.Tensor]:
+    """:func:`row_statistics` of a whole (N, C) score matrix, taken a block of rows at a time."""
+    scores, labels = _tensor(scores), _tensor(labels, torch.int64)
+    if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+        raise ValueError(f"scores must be (N, C) with N = len(labels) = {labels.shape[0]}; got {tuple(scores.shape)}")
+    return _rows(((scores[s], labels[s]) for s in _blocks(len(labels))), num_classes)
+
+
+def head_row_statistics(head: Any, X: Any, labels: Any, num_classes: int) -> dict[str, torch.Tensor]:
+    """:func:`row_statistics` of a fitted head's scores on X (N, D), computed a block of rows at a
+    time, so no (N, C) score matrix exists. X moves to the head's device once."""
+    from .heads.base import to_features
+
+    X = to_features(X, head.fitted_device())
+    labels = _tensor(labels, torch.int64)
+    if labels.shape != (len(X),):
+        raise ValueError(f"labels must have shape ({len(X)},) to match the features; got {tuple(labels.shape)}")
+    return _rows(((head.decision_function(X[s]), labels[s]) for s in _blocks(len(labels))), num_classes)
 
 
 def evaluate(
@@ -115,28 +181,28 @@ def evaluate(
     dict with ``all`` (top-1, micro), ``mean_class``, ``many``, ``medium``, ``few``, ``top5``,
     ``macro_f1``, ``nll``, ``ece`` (floats; NaN where undefined, e.g. an empty group) and ``n``.
     """
-    scores = _tensor(scores).float()
-    labels = _tensor(labels, torch.int64).to(scores.device)
-    if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
-        raise ValueError(f"scores must be (N, C) with N = len(labels) = {labels.shape[0]}; got {tuple(scores.shape)}")
-    if scores.shape[1] != len(counts):
-        raise ValueError(f"scores have {scores.shape[1]} classes but counts have {len(counts)}")
-    if not torch.isfinite(scores).all():
-        raise ValueError(
-            "the classifier produced NaN/Inf scores (float32 overflow: features or weights of huge magnitude?); "
-            "rescale the features, e.g. divide them by their mean L2 norm"
-        )
-    num_classes = scores.shape[1]
-    pred = scores.argmax(dim=1)
+    return evaluate_rows(score_row_statistics(scores, labels, len(counts)), labels, counts,
+                         many=many, few=few, n_bins=n_bins)
+
+
+def evaluate_rows(
+    rows: dict[str, torch.Tensor],
+    labels: Any,
+    counts: Any,
+    *,
+    many: int = DEFAULT_MANY,
+    few: int = DEFAULT_FEW,
+    n_bins: int = 15,
+) -> dict[str, float]:
+    """:func:`evaluate` from the per-row statistics of :func:`row_statistics` (all N rows)."""
+    labels = _tensor(labels, torch.int64).cpu()
+    pred = rows["pred"]
     out = accuracy_summary(pred, labels, counts, many=many, few=few)
     if len(labels) == 0:
         return {**out, "top5": float("nan"), "macro_f1": float("nan"), "nll": float("nan"), "ece": float("nan"), "n": 0}
-    k = min(5, num_classes)
-    out["top5"] = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1).double().mean().item()
-    pred, labels_cpu = pred.cpu(), labels.cpu()
-    out["macro_f1"] = macro_f1(pred, labels_cpu, num_classes)
-    logp = torch.log_softmax(scores.double(), dim=1)
-    out["nll"] = -logp.gather(1, labels[:, None]).mean().item()
-    out["ece"] = expected_calibration_error(logp.exp().cpu(), labels_cpu, n_bins)
+    out["top5"] = rows["top5"].double().mean().item()
+    out["macro_f1"] = macro_f1(pred, labels, len(counts))
+    out["nll"] = rows["nll"].mean().item()
+    out["ece"] = calibration_error(rows["conf"], pred == labels, n_bins)
     out["n"] = int(len(labels))
     return out

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .blocks import SCORE_ROWS, all_finite, chunked_matmul, linear_logits, row_blocks
 from .heads.base import (
     ARRAY,
     NONE,
@@ -24,10 +25,9 @@ from .heads.base import (
     as_tensor,
     check_features,
     check_is_fitted,
-    chunked_matmul,
 )
 from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS, select_tau, sweep_inputs
-from .metrics import GROUPS, accuracy_summary, expected_calibration_error, shot_groups
+from .metrics import GROUPS, accuracy_summary, calibration_error, score_row_statistics, shot_groups
 
 
 def log_prior(counts: Any) -> torch.Tensor:
@@ -164,7 +164,7 @@ class LogitAdjustment(BaseHead):
         """Adjusted logits float32 (N, C) = X Wᵀ + b − τ·log π."""
         check_is_fitted(self, "bias_")
         X = check_features(X, n_features=self.n_features_in_, device=self.weight_.device)
-        return torch.addmm(self.bias_, X, self.weight_.T)
+        return linear_logits(X, self.weight_, self.bias_)
 
 
 def pc_softmax(head: Any, counts: Any) -> LogitAdjustment:
@@ -178,24 +178,33 @@ def fit_temperature(logits: Any, labels: Any, *, span: float = 25.0) -> float:
     ``logits`` float (N, C), ``labels`` int (N,). The NLL is unimodal in log T (convex in 1/T), so a
     bounded Brent search over log T ∈ log s ± ``span`` finds it, with s the logits' spread (their
     row-centred standard deviation): the search scales with the logits, however huge or tiny.
-    Computed in float64. Logits that are constant per row carry no confidence: T = 1.
+    Computed in float64, a block of rows at a time (memory: the logits plus one float64 block).
+    Logits that are constant per row carry no confidence: T = 1.
     """
     from scipy.optimize import minimize_scalar
 
-    z = as_tensor(logits, torch.float64)
-    y = as_tensor(labels, torch.int64)
+    z = torch.as_tensor(logits)  # any float dtype is kept (blocks are upcast to float64)
+    z = z if z.is_floating_point() else z.double()
+    y = as_tensor(labels, torch.int64, z.device)
     if z.ndim != 2 or y.shape != (z.shape[0],) or z.shape[0] == 0:
         raise ValueError(f"need logits (N, C) and labels (N,) with N > 0; got {tuple(z.shape)} and {tuple(y.shape)}")
-    if not torch.isfinite(z).all():
+    if not all_finite(z):
         raise ValueError("logits contain NaN or Inf values")
-    z = z - z.mean(dim=1, keepdim=True)
-    spread = z.square().mean().sqrt().item()
+    blocks = list(row_blocks(len(z), SCORE_ROWS))
+
+    def centred(s: slice) -> torch.Tensor:
+        zb = z[s].to(torch.float64)
+        return zb - zb.mean(dim=1, keepdim=True)
+
+    spread = math.sqrt(sum(centred(s).square().sum().item() for s in blocks) / z.numel())
     if spread == 0 or not math.isfinite(spread):
         return 1.0
-    z = z / spread  # the search runs on O(1) logits; T is rescaled at the end
 
-    def nll(log_t: float) -> float:
-        return torch.nn.functional.cross_entropy(z * math.exp(-log_t), y).item()
+    def nll(log_t: float) -> float:  # the search runs on O(1) logits (z / spread); T is rescaled at the end
+        scale = math.exp(-log_t) / spread
+        total = sum(torch.nn.functional.cross_entropy(centred(s) * scale, y[s], reduction="sum").item()
+                    for s in blocks)
+        return total / len(z)
 
     res = minimize_scalar(nll, bounds=(-span, span), method="bounded", options={"xatol": 1e-7})
     return float(math.exp(res.x) * spread)
@@ -255,17 +264,24 @@ def calibration_metrics(
     (by train ``counts``). Returns ``{"all" | "many" | "medium" | "few": {"nll", "ece", "n"}}``
     (NaN for an empty group).
     """
-    logp = torch.log_softmax(as_tensor(scores, torch.float64), dim=1)
-    y = as_tensor(labels, torch.int64, logp.device)
+    return calibration_from_rows(score_row_statistics(scores, labels, len(counts)), labels, counts, n_bins=n_bins,
+                                 **thresholds)
+
+
+def calibration_from_rows(
+    rows: dict[str, torch.Tensor], labels: Any, counts: Any, *, n_bins: int = 15, **thresholds: int
+) -> dict[str, dict[str, float]]:
+    """:func:`calibration_metrics` from per-row statistics (:func:`lt_rebalance.metrics.row_statistics`)."""
+    y = as_tensor(labels, torch.int64)
     groups = shot_groups(counts, **thresholds)
-    masks = {"all": torch.ones_like(y, dtype=torch.bool), **{g: groups[g].to(y.device)[y] for g in GROUPS}}
+    masks = {"all": torch.ones_like(y, dtype=torch.bool), **{g: groups[g][y] for g in GROUPS}}
+    correct = rows["pred"] == y
     out = {}
     for name, m in masks.items():
         n = int(m.sum())
-        lp, yy = logp[m], y[m]
         out[name] = {
-            "nll": -lp.gather(1, yy[:, None]).mean().item() if n else math.nan,
-            "ece": expected_calibration_error(lp.exp().cpu(), yy.cpu(), n_bins) if n else math.nan,
+            "nll": rows["nll"][m].mean().item() if n else math.nan,
+            "ece": calibration_error(rows["conf"][m], correct[m], n_bins) if n else math.nan,
             "n": n,
         }
     return out

@@ -214,11 +214,14 @@ class FeatureStore:
             raise self._fail(f"no split {split!r}; available: {', '.join(self.splits)}")
         return self.splits[split]
 
-    def features(self, split: str) -> torch.Tensor:
-        """Features of ``split`` as float32, shape (N, D) (float16 on disk is upcast)."""
+    def features(self, split: str, dtype: str = "float32") -> torch.Tensor:
+        """Features of ``split``, shape (N, D): float32 (float16 on disk is upcast), or with
+        ``dtype="stored"`` the on-disk dtype (half the memory for float16 files; the heads upcast
+        a block of rows at a time)."""
         info = self._split(split)
         with h5py.File(self.path, "r") as f:
-            return _read_rows_float32(f[f"splits/{split}/features"], info.rows)
+            ds = f[f"splits/{split}/features"]
+            return _read_rows_float32(ds, info.rows) if dtype == "float32" else _read_rows(ds, info.rows)
 
     def labels(self, split: str) -> torch.Tensor:
         """Labels of ``split`` as int64, shape (N,)."""
@@ -228,9 +231,10 @@ class FeatureStore:
         with h5py.File(self.path, "r") as f:
             return torch.from_numpy(np.asarray(f[f"splits/{split}/labels"][: info.rows], dtype=np.int64))
 
-    def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(features, labels)`` of ``split``: float32 (N, D) and int64 (N,)."""
-        return self.features(split), self.labels(split)
+    def load(self, split: str, dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, labels)`` of ``split``: (N, D) float32 (or the stored dtype, see
+        :meth:`features`) and int64 (N,)."""
+        return self.features(split, dtype), self.labels(split)
 
     def views(self, split: str = "train", k: Optional[int] = None, *, dtype: str = "float32") -> torch.Tensor:
         """The first ``k`` (default: all) augmented views of ``split``, shape (k, N, D).
@@ -292,7 +296,7 @@ def _read_rows_float32(ds: h5py.Dataset, rows: int, block_rows: int = 2048) -> t
     import torch
 
     if ds.dtype == np.float32:
-        return torch.from_numpy(ds[:rows] if rows < ds.shape[0] else ds[...])
+        return _read_rows(ds, rows)
     out = torch.from_numpy(np.empty((rows, ds.shape[1]), dtype=np.float32))
     buf = np.empty((min(block_rows, max(rows, 1)), ds.shape[1]), dtype=ds.dtype)
     for start in range(0, rows, block_rows):
@@ -300,6 +304,16 @@ def _read_rows_float32(ds: h5py.Dataset, rows: int, block_rows: int = 2048) -> t
         ds.read_direct(buf, np.s_[start : start + n], np.s_[:n])
         out[start : start + n].copy_(torch.from_numpy(buf[:n]))
     return out
+
+
+def _read_rows(ds: h5py.Dataset, rows: int) -> torch.Tensor:
+    """``ds[:rows]`` in the stored dtype, read straight into one array (no conversion, no copy)."""
+    import torch
+
+    out = np.empty((rows, ds.shape[1]), dtype=ds.dtype)
+    if rows:
+        ds.read_direct(out, np.s_[:rows], np.s_[:rows])
+    return torch.from_numpy(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..blocks import SCORE_ROWS, all_finite, row_blocks
+
 
 class StrOptions:
     def __init__(self, options: set[str]):
@@ -115,14 +117,26 @@ class BaseHead:
         raise NotImplementedError
 
     def predict(self, X: Any) -> torch.Tensor:
-        """Predicted class (N,) int64: argmax of :meth:`decision_function`."""
-        return self.decision_function(X).argmax(dim=1)
+        """Predicted class (N,) int64: argmax of :meth:`decision_function`, a block of rows at a time."""
+        X = to_features(X, self.fitted_device())  # moved once, not per block
+        if len(X) == 0:
+            return self.decision_function(X).argmax(dim=1)
+        return torch.cat([self.decision_function(X[s]).argmax(dim=1) for s in row_blocks(len(X), SCORE_ROWS)])
+
+    def fitted_device(self) -> torch.device:
+        """The device of the fitted state (tensor attributes ending in ``_``, or a wrapped ``head``'s)."""
+        for k, v in vars(self).items():
+            if k.endswith("_") and isinstance(v, torch.Tensor):
+                return v.device
+        inner = getattr(self, "head", None)
+        return inner.fitted_device() if isinstance(inner, BaseHead) else torch.device("cpu")
 
     def evaluate(self, X: Any, y: Any, counts: Any, **kwargs: Any) -> dict[str, float]:
-        """The metrics of :func:`lt_rebalance.metrics.evaluate` on (X, y)."""
-        from ..metrics import evaluate
+        """The metrics of :func:`lt_rebalance.metrics.evaluate` on (X, y), scored a block of rows at a time
+        (no (N, C) score matrix is held)."""
+        from ..metrics import evaluate_rows, head_row_statistics
 
-        return evaluate(self.decision_function(X), y, counts, **kwargs)
+        return evaluate_rows(head_row_statistics(self, X, y, len(counts)), y, counts, **kwargs)
 
 
 def check_is_fitted(head: BaseHead, attribute: str) -> None:
@@ -135,12 +149,13 @@ def as_tensor(a: Any, dtype: torch.dtype, device: Any = "cpu") -> torch.Tensor:
     return t.to(device=device, dtype=dtype)
 
 
-def all_finite(X: torch.Tensor) -> bool:
-    """True when X has no NaN/Inf: one min/max reduction (NaN propagates), no boolean copy of X."""
-    if X.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(X)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def to_features(X: Any, device: Any = "cpu") -> torch.Tensor:
+    """X as a tensor on ``device``: float16/bfloat16/float32 keep their dtype, others become float32."""
+    X = X if isinstance(X, torch.Tensor) else torch.as_tensor(X)
+    return as_tensor(X, X.dtype if X.dtype in FEATURE_DTYPES else torch.float32, device)
 
 
 def check_features(
@@ -151,8 +166,12 @@ def check_features(
     num_classes: Optional[int] = None,
     device: Any = "cpu",
 ):
-    """Validate and convert: X to float32 (N, D), y to int64 (N,); returns X or (X, y)."""
-    X = as_tensor(X, torch.float32, device)
+    """Validate and convert: X to (N, D) on ``device``, y to int64 (N,); returns X or (X, y).
+
+    float16, bfloat16 and float32 features keep their dtype (kernels upcast a block of rows at a
+    time, :mod:`lt_rebalance.blocks`); any other dtype becomes float32.
+    """
+    X = to_features(X, device)
     if X.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D); got shape {tuple(X.shape)}")
     if n_features is not None and X.shape[1] != n_features:
@@ -176,10 +195,3 @@ def resolve_device(device: str) -> torch.device:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available; use 'cpu'")
     return torch.device(device)
-
-
-def chunked_matmul(X: torch.Tensor, W: torch.Tensor, fn: Callable[[torch.Tensor, slice], None], chunk: int = 8192):
-    """Call ``fn(X[s] @ W.T, s)`` for row chunks ``s`` of X, bounding memory at chunk × C."""
-    for start in range(0, X.shape[0], chunk):
-        s = slice(start, min(start + chunk, X.shape[0]))
-        fn(X[s] @ W.T, s)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
+from ..blocks import SCORE_ROWS, float32_rows, linear_logits, row_blocks
 from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted, resolve_device
 from .training import ProgressFn, TrainHistory, flush_tiny_gradient, sgd_constraints, train_sgd_members
 
@@ -117,7 +118,7 @@ class CRT(BaseHead):
         views: Any = None,
         num_classes: Optional[int] = None,
     ) -> CRT:
-        """Train on (X, y), float (N, D) and int (N,).
+        """Train on (X, y), float (N, D) and int (N,); float16 features stay float16 (each batch is upcast).
 
         ``views``: optional (K, N, D) augmented train features (any float dtype); each step then
         draws one of the K views per row. ``num_classes`` defaults to max(y) + 1.
@@ -171,7 +172,7 @@ class CRT(BaseHead):
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # (G,) mean loss of each member
             if views is None:
-                xb = X[idx]
+                xb = X[idx].float()  # features stay in their stored dtype; each batch is upcast
             else:
                 v = torch.randint(0, views.shape[0], idx.shape, generator=view_gen, device=device)
                 xb = views[v, idx].float()
@@ -189,8 +190,10 @@ class CRT(BaseHead):
         if X_val is not None:
             Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
 
-            def validate() -> torch.Tensor:
-                return (logits(Xv).argmax(2) == yv[:, None]).float().mean(0)
+            def validate() -> torch.Tensor:  # top-1 of every member, a block of val rows at a time
+                hits = sum(((logits(float32_rows(Xv, s)).argmax(2) == yv[s, None]).sum(0)
+                            for s in row_blocks(len(yv), SCORE_ROWS)), torch.zeros(G, device=device))
+                return hits / len(yv)
 
         hists = train_sgd_members(
             [W, b],
@@ -213,4 +216,4 @@ class CRT(BaseHead):
         """Logits float32 (N, C)."""
         check_is_fitted(self, "weight_")
         X = check_features(X, n_features=self.n_features_in_, device=self.weight_.device)
-        return torch.addmm(self.bias_, X, self.weight_.T)
+        return linear_logits(X, self.weight_, self.bias_)

@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..blocks import linear_logits
 from .base import ARRAY, NONE, BaseHead, as_tensor, check_features, check_is_fitted
 
 
@@ -46,4 +47,4 @@ class JointHead(BaseHead):
         """Logits float32 (N, C)."""
         check_is_fitted(self, "weight_")
         X = check_features(X, n_features=self.n_features_in_, device=self.device)
-        return torch.addmm(self.bias_, X, self.weight_.T)
+        return linear_logits(X, self.weight_, self.bias_)

@@ -1,10 +1,11 @@
 """Nearest class mean (REFERENCE.md, "NCM")."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from ..blocks import CACHE_ROWS, float32_rows, row_blocks
 from .base import BaseHead, StrOptions, check_features, check_is_fitted
 
 NCM_VARIANTS = ("cl2n", "l2n", "un", "cos")
@@ -41,26 +42,37 @@ class NCM(BaseHead):
         self.variant = variant
         self.device = device
 
-    def _centred_norms(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(X - mean, row norms clamped as F.normalize does) for cl2n/l2n/cos; (X, None) for un."""
+    def _centred_norms(self, X: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For the block ``X[rows]`` upcast to float32 (a fresh tensor): (X - mean, row norms clamped as
+        F.normalize does) for cl2n/l2n/cos; (X, None) for un."""
+        D = X[rows].to(torch.float32, copy=True)
         if self.variant == "un":
-            return X, None
-        D = X - self.mean_ if self.variant in ("cl2n", "cos") else X.clone()
+            return D, None
+        if self.variant in ("cl2n", "cos"):
+            D.sub_(self.mean_)
         return D, torch.linalg.vector_norm(D, dim=1, keepdim=True).clamp_min_(_EPS)
 
     def fit(self, X: Any, y: Any, num_classes: int | None = None) -> NCM:
-        """Compute the train mean and class centroids. X float (N, D), y int (N,)."""
+        """Compute the train mean and class centroids. X float (N, D) (float16 stays float16), y int (N,).
+
+        The mean is accumulated in float64 over float32 blocks, then rounded to float32.
+        """
         self._validate_params()
         X, y = check_features(X, y, device=self.device)
         self.n_features_in_ = X.shape[1]
-        self.mean_ = X.mean(0) if self.variant in ("cl2n", "cos") else X.new_zeros(X.shape[1])
+        self.mean_ = torch.zeros(X.shape[1], device=X.device)
+        if self.variant in ("cl2n", "cos"):
+            total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+            for rows in row_blocks(X.shape[0]):
+                total += float32_rows(X, rows).sum(0, dtype=torch.float64)
+            self.mean_ = (total / max(X.shape[0], 1)).to(torch.float32)
         counts = torch.bincount(y, minlength=num_classes or 0)
         if (counts == 0).any():
             missing = counts.eq(0).nonzero().flatten().tolist()
             raise ValueError(f"NCM needs train rows for every class; none for classes {missing[:10]}")
-        sums = X.new_zeros(len(counts), X.shape[1])
-        for rows in _row_chunks(X.shape[0]):  # cache-sized chunks: the transformed rows never exist at once
-            Z, norms = self._centred_norms(X[rows])
+        sums = torch.zeros(len(counts), X.shape[1], device=X.device)
+        for rows in row_blocks(X.shape[0], CACHE_ROWS):  # cache-sized blocks: the transformed rows never exist at once
+            Z, norms = self._centred_norms(X, rows)
             sums.index_add_(0, y[rows], Z if norms is None else Z.div_(norms))
         self.centroids_ = sums / counts[:, None]
         return self
@@ -74,10 +86,10 @@ class NCM(BaseHead):
         check_is_fitted(self, "centroids_")
         X = check_features(X, n_features=self.n_features_in_, device=self.device)
         C = self.centroids_
-        out = X.new_empty(X.shape[0], C.shape[0])
+        out = C.new_empty(X.shape[0], C.shape[0])
         c_sq = C.square().sum(1)[None, :]
-        for rows in _row_chunks(X.shape[0]):
-            Dc, norms = self._centred_norms(X[rows])
+        for rows in row_blocks(X.shape[0], CACHE_ROWS):
+            Dc, norms = self._centred_norms(X, rows)
             scores = torch.mm(Dc, C.T, out=out[rows])  # d·c
             if self.variant == "cos":
                 scores.div_(norms * Dc.shape[1])
@@ -93,6 +105,3 @@ class NCM(BaseHead):
 
 _EPS = 1e-12  # F.normalize's default
 
-
-def _row_chunks(n: int, size: int = 1024) -> Iterator[slice]:
-    return (slice(s, min(s + size, n)) for s in range(0, n, size))

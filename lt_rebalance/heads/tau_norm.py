@@ -5,6 +5,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..blocks import chunked_matmul, linear_logits
 from ..metrics import accuracy_summary
 from .base import (
     ARRAY,
@@ -15,7 +16,6 @@ from .base import (
     as_tensor,
     check_features,
     check_is_fitted,
-    chunked_matmul,
 )
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 10) for i in range(21))  # linspace(0, 2, 21), the reference's grid
@@ -75,8 +75,8 @@ def tau_sweep(
 def sweep_inputs(
     X: Any, y: Any, weight: Any, taus: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inputs of a one-GEMM sweep on ``weight``'s device: W float32 (C, D), X float32 (N, D)
-    (checked), y int64 (N,), taus float32 (T,)."""
+    """The inputs of a one-GEMM sweep on ``weight``'s device: W float32 (C, D), X (N, D) in its
+    stored float dtype (checked; upcast per chunk by the sweep), y int64 (N,), taus float32 (T,)."""
     W = as_tensor(weight, torch.float32, getattr(weight, "device", "cpu"))
     X = check_features(X, n_features=W.shape[1], device=W.device)
     y = as_tensor(y, torch.int64, W.device)
@@ -203,4 +203,4 @@ class TauNorm(BaseHead):
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logits float32 (N, C) = X w̃ᵀ (no bias)."""
         check_is_fitted(self, "weight_")
-        return check_features(X, n_features=self.n_features_in_, device=self.device) @ self.weight_.T
+        return linear_logits(check_features(X, n_features=self.n_features_in_, device=self.device), self.weight_)

@@ -1,0 +1,74 @@
+"""Row blocks: large feature matrices are processed a block of rows at a time.
+
+Features stay in their stored dtype in memory (float16 for most files: half the bytes of float32)
+and each kernel upcasts one block of rows to float32 where it needs float32 (GEMMs, norms, losses).
+Upcasting float16 to float32 is exact, so a block-wise result equals the one computed from a
+float32 copy of the whole matrix; only the memory differs (one block instead of N rows).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BLOCK_ROWS = 8192  # rows per GEMM block: large enough for full GEMM speed, small enough to bound memory
+CACHE_ROWS = 1024  # rows per element-wise block that should stay in cache
+SCORE_ROWS = 1024  # rows scored at a time when only per-row results are kept (predict, metrics)
+
+
+def row_blocks(n: int, size: int = BLOCK_ROWS) -> Iterator[slice]:
+    """Consecutive slices of ``size`` rows covering ``range(n)``."""
+    return (slice(s, min(s + size, n)) for s in range(0, n, size))
+
+
+def float32_rows(X: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``X[rows]`` as float32 (a view when X is float32, an upcast copy of the block otherwise)."""
+    return X[rows].to(torch.float32)
+
+
+def chunked_matmul(X: torch.Tensor, W: torch.Tensor, fn: Callable[[torch.Tensor, slice], None],
+                   chunk: int = BLOCK_ROWS) -> None:
+    """Call ``fn(X[s] @ W.T, s)`` for row chunks ``s`` of X (upcast per chunk), bounding memory at chunk × C."""
+    for s in row_blocks(X.shape[0], chunk):
+        fn(float32_rows(X, s) @ W.T, s)
+
+
+def linear_logits(X: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None, *,
+                  dtype: torch.dtype = torch.float32, chunk: int = BLOCK_ROWS) -> torch.Tensor:
+    """X Wᵀ + b as a (N, C) tensor of ``dtype`` (float32, or float16/bfloat16 for a compact cache).
+
+    X (N, D) of any float dtype is upcast per chunk; each chunk's logits are computed in float32
+    and then stored (rounded once when ``dtype`` is narrower).
+    """
+    out = torch.empty(X.shape[0], W.shape[0], dtype=dtype, device=W.device)
+
+    def fill(z: torch.Tensor, s: slice) -> None:
+        out[s] = z if b is None else z.add_(b)
+
+    chunked_matmul(X, W, fill, chunk)
+    return out
+
+
+def all_finite(X: torch.Tensor) -> bool:
+    """True when X has no NaN/Inf: one min/max reduction (NaN propagates), no boolean copy of X."""
+    if X.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(X)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory the kernel reports as available (``MemAvailable``), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M)
+        if m:
+            return int(m.group(1)) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
