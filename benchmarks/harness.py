@@ -120,8 +120,8 @@ class Result:
 
     ``ratio`` is op/floor for kind "time" (goal: at most ``goal``), floor/op for kind "speed"
     (fraction of the floor's speed; goal: at least ``goal``), op - floor in seconds for kind "excess"
-    (goal: at most ``goal``), and floor/op as a speed-up for kind "info" (no goal).
-    """
+    (goal: at most ``goal``), floor/op as a speed-up for kind "info" (no goal), and peak RSS over the
+    memory floor ``floor_peak_rss_mib`` for kind "memory" (goal: at most ``goal``)."""
 
     name: str
     operation: str
@@ -141,6 +141,11 @@ class Result:
     floor_runs: list = field(default_factory=list)
 
     def finish(self) -> Result:
+        if self.kind == "memory":  # peak RSS of a whole process over a memory floor
+            if self.peak_rss_mib and self.floor_peak_rss_mib:
+                self.ratio = self.peak_rss_mib / self.floor_peak_rss_mib
+                self.passed = self.ratio <= self.goal
+            return self
         if self.seconds is None or self.floor_seconds is None or self.floor_seconds <= 0 or self.seconds <= 0:
             return self
         if self.kind == "time":
@@ -160,7 +165,7 @@ class Result:
     def goal_text(self) -> str:
         if self.goal is None:
             return "report"
-        return {"time": f"<= {self.goal:g}x", "speed": f">= {self.goal:g}x", "excess": f"<= +{self.goal:g} s"}[self.kind]
+        return {"time": f"<= {self.goal:g}x", "memory": f"<= {self.goal:g}x", "speed": f">= {self.goal:g}x", "excess": f"<= +{self.goal:g} s"}[self.kind]
 
     @property
     def ratio_text(self) -> str:
@@ -259,6 +264,8 @@ def table_rows(results: list[Result]) -> list[tuple[str, ...]]:
         if r.status != "ok":
             verdict = r.status
         floor = f"{_fmt_s(r.floor_seconds)} ({r.floor})" if r.floor_seconds is not None else r.floor or "-"
+        if r.kind == "memory" and r.floor_peak_rss_mib is not None:
+            floor = f"{r.floor_peak_rss_mib:.0f} MiB ({r.floor})"
         rows.append((r.operation, _fmt_s(r.seconds), floor, r.ratio_text, r.goal_text, verdict, _fmt_mib(r)))
     return rows
 

@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .harness import Result, timed
+from .harness import PeakRSS, Result, timed
+from .processes import child_run, ltr_argv, process_memory_op
 
 
 @dataclass
@@ -40,12 +41,14 @@ class Bench:
             self._cache["store"] = FeatureStore(self.path)
         return self._cache["store"]
 
-    def load(self, split: str):
-        """(X, y) of ``split`` on the device (read once)."""
-        if split not in self._cache:
-            X, y = self.store.load(split)
-            self._cache[split] = (X.to(self.device), y.to(self.device))
-        return self._cache[split]
+    def load(self, split: str, dtype: str = "stored"):
+        """(X, y) of ``split`` on the device (read once), features in the stored dtype as ``ltr``
+        keeps them (or ``dtype="float32"``: the whole split upcast, the old in-memory path)."""
+        key = (split, dtype)
+        if key not in self._cache:
+            X, y = self.store.load(split, dtype=dtype)
+            self._cache[key] = (X.to(self.device), y.to(self.device))
+        return self._cache[key]
 
     def head(self):
         if "head" not in self._cache:
@@ -72,7 +75,21 @@ class Bench:
 
 
 def _gemm_argmax(X, W):
-    return (X @ W.T).argmax(1)
+    """The floor of a scoring pass: logits GEMM and argmax, a block of rows at a time."""
+    import torch
+
+    from lt_rebalance.blocks import chunked_matmul
+
+    pred = torch.empty(len(X), dtype=torch.int64, device=X.device)
+    chunked_matmul(X, W, lambda z, s: torch.argmax(z, dim=1, out=pred[s]))
+    return pred
+
+
+def _gemm(X, W):
+    """One logits GEMM of X (upcast per block), output discarded: the floor of a logits pass."""
+    from lt_rebalance.blocks import chunked_matmul
+
+    chunked_matmul(X, W, lambda z, s: None)
 
 
 # -- tau-normalisation ------------------------------------------------------------------------------
@@ -102,7 +119,7 @@ def naive_tau_loop(X, y, W, counts, taus):
     from lt_rebalance.heads import tau_normalize
     from lt_rebalance.metrics import accuracy_summary
 
-    preds = [(X @ tau_normalize(W, t).T).argmax(1) for t in taus]
+    preds = [_gemm_argmax(X, tau_normalize(W, t)) for t in taus]
     return accuracy_summary(__import__("torch").stack(preds), y, counts)
 
 
@@ -154,7 +171,7 @@ def lws_op(b: Bench) -> Result:
         return LWS(W, bias, device=b.device).fit(X, y, Xv, yv)
 
     def floor():
-        return X @ W.T
+        return _gemm(X, W)
 
     return b.time(
         "lws", "LWS, default epochs (5) on train, keep-best on val", op, floor, floor="1 train-logits GEMM", goal=3.0,
@@ -162,11 +179,13 @@ def lws_op(b: Bench) -> Result:
 
 
 # -- cRT ------------------------------------------------------------------------------------------
-def _three_gemms(X, W):
-    Z = X @ W.T  # forward (N, C)
-    gW = Z.T @ X  # backward: weight gradient (C, D)
-    gX = Z @ W  # backward: input gradient (N, D)
-    return gW, gX
+def _three_gemms(X, W, batch: int = 512):
+    """Forward, weight-gradient and input-gradient GEMMs of every batch of ``batch`` rows (upcast)."""
+    for s in range(0, len(X) - batch + 1, batch):
+        xb = X[s : s + batch].float()
+        Z = xb @ W.T  # forward (B, C)
+        Z.T @ xb  # backward: weight gradient (C, D)
+        Z @ W  # backward: input gradient (B, D)
 
 
 def crt_epoch_op(b: Bench) -> Result:
@@ -210,6 +229,73 @@ def crt_grid_op(b: Bench, grid_size: int = 4) -> Result:
                   note="ratio = grid time / (G x one head time)")
 
 
+# -- float16 in memory ----------------------------------------------------------------------------
+def upcast_gemm_op(b: Bench) -> Result:
+    """The train-logits GEMM from float16 rows upcast per block, against the same GEMM from float32 rows."""
+    W, _ = b.head()
+    X16, _ = b.load("train")
+    X32, _ = b.load("train", "float32")
+    r = b.time(
+        "upcast_gemm", f"train-logits GEMM from {X16.dtype} blocks upcast to float32", lambda: _gemm(X16, W),
+        lambda: _gemm(X32, W), floor="same GEMM from a float32 copy", goal=1.1,
+    )
+    del b._cache[("train", "float32")]
+    return r
+
+
+def equivalence_op(b: Bench) -> Result:
+    """Results from features kept float16 (what ``ltr`` does) against the in-memory float32 path.
+
+    τ-sweep curves and NCM predictions must be identical (float16 -> float32 is exact and the
+    blocks are the same); cRT (1 epoch) accuracy identical; LWS on its float16 logit cache within
+    0.1 point of a float32 cache. Seconds: the float16 path; floor: the float32 path.
+    """
+    import torch
+
+    from lt_rebalance.heads import CRT, LWS, NCM, tau_sweep
+
+    W, bias = b.head()
+    C, ev = b.store.num_classes, b.eval_split
+    counts = b.counts
+
+    def run(dtype: str, lws_cache: str) -> dict:
+        X, y = b.load("train", dtype)
+        Xv, yv = b.load("val", dtype)
+        Xt, yt = b.load(ev, dtype)
+        out = {"tau": tau_sweep(Xv, yv, W, counts)["all"], "ncm": NCM().fit(X, y, num_classes=C).predict(Xt)}
+        crt = CRT(epochs=1, device=b.device).fit(X, y, Xv, yv, num_classes=C)
+        out["crt"] = (crt.predict(Xt) == yt).double().mean().item()
+        lws = LWS(W, bias, device=b.device, cache_dtype=lws_cache).fit(X, y, Xv, yv)
+        out["lws"] = (lws.predict(Xt) == yt).double().mean().item()
+        return out
+
+    with PeakRSS() as mem_ref:
+        t0 = time.perf_counter()
+        ref = run("float32", "float32")
+        t_ref = time.perf_counter() - t0
+    for split in ("train", "val", ev):
+        b._cache.pop((split, "float32"), None)
+    with PeakRSS() as mem_new:
+        t0 = time.perf_counter()
+        new = run("stored", "float16")
+        t_new = time.perf_counter() - t0
+    checks = {
+        "tau_curve_identical": bool(torch.equal(ref["tau"], new["tau"])),
+        "ncm_predictions_differing": int((ref["ncm"] != new["ncm"]).sum()),
+        "crt_top1_diff_points": 100 * abs(ref["crt"] - new["crt"]),
+        "lws_top1_diff_points": 100 * abs(ref["lws"] - new["lws"]),
+    }
+    ok = (checks["tau_curve_identical"] and checks["ncm_predictions_differing"] == 0
+          and checks["crt_top1_diff_points"] <= 0.1 and checks["lws_top1_diff_points"] <= 0.1)
+    note = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in checks.items())
+    b.log(f"  equivalence: {note}")
+    return Result(
+        "equivalence", "float16 in memory vs float32 path: tau-sweep, NCM, cRT 1 epoch, LWS", t_new, t_ref,
+        "float32 in memory, LWS float32 cache", "info", passed=ok, note=note, runs=[t_new], floor_runs=[t_ref],
+        peak_rss_mib=mem_new.delta_mib, floor_peak_rss_mib=mem_ref.delta_mib,
+    ).finish()
+
+
 # -- store ----------------------------------------------------------------------------------------
 def store_read_op(b: Bench) -> Result:
     import h5py
@@ -219,7 +305,7 @@ def store_read_op(b: Bench) -> Result:
     split = "train"
 
     def op():
-        return FeatureStore(b.path).features(split)
+        return FeatureStore(b.path).features(split, dtype="stored")
 
     def floor():
         with h5py.File(b.path, "r") as f:
@@ -227,7 +313,7 @@ def store_read_op(b: Bench) -> Result:
 
     info = b.store.splits[split]
     return b.time(
-        "store_read", f"store read of {split} ({info.rows} x {b.store.dim} {info.dtype} -> float32 tensor)",
+        "store_read", f"store read of {split} ({info.rows} x {b.store.dim} {info.dtype}, kept {info.dtype})",
         op, floor, floor="bare h5py ds[...]", kind="speed", goal=0.7,
         note="file in the page cache (warm); ratio = floor time / store time",
     )
@@ -282,20 +368,11 @@ def _run_child(argv: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _child_peak_rss_mib(argv: list[str]) -> float:
-    """Peak RSS of ``argv``, run from a small python wrapper (a child forked from this large
-    process would report this process's RSS as its own peak)."""
-    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024
-
-
 def startup_op(b: Bench, repeats: Optional[int] = None) -> Result:
     import statistics
 
     ltr = shutil.which("ltr")
-    argv = [ltr, "--help"] if ltr else [sys.executable, "-m", "lt_rebalance.cli", "--help"]
+    argv = ltr_argv("--help")
     base = [sys.executable, "-c", "pass"]
     repeats = repeats or max(b.repeats, 5)
     if b.warmup:
@@ -305,7 +382,7 @@ def startup_op(b: Bench, repeats: Optional[int] = None) -> Result:
     for _ in range(repeats):
         floors.append(_run_child(base))
         ops.append(_run_child(argv))
-    rss = _child_peak_rss_mib(argv)
+    _, rss = child_run(argv)
     return Result(
         "startup", "`ltr --help` start-up" + ("" if ltr else " (python -m lt_rebalance.cli)"),
         statistics.median(ops), statistics.median(floors), "`python -c pass`", "excess", 0.3,
@@ -321,8 +398,11 @@ OPERATIONS: dict[str, Callable[[Bench], Result]] = {
     "crt_epoch": crt_epoch_op,
     "crt_grid": crt_grid_op,
     "store_read": store_read_op,
+    "upcast_gemm": upcast_gemm_op,
+    "equivalence": equivalence_op,
     "extraction": extraction_op,
     "startup": startup_op,
+    "process_memory": process_memory_op,
 }
 
 

@@ -51,12 +51,14 @@ def run(
     for name in names:
         t = time.perf_counter()
         try:
-            r = OPERATIONS[name](bench)
+            rs = OPERATIONS[name](bench)
         except Exception as e:  # one broken operation must not hide the others
             traceback.print_exc(file=sys.stderr)
-            r = Result(name, name, status="error", note=f"{type(e).__name__}: {e}")
-        log(f"[{name}] {r.ratio_text} (goal {r.goal_text}) {r.status}  ({time.perf_counter() - t:.1f} s)")
-        results.append(r)
+            rs = Result(name, name, status="error", note=f"{type(e).__name__}: {e}")
+        for r in rs if isinstance(rs, list) else [rs]:  # an operation may report several rows
+            log(f"[{name}] {r.operation}: {r.ratio_text} (goal {r.goal_text}) {r.status}  "
+                f"({time.perf_counter() - t:.1f} s)")
+            results.append(r)
     doc = {
         "scale": scale,
         "description": sc.description,
