@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
-from .blocks import all_finite
+from .blocks import all_finite, available_memory
 from .heads.crt_grid import CRTGrid
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY, head_row_statistics
@@ -42,6 +42,12 @@ class Context:
     ``eval_splits``: the splits to report (default: val and test when present, else every
     non-train split). Loaded splits and the stored classifier are cached, so ``compare`` reads
     each of them once.
+
+    ``max_memory``: the bytes this run may use (None: the memory available when a split is first
+    loaded). When the file's features exceed half of it, splits are memory-mapped instead of read
+    (:meth:`FeatureStore.features`): every method then streams them a block of rows at a time,
+    and cRT gathers its batches from the mapped train split; results are the same bytes, so
+    identical. LWS's logit cache gets the other half.
     """
 
     store: FeatureStore
@@ -49,6 +55,7 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     thresholds: dict = field(default_factory=dict)  # many=, few= for the shot groups
+    max_memory: Optional[int] = None
     _cache: dict = field(default_factory=dict, repr=False)
     _head: Optional[tuple] = field(default=None, repr=False)
 
@@ -70,7 +77,7 @@ class Context:
         """(X, y) of ``split``, read once: features in the stored dtype (float16 stays float16: the
         heads upcast a block of rows at a time), labels int64."""
         if split not in self._cache:
-            X, y = self.store.load(split, dtype="stored")
+            X, y = self.store.load(split, dtype="stored", mmap=self.memory_mapped)
             if not all_finite(X):
                 bad = int((~torch.isfinite(X)).any(dim=1).sum())
                 raise ValueError(
@@ -79,6 +86,17 @@ class Context:
                 )
             self._cache[split] = (X, y)
         return self._cache[split]
+
+    @property
+    def memory_budget(self) -> Optional[int]:
+        """``max_memory``, or the memory available now; None when unknown."""
+        return self.max_memory if self.max_memory is not None else available_memory()
+
+    @property
+    def memory_mapped(self) -> bool:
+        """Whether splits are memory-mapped: the features exceed half of :attr:`memory_budget`."""
+        budget = self.memory_budget
+        return budget is not None and self.store.feature_bytes() > budget / 2
 
     def head(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The stored stage-1 classifier (:meth:`FeatureStore.head`), read once."""
@@ -284,11 +302,14 @@ def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params:
     X, y = ctx.train()
     Xv, yv = ctx.val()
     params = {"seed": ctx.seed, **params}
+    if ctx.max_memory is not None:  # the logit cache gets the half of the budget the features do not
+        params.setdefault("max_cache_gb", ctx.max_memory / 2 / 2**30)
     head = LWS(W, b, device=ctx.device, progress=_epoch_logger("lws", log), **params).fit(X, y, Xv, yv)
     shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", "weight", "bias")}
     return {
         "method": "lws",
         "params": shown,
+        "logits_cache": head.cache_dtype_,  # precision LWS trained on; None: recomputed per batch (float32)
         "history": _history(head.history_),
         **ctx.report(head),
     }, head

@@ -181,23 +181,16 @@ def evaluate(
     dict with ``all`` (top-1, micro), ``mean_class``, ``many``, ``medium``, ``few``, ``top5``,
     ``macro_f1``, ``nll``, ``ece`` (floats; NaN where undefined, e.g. an empty group) and ``n``.
     """
-    return evaluate_rows(score_row_statistics(scores, labels, len(counts)), labels, counts,
-                         many=many, few=few, n_bins=n_bins)
+    return evaluate_rows(score_row_statistics(scores, labels, len(counts)), labels, counts, n_bins, many=many, few=few)
 
 
-def evaluate_rows(
-    rows: dict[str, torch.Tensor],
-    labels: Any,
-    counts: Any,
-    *,
-    many: int = DEFAULT_MANY,
-    few: int = DEFAULT_FEW,
-    n_bins: int = 15,
-) -> dict[str, float]:
-    """:func:`evaluate` from the per-row statistics of :func:`row_statistics` (all N rows)."""
+def evaluate_rows(rows: dict[str, torch.Tensor], labels: Any, counts: Any, n_bins: int = 15,
+                  **thresholds: int) -> dict[str, float]:
+    """:func:`evaluate` from the per-row statistics of :func:`row_statistics` (all N rows);
+    ``thresholds``: ``many=``, ``few=``."""
     labels = _tensor(labels, torch.int64).cpu()
     pred = rows["pred"]
-    out = accuracy_summary(pred, labels, counts, many=many, few=few)
+    out = accuracy_summary(pred, labels, counts, **thresholds)
     if len(labels) == 0:
         return {**out, "top5": float("nan"), "macro_f1": float("nan"), "nll": float("nan"), "ece": float("nan"), "n": 0}
     out["top5"] = rows["top5"].double().mean().item()

@@ -214,14 +214,27 @@ class FeatureStore:
             raise self._fail(f"no split {split!r}; available: {', '.join(self.splits)}")
         return self.splits[split]
 
-    def features(self, split: str, dtype: str = "float32") -> torch.Tensor:
+    def features(self, split: str, dtype: str = "float32", *, mmap: bool = False) -> torch.Tensor:
         """Features of ``split``, shape (N, D): float32 (float16 on disk is upcast), or with
         ``dtype="stored"`` the on-disk dtype (half the memory for float16 files; the heads upcast
-        a block of rows at a time)."""
+        a block of rows at a time).
+
+        ``mmap=True`` (stored dtype only): a tensor over the file's own pages (a copy-on-write
+        ``numpy.memmap``; the file is never written), so the split takes no memory beyond the
+        page cache, which the kernel reclaims under pressure: splits larger than memory work.
+        Needs a contiguous, uncompressed dataset (what lt-rebalance writes); others are read.
+        """
         info = self._split(split)
         with h5py.File(self.path, "r") as f:
             ds = f[f"splits/{split}/features"]
-            return _read_rows_float32(ds, info.rows) if dtype == "float32" else _read_rows(ds, info.rows)
+            if dtype == "float32" and ds.dtype != np.float32:
+                return _read_rows_float32(ds, info.rows)
+            mapped = _memmap_rows(self.path, ds, info.rows) if mmap else None
+            return mapped if mapped is not None else _read_rows(ds, info.rows)
+
+    def feature_bytes(self) -> int:
+        """Bytes of every split's features in the stored dtype (what reading them all takes)."""
+        return sum(s.rows * self.dim * np.dtype(s.dtype).itemsize for s in self.splits.values())
 
     def labels(self, split: str) -> torch.Tensor:
         """Labels of ``split`` as int64, shape (N,)."""
@@ -231,10 +244,10 @@ class FeatureStore:
         with h5py.File(self.path, "r") as f:
             return torch.from_numpy(np.asarray(f[f"splits/{split}/labels"][: info.rows], dtype=np.int64))
 
-    def load(self, split: str, dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
-        """``(features, labels)`` of ``split``: (N, D) float32 (or the stored dtype, see
-        :meth:`features`) and int64 (N,)."""
-        return self.features(split, dtype), self.labels(split)
+    def load(self, split: str, dtype: str = "float32", *, mmap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, labels)`` of ``split``: (N, D) float32 (or the stored dtype, memory-mapped
+        with ``mmap``, see :meth:`features`) and int64 (N,)."""
+        return self.features(split, dtype, mmap=mmap), self.labels(split)
 
     def views(self, split: str = "train", k: Optional[int] = None, *, dtype: str = "float32") -> torch.Tensor:
         """The first ``k`` (default: all) augmented views of ``split``, shape (k, N, D).
@@ -304,6 +317,17 @@ def _read_rows_float32(ds: h5py.Dataset, rows: int, block_rows: int = 2048) -> t
         ds.read_direct(buf, np.s_[start : start + n], np.s_[:n])
         out[start : start + n].copy_(torch.from_numpy(buf[:n]))
     return out
+
+
+def _memmap_rows(path: Path, ds: h5py.Dataset, rows: int) -> Optional[torch.Tensor]:
+    """``ds[:rows]`` as a tensor over the file's pages, or None when ``ds`` cannot be mapped
+    (chunked, compressed, not yet allocated, or empty)."""
+    import torch
+
+    offset = ds.id.get_offset()
+    if ds.chunks is not None or ds.compression is not None or offset is None or rows == 0:
+        return None
+    return torch.from_numpy(np.memmap(path, dtype=ds.dtype, mode="c", offset=offset, shape=(rows, ds.shape[1])))
 
 
 def _read_rows(ds: h5py.Dataset, rows: int) -> torch.Tensor:

@@ -168,3 +168,35 @@ def test_lws_cache_precision_rules(d16):
     assert big.cache_dtype_ == "bfloat16"
     with pytest.raises(ValueError, match="cache_dtype"):
         LWS(W, b, cache_dtype="float8").fit(X, y)
+
+
+def test_memory_mapped_splits_give_identical_results(tmp_path, d16):
+    from click.testing import CliRunner
+
+    from lt_rebalance.cli import main
+
+    splits = {s: (d16[f"X_{s}"], d16[f"y_{s}"]) for s in ("train", "val", "test")}
+    path = write_features(tmp_path / "f.h5", splits, weight=d16["W"], bias=d16["b"], dtype="float16")
+    store = FeatureStore(path)
+    mapped = Context(store, max_memory=store.feature_bytes())  # features exceed half the budget
+    assert mapped.memory_mapped and not Context(store, max_memory=10 * store.feature_bytes()).memory_mapped
+    X, _ = mapped.load("train")
+    assert X.dtype == torch.float16 and not X.numpy().flags.owndata  # a view of the file's pages
+    np.testing.assert_array_equal(X.numpy(), d16["X_train"])
+    runs = {}
+    for opt in ([], ["--max-memory", "1K"]):
+        runs[bool(opt)] = {}
+        for cmd in (["joint"], ["ncm"], ["tau-sweep"], ["crt", "--epochs", "2", "--batch-size", "64"],
+                    ["lws", "--epochs", "2", "--batch-size", "64"]):
+            res = CliRunner().invoke(main, [*cmd, "-f", str(path), "--json", "--quiet", "--device", "cpu", *opt]
+                                     if cmd[0] in ("crt", "lws") else [*cmd, "-f", str(path), "--json", *opt])
+            assert res.exit_code == 0, res.output
+            runs[bool(opt)][cmd[0]] = res.output
+    assert runs[True] == {**runs[False], "lws": runs[True]["lws"]}
+    # LWS under --max-memory 1K has no room for a logit cache: exact float32, same accuracy within rounding
+    import json
+
+    lws_in, lws_mapped = (json.loads(runs[k]["lws"]) for k in (False, True))
+    assert abs(lws_in["test"]["all"] - lws_mapped["test"]["all"]) <= 0.05
+    res = CliRunner().invoke(main, ["joint", "-f", str(path), "--max-memory", "lots"])
+    assert res.exit_code == 2 and "not a memory size" in res.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
@@ -31,6 +32,28 @@ device_option = click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (auto = cuda when available)."
 )
 seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+
+
+class MemorySize(click.ParamType):
+    """A number of bytes: 2048, 500M, 8G, 1.5GiB (K/M/G/T are powers of 1024)."""
+
+    name = "SIZE"
+    _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?\s*", str(value), re.I)
+        if not m or float(m.group(1)) <= 0:
+            self.fail(f"{value!r} is not a memory size; give e.g. 500M, 8G or 1.5GiB", param, ctx)
+        return int(float(m.group(1)) * self._UNITS[m.group(2).upper()])
+
+
+max_memory_option = click.option(
+    "--max-memory", type=MemorySize(), default=None,
+    help="Memory this run may use, e.g. 8G (default: what is available). Feature files larger than half of "
+         "it are memory-mapped and streamed in blocks instead of read; results are identical.",
+)
 
 
 def common_options(f: Callable) -> Callable:

@@ -13,6 +13,7 @@ from ._common import (
     fmt_acc,
     handle_user_errors,
     log,
+    max_memory_option,
     open_store,
     resolve_device,
     seed_option,
@@ -51,9 +52,10 @@ def compare_table(result: dict) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @seed_option
 @device_option
+@max_memory_option
 @handle_user_errors
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
-            seed, device):
+            seed, device, max_memory):
     """Run joint, NCM, cRT, tau-norm (tau selected on val) and LWS with defaults; print one table."""
     from ..experiments import Context
     from ..experiments import compare as run_compare
@@ -61,7 +63,7 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     check_writable(out, overwrite)  # fail early if --out cannot be written
     store = open_store(features, allow_incomplete)
     ctx = Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device), seed=seed,
-                  thresholds=thresholds)
+                  thresholds=thresholds, max_memory=max_memory)
     check_batch_fits(store, overrides["crt"]["batch_size"])
     names = [m.strip() for m in methods.split(",")] if methods else None
     result = run_compare(ctx, names, overrides, log=None if quiet else log)

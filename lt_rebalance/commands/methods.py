@@ -16,6 +16,7 @@ from ._common import (
     fmt_acc,
     handle_user_errors,
     log,
+    max_memory_option,
     metrics_table,
     open_store,
     require_head,
@@ -31,11 +32,12 @@ save_option = click.option("--save", type=click.Path(dir_okay=False), help="Save
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --save file.")
 
 
-def _context(features: str, allow_incomplete: bool, splits: Optional[str], device: str = "cpu", seed: int = 0):
+def _context(features: str, allow_incomplete: bool, splits: Optional[str], device: str = "cpu", seed: int = 0,
+             max_memory: Optional[int] = None):
     from ..experiments import Context
 
     store = open_store(features, allow_incomplete)
-    return Context(store, eval_splits=eval_splits(store, splits), device=device, seed=seed)
+    return Context(store, eval_splits=eval_splits(store, splits), device=device, seed=seed, max_memory=max_memory)
 
 
 def _splits_table(result: dict, splits) -> str:
@@ -58,12 +60,13 @@ def _save(save: Optional[str], overwrite: bool, head: Any, result: dict, feature
 @click.command()
 @common_options
 @splits_option
+@max_memory_option
 @handle_user_errors
-def joint(features, as_json, quiet, allow_incomplete, splits):
+def joint(features, as_json, quiet, allow_incomplete, splits, max_memory):
     """Evaluate the stored stage-1 (joint) classifier: the baseline every method is compared with."""
     from ..experiments import run_joint
 
-    ctx = _context(features, allow_incomplete, splits)
+    ctx = _context(features, allow_incomplete, splits, max_memory=max_memory)
     require_head(ctx.store, "joint")
     result, _ = run_joint(ctx)
     emit(result, as_json, _human(lambda r: "joint (stored stage-1 classifier), accuracy %", ctx.eval_splits))
@@ -76,13 +79,14 @@ def joint(features, as_json, quiet, allow_incomplete, splits):
 @splits_option
 @save_option
 @overwrite_option
+@max_memory_option
 @handle_user_errors
-def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overwrite):
+def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overwrite, max_memory):
     """Nearest class mean on the cached train features (needs no stored classifier)."""
     from ..experiments import run_ncm
 
     check_writable(save, overwrite)
-    ctx = _context(features, allow_incomplete, splits)
+    ctx = _context(features, allow_incomplete, splits, max_memory=max_memory)
     require_split(ctx.store, "train", "to compute class means")
     result, head = run_ncm(ctx, variant)
     _save(save, overwrite, head, result, features, quiet)
@@ -119,6 +123,7 @@ def sweep_options(f: Callable) -> Callable:
         click.option("--metric", type=click.Choice(["top1", "mean_class", "few"]), default="top1",
                      show_default=True, help="What the selection maximises."),
         click.option("--eval-split", default="test", show_default=True, help="Split reported at the selected tau."),
+        max_memory_option,
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -126,7 +131,8 @@ def sweep_options(f: Callable) -> Callable:
 
 
 def run_sweep_command(command: str, runner: Callable, features: str, as_json: bool, allow_incomplete: bool,
-                      taus: str, select_on: Optional[str], metric: str, eval_split: str) -> None:
+                      taus: str, select_on: Optional[str], metric: str, eval_split: str,
+                      max_memory: Optional[int] = None) -> None:
     """Parse and check the sweep options, run ``runner`` (run_tau_sweep's signature), print the result."""
     from ..experiments import parse_taus
 
@@ -134,7 +140,7 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
         tau_list = parse_taus(taus)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--taus") from None
-    ctx = _context(features, allow_incomplete, None)
+    ctx = _context(features, allow_incomplete, None, max_memory=max_memory)
     require_head(ctx.store, command)
     if select_on is None:
         if "val" not in ctx.store.splits:
@@ -152,12 +158,12 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
 @common_options
 @sweep_options
 @handle_user_errors
-def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split):
+def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split, max_memory):
     """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM."""
     from ..experiments import run_tau_sweep
 
     run_sweep_command("tau-sweep", run_tau_sweep, features, as_json, allow_incomplete, taus, select_on, metric,
-                      eval_split)
+                      eval_split, max_memory)
 
 
 class FloatList(click.ParamType):
@@ -200,6 +206,7 @@ def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False):
         splits_option,
         save_option,
         overwrite_option,
+        max_memory_option,
     ]
 
     def decorate(f):
@@ -267,14 +274,14 @@ def _crt_human(result: dict) -> str:
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float)
 @handle_user_errors
 def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
-        schedule, keep_best, seed, device, splits, save, overwrite, views, loss, class_weights, beta,
+        schedule, keep_best, seed, device, splits, save, overwrite, max_memory, views, loss, class_weights, beta,
         label_smoothing):
     """Re-train the linear classifier on the cached features (class-balanced sampling by default)."""
     from ..experiments import run_crt
 
     sampler = _check_training_args(epochs, batch_size, sampler)
     check_writable(save, overwrite)
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed, max_memory)
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)
     stored = ctx.store.splits["train"].views
@@ -296,13 +303,13 @@ def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
 @sgd_options(5, 0.2, "cb (class-balanced, default), ib, sqrt, pb or a power q.")
 @handle_user_errors
 def lws(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
-        schedule, keep_best, seed, device, splits, save, overwrite):
+        schedule, keep_best, seed, device, splits, save, overwrite, max_memory):
     """Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1)."""
     from ..experiments import run_lws
 
     sampler = _check_training_args(epochs, batch_size, sampler)
     check_writable(save, overwrite)
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed, max_memory)
     require_head(ctx.store, "lws")
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)

@@ -12,6 +12,7 @@ from ._common import (
     emit,
     handle_user_errors,
     log,
+    max_memory_option,
     resolve_device,
     seed_option,
 )
@@ -32,7 +33,7 @@ CALIBRATE_METHODS = {
 @common_options
 @sweep_options
 @handle_user_errors
-def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split):
+def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split, max_memory):
     """Logit adjustment of the stored classifier (z - tau log prior) for every tau in one GEMM.
 
     tau = 1 is PC softmax. The JSON has the shape of `ltr tau-sweep` (method "logit_adjust").
@@ -40,7 +41,7 @@ def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, me
     from ..experiments import run_logit_adjust
 
     run_sweep_command("logit-adjust", run_logit_adjust, features, as_json, allow_incomplete, taus, select_on,
-                      metric, eval_split)
+                      metric, eval_split, max_memory)
 
 
 def _num(v: float, fmt: str) -> str:
@@ -74,15 +75,17 @@ def _calibration_human(result: dict) -> str:
               help="Batch size of crt/lws (at most the train rows).")
 @seed_option
 @device_option
+@max_memory_option
 @handle_user_errors
-def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, epochs, batch_size, seed, device):
+def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, epochs, batch_size, seed, device,
+              max_memory):
     """Temperature scaling: fit T on val (minimising NLL over log T), report NLL and ECE before/after.
 
     Reported on --eval-split over all rows and per shot group (the rows of many/medium/few classes).
     """
     from ..experiments import run_calibrate
 
-    ctx = _context(features, allow_incomplete, None, resolve_device(device), seed)
+    ctx = _context(features, allow_incomplete, None, resolve_device(device), seed, max_memory)
     name = CALIBRATE_METHODS[method]
     params = {}
     if name in ("crt", "lws"):
