@@ -123,7 +123,7 @@ class Context:
 
 def _joint_head(ctx: Context) -> JointHead:
     W, b = ctx.head()
-    return JointHead(W, b).fit()
+    return JointHead(W, b, device=ctx.device).fit()
 
 
 def run_joint(ctx: Context) -> tuple[dict, JointHead]:
@@ -134,7 +134,7 @@ def run_joint(ctx: Context) -> tuple[dict, JointHead]:
 
 def run_ncm(ctx: Context, variant: str = "cl2n") -> tuple[dict, NCM]:
     X, y = ctx.train()
-    head = NCM(variant).fit(X, y, num_classes=ctx.store.num_classes)
+    head = NCM(variant, device=ctx.device).fit(X, y, num_classes=ctx.store.num_classes)
     return {"method": "ncm", "variant": variant, **ctx.report(head)}, head
 
 
@@ -207,10 +207,10 @@ def run_tau_sweep(
     Returns ``{"method": "tau_norm", "taus", "curves": {split: {all, many, medium, few,
     mean_class}}, "selected_tau", "selected_on", "metric", eval_split: metrics at the selected tau}``.
     """
-    W, _ = ctx.head()
+    W = ctx.head()[0].to(ctx.device)  # the sweep runs on W's device: each split moves there once
     return _sweep_report(
         ctx, "tau_norm", lambda X, y: tau_sweep(X, y, W, ctx.counts, taus, **ctx.thresholds),
-        lambda tau: TauNorm(W, tau).fit(), taus, select_on, metric, eval_split,
+        lambda tau: TauNorm(W, tau, device=ctx.device).fit(), taus, select_on, metric, eval_split,
     )
 
 
@@ -321,7 +321,7 @@ def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
         raise ValueError("tau-norm needs a 'val' split to select tau on (see `ltr tau-sweep --select-on`)")
     W, _ = ctx.head()
     Xv, yv = ctx.load("val")
-    head = TauNorm(W).fit(Xv, yv, ctx.counts)
+    head = TauNorm(W, device=ctx.device).fit(Xv, yv, ctx.counts)
     return {"method": "tau_norm", "selected_tau": head.tau_, "selected_on": "val", **ctx.report(head)}, head
 
 

@@ -106,7 +106,7 @@ NONFINITE_SCORES = (
 def row_statistics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """The per-row quantities every metric is built from, for one block of rows.
 
-    ``scores`` float (n, C), ``labels`` int64 (n,). Returns CPU tensors (n,): ``pred`` int64
+    ``scores`` float (n, C), ``labels`` int64 (n,). Returns tensors (n,) on the scores' device: ``pred`` int64
     (argmax), ``top5`` bool (label among the 5 best), ``nll`` float64 (−log softmax of the label)
     and ``conf`` float64 (the largest softmax probability); the softmax is taken in float64.
     """
@@ -121,7 +121,7 @@ def row_statistics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torc
         "nll": -logp.gather(1, labels[:, None])[:, 0],
         "conf": logp.amax(dim=1).exp(),
     }
-    return {key: v.cpu() for key, v in out.items()}
+    return out
 
 
 def _rows(blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> dict[str, torch.Tensor]:
@@ -130,7 +130,7 @@ def _rows(blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int)
         if scores.ndim != 2 or scores.shape[1] != num_classes:
             raise ValueError(f"scores have {scores.shape[-1]} classes but counts have {num_classes}")
         parts.append(row_statistics(scores, labels.to(scores.device)))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}  # one copy to the host, at the end
 
 
 def _blocks(n: int) -> list[slice]:

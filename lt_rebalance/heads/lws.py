@@ -149,8 +149,8 @@ class LWS(BaseHead):
                 Zv = self._cached_logits(Xv) if self.cache_dtype_ else linear_logits(Xv, self._W, self._b)
 
             def validate() -> float:
-                hits = sum(((Zv[r].float() * s).argmax(1) == yv[r]).sum().item() for r in row_blocks(len(yv), SCORE_ROWS))
-                return hits / len(yv) if len(yv) else float("nan")
+                hits = sum(((Zv[r].float() * s).argmax(1) == yv[r]).sum() for r in row_blocks(len(yv), SCORE_ROWS))
+                return float(hits) / len(yv) if len(yv) else float("nan")  # one device sync per epoch
 
         gen = torch.Generator().manual_seed(self.seed)
         self.history_ = train_sgd(
