@@ -18,6 +18,7 @@ from lt_rebalance.commands._common import (
     seed_option,
     user_errors,
 )
+from lt_rebalance.outputs import check_output
 
 DATASET_CHOICES = ("imagenet_lt", "places_lt", "inat2018", "cifar10_lt", "cifar100_lt", "imagefolder")
 
@@ -111,6 +112,7 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
     from .datasets import DatasetOptions, load_dataset, reference_config, timm_config
     from .run import ExtractConfig, extract_features
 
+    check_output(opts["out"], opts["overwrite"], [opts["checkpoint"]])  # before loading data and model
     data = load_dataset(opts["data"], DatasetOptions(
         opts["root"], splits, opts["list_dir"], opts["imbalance"], opts["val_per_class"], opts["seed"]))
     for note in data.notes:

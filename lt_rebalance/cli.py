@@ -48,6 +48,14 @@ class LazyGroup(click.Group):
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:  # Ctrl-C: one line and exit status 130, not click's "Aborted!"
+            from .commands._common import Interrupted
+
+            raise Interrupted(str(e) or "interrupted; no output was written") from None
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, self.lazy_commands[name][2]) for name in sorted(self.lazy_commands)]
         if rows:

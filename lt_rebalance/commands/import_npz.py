@@ -6,7 +6,7 @@ import zipfile
 
 import click
 
-from ._common import emit, handle_user_errors, json_option, log, quiet_option
+from ._common import check_writable, emit, handle_user_errors, json_option, log, quiet_option
 
 SPLITS = ("train", "val", "test")
 
@@ -19,6 +19,7 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
 
     if not os.path.exists(npz_path):
         raise click.ClickException(f"{npz_path}: no such file (check the path; write one with numpy.savez)")
+    check_writable(out, overwrite, [npz_path])  # before reading a large archive
     try:
         if not zipfile.is_zipfile(npz_path):  # np.load would also take .npy or try to unpickle
             raise click.ClickException(f"{npz_path}: not an .npz archive (write one with numpy.savez)")
