@@ -19,6 +19,7 @@ import numpy as np
 from lt_rebalance.outputs import (
     WriteInterrupted,
     check_output,
+    deferred_sigint,
     interrupt_guard,
     os_cause,
     publish,
@@ -329,11 +330,18 @@ def extract_features(
     try:
         with output_lock(out), interrupt_guard():
             if not resume_partial(out, fingerprint, resume=cfg.resume, overwrite=cfg.overwrite):
-                _create(partial, sources, runner.feature_dim(), counts=np.asarray(counts), transform=transform,
-                        cfg=cfg, head=head, class_names=class_names, meta=meta, fingerprint=fingerprint).close()
+                dim = runner.feature_dim()
+                try:  # created whole or not at all: a half-created one could never be resumed
+                    _create(partial, sources, dim, counts=np.asarray(counts), transform=transform, cfg=cfg,
+                            head=head, class_names=class_names, meta=meta, fingerprint=fingerprint).close()
+                except BaseException:
+                    quietly(partial.unlink)
+                    raise
             rows, bad = _extract_into(runner, partial, sources)
             FeatureStore(partial)  # validate before publishing
             _publish(partial, out, cfg.overwrite)
+    except WriteInterrupted:
+        raise
     except KeyboardInterrupt:
         kept = f"; the rows written so far are in {partial}: continue with --resume" if partial.exists() else ""
         raise WriteInterrupted(f"interrupted; {out} was not changed{kept}") from None
@@ -341,7 +349,8 @@ def extract_features(
         code = None if isinstance(e, FileExistsError) else os_cause(e, partial.parent)
         if code is None:
             raise
-        raise write_failure(partial, code, "extraction stopped: cannot write") from None
+        resume = "; then rerun with --resume to continue after the rows written" if partial.exists() else ""
+        raise write_failure(partial, code, "extraction stopped: cannot write", resume) from None
     return ExtractResult(out, rows, {k: v for k, v in bad.items() if v}, runner.images, time.perf_counter() - t0)
 
 
@@ -371,7 +380,10 @@ def _extract_into(runner: _Runner, partial: Path, sources: Mapping[str, ImageSou
 def _publish(partial: Path, out: Path, overwrite: bool) -> None:
     """``partial`` becomes ``out``; without ``overwrite`` never over a file that appeared meanwhile."""
     try:
-        publish(partial, out, overwrite)
+        with deferred_sigint() as pending:
+            publish(partial, out, overwrite)
+        if pending:
+            raise WriteInterrupted(f"interrupted; {out} was written completely")
     except FileExistsError:
         raise FileExistsError(
             f"{out} appeared while the extraction ran; not replacing it. The new features are complete in "

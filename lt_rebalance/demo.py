@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import shlex
@@ -168,17 +169,26 @@ def prepare_out(out: Path, overwrite: bool, files: list[str]) -> None:
     lists are deleted (with the folders they leave empty): the user's own files stay. The run is
     refused when the user's files sit under ``images/``, which the extraction would read as data.
     """
-    from .outputs import atomic_write
+    from .outputs import atomic_write, quietly, write_failure
 
-    if out.exists():
+    created = not out.exists()
+    if not created:
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
         if not out.is_dir():
             raise FileExistsError(f"{out} is a file, not a demo output folder; choose another --out")
         _remove_previous_run(out)
-    out.mkdir(exist_ok=True)
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:  # read-only, permissions, no parent folder
+        raise write_failure(out, e.errno or errno.EIO, "cannot create") from None
     doc = {"format": MANIFEST_FORMAT, "files": sorted(files)}
-    atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
+    try:  # the first write: a full disk stops the demo here
+        atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
+    except BaseException:
+        if created:
+            quietly(out.rmdir)
+        raise
 
 
 def _remove_previous_run(out: Path) -> None:

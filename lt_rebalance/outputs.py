@@ -22,9 +22,11 @@ import errno
 import hashlib
 import os
 import re
+import signal
 import socket
 import stat
 import sys
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,10 +137,11 @@ def os_cause(exc: BaseException, folder: PathLike) -> Optional[int]:
     return None
 
 
-def write_failure(path: PathLike, code: int, what: str = "cannot write") -> OutputError:
+def write_failure(path: PathLike, code: int, what: str = "cannot write", then: str = "") -> OutputError:
+    """One line: ``{what} {path}: {strerror} ({ENAME}); {what to do}{then}``."""
     name = errno.errorcode.get(code, str(code))
     hint = _HINTS.get(code, "choose another folder")
-    return OutputError(f"{what} {path}: {os.strerror(code)} ({name}); {hint}")
+    return OutputError(f"{what} {path}: {os.strerror(code)} ({name}); {hint}{then}")
 
 
 def check_output(path: PathLike, overwrite: bool = False, inputs: Iterable[Optional[PathLike]] = ()) -> Path:
@@ -221,15 +224,19 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any], overwrite: bool =
     try:
         with interrupt_guard():
             write(tmp)
-        publish(tmp, path, overwrite)
+        with deferred_sigint() as pending:
+            publish(tmp, path, overwrite)
     except BaseException as e:
+        # the cause first: a full disk is seen only while the temporary file still fills it
+        code = None if isinstance(e, (FileExistsError, KeyboardInterrupt)) else os_cause(e, path.parent)
         quietly(os.unlink, tmp)
         if isinstance(e, KeyboardInterrupt):
             raise WriteInterrupted(f"interrupted; {path} was not changed") from None
-        code = None if isinstance(e, FileExistsError) else os_cause(e, path.parent)
         if code is not None:
             raise write_failure(path, code) from None
         raise
+    if pending:
+        raise WriteInterrupted(f"interrupted; {path} was written completely")
     return path
 
 
@@ -253,6 +260,21 @@ def check_interrupt() -> None:
     if _lost:
         _lost = 0
         raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred_sigint() -> Iterator[list]:
+    """Hold Ctrl-C off a step that must not be cut in two (publishing a file): the yielded list
+    records the signals that arrived, for the caller to act on afterwards. Main thread only."""
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield pending
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
