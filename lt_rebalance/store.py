@@ -525,6 +525,8 @@ def write_features(
         if "train" not in splits:
             raise ValueError("counts not given and no 'train' split to count them from")
         ytr = _to_numpy(splits["train"][1], "int64")
+        if ytr.size and ytr.min() < 0:  # np.bincount would only say "'list' argument must have no negative elements"
+            raise ValueError(f"labels of split 'train' must be class indices >= 0; got {int(ytr.min())}")
         num_classes = int(ytr.max()) + 1 if ytr.size else 0
         if weight is not None:
             num_classes = max(num_classes, _to_numpy(weight).shape[0])
