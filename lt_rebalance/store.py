@@ -112,7 +112,7 @@ class FeatureStore:
             raise
         except OSError as e:
             if "unable to lock file" in str(e):  # HDF5's lock: another process has it open for writing
-                raise FeatureFileError(path, "is being written by another process (it holds the HDF5 file lock)",
+                raise FeatureFileError(path, "being written by another process (it holds the HDF5 file lock)",
                                        "wait until that process has finished, then retry") from None
             raise FeatureFileError(path, f"damaged or truncated HDF5 file ({e})", REMAKE_HINT) from None
         except (KeyError, ValueError, TypeError) as e:
