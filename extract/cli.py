@@ -11,6 +11,7 @@ import click
 from lt_rebalance.commands._common import (
     device_option,
     emit,
+    interrupts_as_errors,
     json_option,
     log,
     quiet_option,
@@ -98,7 +99,7 @@ def extract(ctx: click.Context, **opts: Any) -> None:
             raise click.ClickException(f"{opts['gpus']} extraction processes failed (exit status {rc}); see above")
         return
     quiet = opts["quiet"] or (env is not None and env.rank != 0)
-    with user_errors():
+    with interrupts_as_errors(), user_errors():  # also when run as `python -m lt_rebalance.extract`
         result = _run(opts, splits, device if env is None or device == "cpu" else f"cuda:{env.local_rank}", env, quiet)
     if env is None or env.rank == 0:
         emit(result, opts["as_json"], _human)

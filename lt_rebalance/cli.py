@@ -49,12 +49,10 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt as e:  # Ctrl-C: one line and exit status 130, not click's "Aborted!"
-            from .commands._common import Interrupted
+        from .commands._common import interrupts_as_errors
 
-            raise Interrupted(str(e) or "interrupted; no output was written") from None
+        with interrupts_as_errors():  # Ctrl-C: one line and exit status 130
+            return super().invoke(ctx)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, self.lazy_commands[name][2]) for name in sorted(self.lazy_commands)]

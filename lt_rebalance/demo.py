@@ -153,12 +153,15 @@ def extract_args(out: Path, cfg: DemoConfig) -> list[str]:
 
 
 def run_extract(args: list[str], quiet: bool) -> dict:
-    """Run the ``ltr extract`` command in-process; its JSON result (its stdout is captured)."""
+    """Run the ``ltr extract`` command in-process; its JSON result (its stdout is captured).
+
+    ``invoke`` rather than ``main``: click's ``main`` would turn Ctrl-C into its own ``Abort``.
+    """
     from .extract.cli import extract
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        extract.main([*args, "--json", *(["--quiet"] if quiet else [])], standalone_mode=False)
+    buf, argv = io.StringIO(), [*args, "--json", *(["--quiet"] if quiet else [])]
+    with contextlib.redirect_stdout(buf), extract.make_context("extract", argv) as ctx:
+        extract.invoke(ctx)
     return json.loads(buf.getvalue())
 
 
@@ -284,12 +287,13 @@ def one_thread() -> Iterator[None]:
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = False, quiet: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """Run the four steps into ``out``; returns (and writes) ``out/results.json``."""
+    from .commands._common import Interrupted
     from .outputs import WriteInterrupted
 
     with one_thread():
         try:
             return _run_demo(out, cfg, overwrite, quiet, log)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):  # Interrupted: from the `ltr extract` step
             if not (out / MANIFEST).exists():
                 raise WriteInterrupted("interrupted; nothing was written") from None
             raise WriteInterrupted(f"interrupted; {out} holds an unfinished demo: rerun with --overwrite to "

@@ -276,3 +276,53 @@ def test_read_only_folder_fails_before_training(tmp_path, tmpfs, monkeypatch):
     monkeypatch.setattr(experiments, "run_crt", lambda *a, **k: pytest.fail("trained before checking the output"))
     r = CliRunner().invoke(main, ["crt", "-f", str(feats), "--save", str(m / "crt.pt")])
     assert r.exit_code == 1 and r.output.startswith(f"Error: cannot write {m / 'crt.pt'}: Read-only file system")
+
+
+# -- Ctrl-C in the other writers ---------------------------------------------------------------------
+def test_ctrl_c_during_extract_keeps_the_partial_for_resume(tmp_path):
+    from conftest import make_image_folder
+    from test_extract_concurrency import _args, _slow
+
+    root = make_image_folder(tmp_path / "data", {"train": (4, 2), "val": (2, 2)})
+    out = tmp_path / "f.h5"
+    proc = _slow(tmp_path, _args(root, out), delay=0.5)  # waits until the first batch is being written
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines()[-1:] == [f"Error: interrupted; {out} was not changed; the rows written so far are "
+                                        f"in {out}.partial: continue with --resume"]
+    assert not out.exists() and not Path(f"{out}.lock").exists() and _temps(tmp_path) == []
+    r = CliRunner().invoke(main, ["extract", *_args(root, out), "--resume"])
+    assert r.exit_code == 0, r.output
+
+
+def test_ctrl_c_during_training_says_nothing_was_written(tmp_path, monkeypatch):
+    import lt_rebalance.experiments as experiments
+
+    feats = _small_features(tmp_path / "f.h5")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "run_ncm", interrupted)
+    r = CliRunner().invoke(main, ["ncm", "-f", str(feats), "--save", str(tmp_path / "ncm.pt")])
+    assert r.exit_code == 130 and r.output == "Error: interrupted; no output was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_ctrl_c_during_demo_leaves_a_folder_that_overwrite_replaces(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    import lt_rebalance.demo as demo
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "train_stage1", interrupted)  # after the images were written
+    out = tmp_path / "d"
+    r = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick", "--quiet"])
+    assert r.exit_code == 130
+    assert r.output == f"Error: interrupted; {out} holds an unfinished demo: rerun with --overwrite to replace it\n"
+    (out / "mine.txt").write_text("keep me")
+    demo.prepare_out(out, True, ["results.json"])  # what --overwrite does first
+    assert sorted(p.name for p in out.iterdir()) == [demo.MANIFEST, "mine.txt"]

@@ -94,6 +94,15 @@ class Interrupted(click.ClickException):
     exit_code = 130
 
 
+@contextmanager
+def interrupts_as_errors() -> Iterator[None]:
+    """Ctrl-C becomes :class:`Interrupted` (its message from the writer that stopped), not click's "Aborted!"."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise Interrupted(str(e) or "interrupted; no output was written") from None
+
+
 def handle_user_errors(f: Callable) -> Callable:
     """Decorator form of :func:`user_errors`."""
 
