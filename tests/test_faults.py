@@ -279,19 +279,31 @@ def test_read_only_folder_fails_before_training(tmp_path, tmpfs, monkeypatch):
 
 
 # -- Ctrl-C in the other writers ---------------------------------------------------------------------
-def test_ctrl_c_during_extract_keeps_the_partial_for_resume(tmp_path):
+def test_ctrl_c_during_extract_keeps_the_partial_for_resume(tmp_path, monkeypatch):
+    """A real SIGINT once the first batch is written; the extract command itself (also run as
+    ``python -m lt_rebalance.extract``, without the ``ltr`` group) says so in one line, exit 130."""
     from conftest import make_image_folder
-    from test_extract_concurrency import _args, _slow
+    from lt_rebalance.extract.cli import extract
+    from test_extract_concurrency import _args
+
+    from lt_rebalance.store import FeatureFileWriter
 
     root = make_image_folder(tmp_path / "data", {"train": (4, 2), "val": (2, 2)})
     out = tmp_path / "f.h5"
-    proc = _slow(tmp_path, _args(root, out), delay=0.5)  # waits until the first batch is being written
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert stderr.splitlines()[-1:] == [f"Error: interrupted; {out} was not changed; the rows written so far are "
-                                        f"in {out}.partial: continue with --resume"]
+    append = FeatureFileWriter.append
+
+    def append_then_ctrl_c(self, *a, **k):
+        rows = append(self, *a, **k)
+        os.kill(os.getpid(), signal.SIGINT)  # from the writer thread; Python raises it in the main thread
+        return rows
+
+    monkeypatch.setattr(FeatureFileWriter, "append", append_then_ctrl_c)
+    r = CliRunner().invoke(extract, _args(root, out))
+    assert r.exit_code == 130, r.output
+    assert r.output == (f"Error: interrupted; {out} was not changed; the rows written so far are in "
+                        f"{out}.partial: continue with --resume\n")
     assert not out.exists() and not Path(f"{out}.lock").exists() and _temps(tmp_path) == []
+    monkeypatch.setattr(FeatureFileWriter, "append", append)
     r = CliRunner().invoke(main, ["extract", *_args(root, out), "--resume"])
     assert r.exit_code == 0, r.output
 
