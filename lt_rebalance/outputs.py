@@ -36,7 +36,6 @@ PathLike = Union[str, os.PathLike]
 
 _HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
 _TEMP = re.compile(r"^\..+\.ltr-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
-_TEMP_V0 = re.compile(r"^\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")  # lt-rebalance <= 0.x: no host
 
 _HINTS = {
     errno.ENOSPC: "free some space or choose another folder",
@@ -87,8 +86,9 @@ def _alive(pid: int) -> bool:
 def remove_stale_temps(folder: PathLike) -> list[Path]:
     """Remove our temporary files in ``folder`` left by dead processes of this host; returns them.
 
-    Only regular files owned by this user whose name matches :func:`temp_path`'s pattern (or the
-    host-less one of earlier versions) and whose pid is not running are removed.
+    Only regular files owned by this user whose name matches :func:`temp_path`'s pattern, written
+    on this host by a pid that no longer runs, are removed. (Earlier versions named them
+    ``.NAME.PID.HEX.tmp``, too close to a user's name to delete unasked.)
     """
     removed = []
     try:
@@ -97,11 +97,7 @@ def remove_stale_temps(folder: PathLike) -> list[Path]:
         return removed
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if m is None:
-            m = _TEMP_V0.match(entry.name)
-        elif m["host"] != _HOST:
-            continue
-        if m is None:
+        if m is None or m["host"] != _HOST:
             continue
         try:
             st = entry.stat(follow_symlinks=False)
