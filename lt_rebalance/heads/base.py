@@ -203,15 +203,14 @@ class BaseHead:
         return decode_labels(self.classes_, index, isinstance(X, torch.Tensor))
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Accuracy of :meth:`predict` on (X, y) (weighted by ``sample_weight``)."""
-        from .labels import index_labels
+        """Accuracy of :meth:`predict` on (X, y), weighted by ``sample_weight``; a label outside
+        ``classes_`` (a class without rows in this fit, as in a cross-validation fold) counts as a miss."""
+        from .labels import label_array
 
-        check_is_fitted(self, self._state)
-        hit = (self._forward(X).argmax(dim=1) == index_labels(y, self.classes_, self._device)).double()
-        if sample_weight is None:
-            return hit.mean().item()
-        w = as_tensor(sample_weight, torch.float64, hit.device)
-        return ((hit * w).sum() / w.sum()).item()
+        pred = self.predict(X)
+        hit = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred) == label_array(y)
+        w = sample_weight.cpu() if isinstance(sample_weight, torch.Tensor) else sample_weight
+        return float(np.average(hit, weights=None if w is None else np.asarray(w, dtype=np.float64)))
 
     def evaluate(self, X: Any, y: Any, counts: Any, **kwargs: Any) -> dict[str, float]:
         """The metrics of :func:`lt_rebalance.metrics.evaluate` on (X, y); ``counts`` in ``classes_`` order."""
