@@ -294,3 +294,19 @@ def test_gridsearch_over_a_stage1_head_own_parameters():
     prior = np.log(counts / counts.sum())
     want = [np.mean([np.mean((X[te] @ W.T - t * prior).argmax(1) == y[te]) for _, te in cv.split(X)]) for t in taus]
     np.testing.assert_allclose(la.cv_results_["mean_test_score"], want, atol=1e-12)
+
+
+@needs_sklearn
+def test_gridsearch_lws_passes_each_candidate_to_a_fresh_clone():
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    X, y = blobs(seed=6, spread=1.0)
+    W = np.random.default_rng(3).normal(size=(3, 4)).astype(np.float32)
+    cv = StratifiedKFold(3)
+    lrs = [0.05, 0.5]
+    search = GridSearchCV(LWS(W, epochs=3, device="cpu"), {"lr": lrs}, cv=cv).fit(X, y)
+    for i, lr in enumerate(lrs):
+        want = np.mean([np.mean(LWS(W, epochs=3, lr=lr, device="cpu").fit(X[tr], y[tr]).predict(X[te]) == y[te])
+                        for tr, te in cv.split(X, y)])
+        assert search.cv_results_["mean_test_score"][i] == pytest.approx(want, abs=1e-12)
+    assert search.best_estimator_.lr == lrs[int(np.argmax(search.cv_results_["mean_test_score"]))]
