@@ -371,7 +371,7 @@ def run_calibrate(
     scaled = TemperatureScaled(head).fit(*ctx.load("val"))
     X, y = ctx.load(eval_split)
     before, after = (
-        calibration_metrics(h.decision_function(X), y, ctx.counts, **ctx.thresholds) for h in (head, scaled)
+        calibration_metrics(h.scores(X), y, ctx.counts, **ctx.thresholds) for h in (head, scaled)
     )
     return {
         "method": "calibrate",
