@@ -146,15 +146,13 @@ def score_row_statistics(scores: Any, labels: Any, num_classes: int) -> dict[str
 
 
 def head_row_statistics(head: Any, X: Any, labels: Any, num_classes: int) -> dict[str, torch.Tensor]:
-    """:func:`row_statistics` of a fitted head's scores on X (N, D), computed a block of rows at a
-    time, so no (N, C) score matrix exists. X moves to the head's device once."""
-    from .heads.base import to_features
-
-    X = to_features(X, head.fitted_device())
+    """:func:`row_statistics` of a fitted head's scores on X (N, D) for labels int64 (N,) (indices
+    into ``classes_``), computed a block of rows at a time (``head.scores_in_blocks``), so no
+    (N, C) score matrix exists."""
     labels = _tensor(labels, torch.int64)
     if labels.shape != (len(X),):
         raise ValueError(f"labels must have shape ({len(X)},) to match the features; got {tuple(labels.shape)}")
-    return _rows(((head.decision_function(X[s]), labels[s]) for s in _blocks(len(labels))), num_classes)
+    return _rows(((z, labels[s]) for s, z in head.scores_in_blocks(X, SCORE_ROWS)), num_classes)
 
 
 def evaluate(

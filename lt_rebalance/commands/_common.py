@@ -6,12 +6,13 @@ line, exit status 1) or ``click.BadParameter``/``UsageError`` (exit status 2).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
 import re
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import click
 
@@ -96,13 +97,33 @@ def log(message: str, quiet: bool = False) -> None:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's ValueError/FileNotFoundError/FileExistsError into one-line CLI errors."""
+    """Turn the library's ValueError and OS errors (missing, existing, read-only, full, ...) into one-line CLI errors."""
     try:
         yield
     except click.ClickException:
         raise
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. EROFS or ENOSPC outside a writer of lt_rebalance.outputs: name the path
+        if e.strerror is None:
+            raise click.ClickException(str(e)) from None
+        where = f"{e.filename}: " if e.filename else ""
+        raise click.ClickException(f"{where}{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})") from None
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: one ``Error:`` line saying what was (not) changed, exit status 130 (128 + SIGINT)."""
+
+    exit_code = 130
+
+
+@contextmanager
+def interrupts_as_errors() -> Iterator[None]:
+    """Ctrl-C becomes :class:`Interrupted` (its message from the writer that stopped), not click's "Aborted!"."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise Interrupted(str(e) or "interrupted; no output was written") from None
 
 
 def handle_user_errors(f: Callable) -> Callable:
@@ -123,12 +144,13 @@ def open_store(path: str, allow_incomplete: bool = False):
         return FeatureStore(path, allow_incomplete=allow_incomplete)
 
 
-def check_writable(path: Optional[str], overwrite: bool) -> None:
-    """Fail before any work when an output file (--out, --save) cannot be written; None: no output."""
+def check_writable(path: Optional[str], overwrite: bool, inputs: Iterable[Optional[str]] = ()) -> None:
+    """Fail before any work when an output file (--out, --save) cannot be written or is one of the
+    command's ``inputs`` (with or without --overwrite); None: no output."""
     if path:
-        from ..store import atomic_output
+        from ..outputs import check_output
 
-        atomic_output(path, overwrite)
+        check_output(path, overwrite, inputs)
 
 
 def resolve_device(device: str) -> str:

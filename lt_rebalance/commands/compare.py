@@ -60,7 +60,7 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     from ..experiments import Context
     from ..experiments import compare as run_compare
 
-    check_writable(out, overwrite)  # fail early if --out cannot be written
+    check_writable(out, overwrite, [features])  # fail early if --out cannot be written
     store = open_store(features, allow_incomplete)
     ctx = Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device), seed=seed,
                   thresholds=thresholds, max_memory=max_memory)
@@ -72,5 +72,5 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
         from ..store import atomic_write
 
         text = to_json(result)
-        atomic_write(out, lambda tmp: tmp.write_text(text), overwrite)
+        atomic_write(out, lambda tmp: tmp.write_text(text), overwrite, [features])
     emit(result, as_json, compare_table)

@@ -85,7 +85,7 @@ def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overw
     """Nearest class mean on the cached train features (needs no stored classifier)."""
     from ..experiments import run_ncm
 
-    check_writable(save, overwrite)
+    check_writable(save, overwrite, [features])
     ctx = _context(features, allow_incomplete, splits, max_memory=max_memory)
     require_split(ctx.store, "train", "to compute class means")
     result, head = run_ncm(ctx, variant)
@@ -280,7 +280,7 @@ def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
     from ..experiments import run_crt
 
     sampler = _check_training_args(epochs, batch_size, sampler)
-    check_writable(save, overwrite)
+    check_writable(save, overwrite, [features])
     ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed, max_memory)
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)
@@ -308,7 +308,7 @@ def lws(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
     from ..experiments import run_lws
 
     sampler = _check_training_args(epochs, batch_size, sampler)
-    check_writable(save, overwrite)
+    check_writable(save, overwrite, [features])
     ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed, max_memory)
     require_head(ctx.store, "lws")
     require_split(ctx.store, "train", "to train on")

@@ -4,13 +4,22 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
 from ..blocks import SCORE_ROWS, float32_rows, linear_logits, row_blocks
-from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted, resolve_device
-from .training import ProgressFn, TrainHistory, flush_tiny_gradient, sgd_constraints, train_sgd_members
+from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_fit_data, resolve_device
+from .training import (
+    DEFAULT_BATCH_SIZE,
+    ProgressFn,
+    TrainHistory,
+    effective_batch_size,
+    flush_tiny_gradient,
+    sgd_constraints,
+    train_sgd_members,
+)
 
 LOSSES = ("ce", "balanced-softmax")
 CLASS_WEIGHTS = ("none", "cb")
@@ -36,7 +45,8 @@ class CRT(BaseHead):
 
     Defaults are the reference's: fresh ``nn.Linear`` initialisation, cross-entropy, SGD momentum
     0.9, weight decay 5e-4, lr 0.2, batch 512, 10 epochs (iNaturalist: 30 epochs, wd 1e-4),
-    cosine schedule, the epoch with the best val top-1 kept.
+    cosine schedule, the epoch with the best val top-1 kept. The default batch shrinks to the
+    number of train rows on a smaller set (:func:`~lt_rebalance.heads.training.effective_batch_size`).
 
     Cached-feature caveat: the reference re-trains on freshly augmented images with the backbone
     in train mode (BatchNorm statistics keep moving). On fixed features this cannot be exact; with
@@ -61,8 +71,19 @@ class CRT(BaseHead):
     ----------
     weight_ : float32 (C, D)
     bias_ : float32 (C,)
+        Row j is class ``classes_[j]``.
+    classes_ : ndarray (C,)
+        The sorted train labels, or arange(num_classes) when ``fit`` is given ``num_classes``
+        (classes without train rows keep their row).
     history_ : TrainHistory
         Per-epoch loss, lr, val top-1 and the kept epoch.
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(logits): the head's own cross-entropy model, but trained under
+    ``sampler`` (class-balanced by default), so it estimates p(class | x) for a *balanced*
+    class prior, not the train or test prior. With ``loss="balanced-softmax"`` the same holds
+    by construction. Calibrate on val with :class:`~lt_rebalance.posthoc.TemperatureScaled`.
     """
 
     _parameter_constraints = {
@@ -72,13 +93,14 @@ class CRT(BaseHead):
         "beta": [Interval(float, 0, 1, closed="neither")],
         "label_smoothing": [Interval(float, 0, 1, closed="left")],
     }
+    _state = "weight_"
 
     def __init__(
         self,
         *,
         epochs: int = 10,
         lr: float = 0.2,
-        batch_size: int = 512,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         sampler: Any = "cb",
@@ -118,12 +140,14 @@ class CRT(BaseHead):
         views: Any = None,
         num_classes: Optional[int] = None,
     ) -> CRT:
-        """Train on (X, y), float (N, D) and int (N,); float16 features stay float16 (each batch is upcast).
+        """Train on (X, y), float (N, D) and labels (N,); (X_val, y_val) select the best epoch.
+        float16 features stay float16 (each batch is upcast).
 
         ``views``: optional (K, N, D) augmented train features (any float dtype); each step then
-        draws one of the K views per row. ``num_classes`` defaults to max(y) + 1.
+        draws one of the K views per row. ``num_classes``: the labels are ints in [0, num_classes)
+        (classes_ = arange(num_classes)); by default classes_ are the distinct labels of y.
         """
-        (self.weight_, self.bias_, self.history_), = self._fit_members(
+        self.classes_, [(self.weight_, self.bias_, self.history_)] = self._fit_members(
             X, y, X_val, y_val, views, num_classes, [(self.lr, self.weight_decay)]
         )
         self.n_features_in_ = self.weight_.shape[1]
@@ -138,8 +162,8 @@ class CRT(BaseHead):
         views: Any,
         num_classes: Optional[int],
         grid: Sequence[tuple[float, float]],
-    ) -> list[tuple[torch.Tensor, torch.Tensor, TrainHistory]]:
-        """Train one head per (lr, weight_decay) of ``grid`` in one pass: (weight, bias, history) each.
+    ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, TrainHistory]]]:
+        """Train one head per (lr, weight_decay) of ``grid`` in one pass: classes_ and (weight, bias, history) each.
 
         Every member starts from the same initialisation and sees the same batches and view draws
         as a lone run with this seed; the G heads form one [G·C, D] layer, so a step is one GEMM.
@@ -147,11 +171,9 @@ class CRT(BaseHead):
         for lr, wd in grid:
             CRT(**{**self.get_params(), "lr": lr, "weight_decay": wd})._validate_params()
         device = resolve_device(self.device)
-        X, y = check_features(X, y, device=device)
+        X, y, classes = check_fit_data(X, y, num_classes, device)
         N, D = X.shape
-        C = int(num_classes if num_classes is not None else y.max().item() + 1)
-        if y.min() < 0 or y.max() >= C:
-            raise ValueError(f"labels must lie in [0, {C}); got range [{int(y.min())}, {int(y.max())}]")
+        C = len(classes)
         counts = torch.bincount(y, minlength=C).to(device)
         if views is not None:
             views = as_tensor(views, views.dtype if isinstance(views, torch.Tensor) else torch.float32, device)
@@ -188,7 +210,7 @@ class CRT(BaseHead):
 
         validate = None
         if X_val is not None:
-            Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
+            Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device)
 
             def validate() -> torch.Tensor:  # top-1 of every member, a block of val rows at a time
                 hits = sum(((logits(float32_rows(Xv, s)).argmax(2) == yv[s, None]).sum(0)
@@ -201,7 +223,7 @@ class CRT(BaseHead):
             make_sampler(self.sampler, y.cpu(), C),
             epochs=self.epochs,
             lrs=[lr for lr, _ in grid],
-            batch_size=self.batch_size,
+            batch_size=effective_batch_size(self.batch_size, N),
             momentum=self.momentum,
             weight_decays=[wd for _, wd in grid],
             schedule=self.schedule,
@@ -210,10 +232,8 @@ class CRT(BaseHead):
             keep_best=self.keep_best,
             progress=self.progress,
         )
-        return [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)]
+        return classes, [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)]
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C)."""
-        check_is_fitted(self, "weight_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.weight_.device)
         return linear_logits(X, self.weight_, self.bias_)

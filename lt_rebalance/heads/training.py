@@ -18,6 +18,13 @@ import torch
 from ..samplers import SAMPLERS, BaseSampler
 
 SCHEDULES = ("cosine", "cosine-reference", "constant")
+DEFAULT_BATCH_SIZE = 512  # the reference's batch for cRT and LWS
+
+
+def effective_batch_size(batch_size: int, n_rows: int) -> int:
+    """The batch a run uses: the default (512) shrinks to ``n_rows`` on a smaller train set; any
+    other value is kept as given (the sampler rejects one larger than the data)."""
+    return min(batch_size, n_rows) if batch_size == DEFAULT_BATCH_SIZE else batch_size
 
 # progress(epoch, num_epochs, mean_loss, val_score_or_None)
 ProgressFn = Callable[[int, int, float, Optional[float]], None]
