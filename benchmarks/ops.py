@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .harness import PeakRSS, Result, timed
-from .processes import child_run, ltr_argv, process_memory_op
+from .processes import child_run, larger_than_memory_op, ltr_argv, process_memory_op
 
 
 @dataclass
@@ -403,6 +403,7 @@ OPERATIONS: dict[str, Callable[[Bench], Result]] = {
     "extraction": extraction_op,
     "startup": startup_op,
     "process_memory": process_memory_op,
+    "larger_than_memory": larger_than_memory_op,
 }
 
 

@@ -89,3 +89,64 @@ def process_memory_op(b, commands: Optional[tuple[str, ...]] = None) -> list[Res
             floor_peak_rss_mib=floor_mib, note=note, runs=[seconds], floor_runs=[import_s],
         ).finish())
     return rows
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # cgroup v1 memory controller (where writable)
+
+
+def _cgroup(limit: int) -> Optional[Path]:
+    """A fresh memory cgroup limited to ``limit`` bytes (swap included), or None where none can be made."""
+    path = CGROUP_ROOT / f"ltr-bench-{time.time_ns()}"
+    try:
+        path.mkdir()
+        (path / "memory.limit_in_bytes").write_text(str(limit))
+        memsw = path / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            memsw.write_text(str(limit))
+    except OSError:
+        if path.exists():
+            path.rmdir()
+        return None
+    return path
+
+
+def larger_than_memory_op(b, commands: Optional[tuple[str, ...]] = None) -> list[Result]:
+    """Each command run with ``--max-memory`` at half the file's feature bytes (the file is 2x the
+    allowance), inside a memory cgroup of torch import + that allowance where one can be made, and
+    its JSON compared with the in-memory run's: identical results are the goal (ratio = peak
+    cgroup memory / limit)."""
+    commands = commands or (TINY_COMMANDS if b.scale.name == "tiny" else ("joint", "ncm", "tau-sweep", "crt"))
+    import_s, import_mib = child_run([sys.executable, "-c", "import torch"])
+    allowance = feature_bytes(b.store) // 2
+    limit = int(import_mib * 2**20) + allowance
+    rows = []
+    for name in commands:
+        args = COMMANDS[name]
+        base = ltr_argv(*args, "-f", str(b.path), "--json")
+        ref, out = (Path(b.workdir or ".") / f".bench-{name}-{k}.json" for k in ("memory", "mapped"))
+        child_run(base, ref)
+        group = _cgroup(limit)
+        argv = [*base, "--max-memory", str(allowance)]
+        if group is not None:
+            argv = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *argv]
+        try:
+            seconds, peak = child_run(argv, out)
+            if group is not None:
+                peak = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20
+        finally:
+            if group is not None:
+                group.rmdir()
+        same = ref.read_text() == out.read_text()
+        ref.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+        where = f"cgroup limit {limit / 2**20:.0f} MiB" if group is not None else "no cgroup (limit not enforced)"
+        note = (f"file features {2 * allowance / 2**20:.0f} MiB, --max-memory {allowance / 2**20:.0f} MiB, {where}; "
+                f"results identical to the in-memory run: {same}")
+        b.log(f"  ltr {' '.join(args)} --max-memory: {seconds:.1f} s, peak {peak:.0f} MiB; {note}")
+        rows.append(Result(
+            "larger_than_memory", f"`ltr {' '.join(args)} --max-memory` on a file 2x the allowance", seconds, import_s,
+            "torch import + allowance", "memory", 1.0, peak_rss_mib=peak, floor_peak_rss_mib=limit / 2**20,
+            note=note, runs=[seconds], floor_runs=[import_s],
+        ).finish())
+        rows[-1].passed = rows[-1].passed and same
+    return rows
