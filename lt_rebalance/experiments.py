@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -21,7 +21,7 @@ from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
 from .heads.base import all_finite
 from .heads.crt_grid import CRTGrid
 from .heads.tau_norm import DEFAULT_TAUS
-from .metrics import DEFAULT_FEW, DEFAULT_MANY
+from .metrics import DEFAULT_FEW, DEFAULT_MANY, evaluate
 from .posthoc import (
     LogitAdjustment,
     TemperatureScaled,
@@ -30,6 +30,7 @@ from .posthoc import (
     pc_softmax,
     select_tau,
 )
+from .protocols import Protocol, implied_prior, paired_differences, protocol_report, seed_summary
 from .store import FeatureStore
 
 CURVE_KEYS = ("all", "many", "medium", "few", "mean_class")
@@ -49,8 +50,11 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     thresholds: dict = field(default_factory=dict)  # many=, few= for the shot groups
+    protocol: Protocol = field(default_factory=Protocol)  # shifted priors, bootstrap (lt_rebalance.protocols)
     _cache: dict = field(default_factory=dict, repr=False)
     _head: Optional[tuple] = field(default=None, repr=False)
+    # bootstrap samples of the last report, split -> {metric: (B,)}: paired differences in ``compare``
+    samples: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.eval_splits:
@@ -92,13 +96,41 @@ class Context:
     def val(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         return self.load("val") if "val" in self.store.splits else (None, None)
 
-    def report(self, head: Any) -> dict[str, dict]:
-        """Metrics of a fitted head on every evaluation split."""
-        out = {}
+    def evaluate(self, head: Any, split: str, out: dict, protocol: bool = True) -> dict:
+        """Metrics of ``head`` on ``split``; with ``protocol``, its numbers go into ``out``.
+
+        ``out`` receives ``"ci": {split: ..}`` (bootstrap) and, on the test split, ``"shifted"`` and
+        ``"shifted_corrected"`` (:func:`lt_rebalance.protocols.protocol_report`).
+        """
+        X, y = self.load(split)
+        scores = head.decision_function(X)
+        metrics = evaluate(scores, y, self.counts, **self.thresholds)
+        if protocol and self.protocol.active:
+            implied = None
+            if self.protocol.test_priors and split == "test":
+                try:
+                    implied = implied_prior(head, self.counts)
+                except ValueError:  # a head of unknown prior: plain shifted numbers only
+                    pass
+            extra = protocol_report(scores, y, self.counts, self.protocol, shifted=split == "test",
+                                    implied=implied, **self.thresholds)
+            if "_samples" in extra:
+                self.samples[split] = extra.pop("_samples")
+                out.setdefault("ci", {})[split] = extra.pop("ci")
+            out.update(extra)
+        return metrics
+
+    def report(self, head: Any, protocol: bool = True) -> dict[str, dict]:
+        """Metrics of a fitted head on every evaluation split, plus the protocol's keys (see :meth:`evaluate`)."""
+        out: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        if protocol and self.protocol.test_priors and "test" not in self.eval_splits:
+            raise ValueError("--test-priors are evaluated on the test split; add it to --splits")
+        if protocol and self.protocol.active:
+            self.samples.clear()
         for split in self.eval_splits:
-            X, y = self.load(split)
-            out[split] = head.evaluate(X, y, self.counts, **self.thresholds)
-        return out
+            out[split] = self.evaluate(head, split, extra, protocol)
+        return {**out, **extra}
 
 
 def _joint_head(ctx: Context) -> JointHead:
@@ -170,9 +202,10 @@ def _sweep_report(
     except ValueError:
         raise ValueError(f"cannot select tau on {select_on!r} by {metric!r}: it is undefined on that split") from None
     head = make_head(tau)
-    X, y = ctx.load(eval_split)
-    metrics = head.evaluate(X, y, ctx.counts, **ctx.thresholds)
-    return {**result, "selected_tau": tau, "selected_on": select_on, eval_split: metrics}, head
+    extra: dict[str, Any] = {}
+    ctx.samples.clear()
+    metrics = ctx.evaluate(head, eval_split, extra)
+    return {**result, "selected_tau": tau, "selected_on": select_on, eval_split: metrics, **extra}, head
 
 
 def run_tau_sweep(
@@ -258,7 +291,7 @@ def run_crt(
                 "weight_decay": e.weight_decay,
                 "best_epoch": e.history_.best_epoch,
                 "diverged": e.history_.diverged,
-                **({s: None for s in ctx.eval_splits} if e.history_.diverged else ctx.report(e)),
+                **({s: None for s in ctx.eval_splits} if e.history_.diverged else ctx.report(e, protocol=False)),
             }
             for e in search.estimators_
         ]
@@ -327,7 +360,26 @@ METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
     "pc_softmax": (run_pc_softmax, True),
 }
 SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val split
-TRAINED = ("crt", "lws")  # runners that take ``log`` (per-epoch progress)
+TRAINED = ("crt", "lws")  # runners that take ``log`` (per-epoch progress) and a seed
+
+
+def run_seeds(ctx: Context, method: str, seeds: Sequence[int], **kwargs: Any) -> tuple[dict, Any]:
+    """Train ``method`` (a :data:`TRAINED` name) once per seed; the first seed's result and head.
+
+    The result gains ``"over_seeds": {"seeds": [...], <split>: {metric: {"mean", "std"}}}`` (sample
+    std); the protocol (bootstrap, shifted priors) is computed for the first seed's head only.
+    """
+    if method not in TRAINED:
+        raise ValueError(f"--seeds applies to the trained heads ({', '.join(TRAINED)}); got {method!r}")
+    runner = METHODS[method][0]
+    runs = []
+    for i, seed in enumerate(seeds):
+        sub = replace(ctx, seed=seed, protocol=ctx.protocol if i == 0 else Protocol())
+        result, head = runner(sub, **kwargs)
+        runs.append((result, head))
+    first, head = runs[0]
+    first["over_seeds"] = {"seeds": list(seeds), **seed_summary([r for r, _ in runs], ctx.eval_splits)}
+    return first, head
 
 
 def run_calibrate(
@@ -373,18 +425,23 @@ def compare(
     overrides: Optional[dict[str, dict]] = None,
     log: Optional[Callable[[str], None]] = None,
     heads: Optional[dict[str, Any]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    samples: Optional[list] = None,
 ) -> dict:
     """Run ``methods`` (default: all that the file supports) with defaults; time each.
 
     ``overrides`` maps a method to keyword arguments for its runner (e.g. fewer epochs).
     ``heads``, when given, receives each method's fitted head (name -> head), e.g. to save one.
+    ``seeds``: the trained heads run once per seed (:func:`run_seeds`). With ``ctx.protocol.bootstrap``
+    each row gains ``"ci"`` and ``"vs_best"`` (paired differences against the best row, same
+    resamples); ``samples``, when given, receives each row's bootstrap samples (for pooling files).
     Returns ``{"rows": [{"method", <split>: metrics, "seconds", ...}], "skipped": [...]}``.
     """
     names = list(methods or METHODS)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    rows, skipped = [], []
+    rows, skipped, row_samples = [], [], []
     for name in names:
         runner, needs_head = METHODS[name]
         if needs_head and not ctx.store.has_head:
@@ -395,7 +452,10 @@ def compare(
             kwargs["log"] = log
         t0 = time.perf_counter()
         try:
-            row, head = runner(ctx, **kwargs)
+            if seeds and len(seeds) > 1 and name in TRAINED:
+                row, head = run_seeds(ctx, name, seeds, **kwargs)
+            else:
+                row, head = runner(replace(ctx, seed=seeds[0]) if seeds else ctx, **kwargs)
         except ValueError as e:
             if name in SELECTED_ON_VAL and "val" not in ctx.store.splits:
                 skipped.append({"method": name, "reason": str(e)})
@@ -406,6 +466,11 @@ def compare(
         row.pop("history", None)
         row["seconds"] = round(time.perf_counter() - t0, 4)
         rows.append(row)
+        row_samples.append(dict(ctx.samples))
         if log:
             log(f"{name}: {row['seconds']:.2f} s")
+    if ctx.protocol.bootstrap and samples is None:
+        paired_differences(rows, row_samples, ctx.protocol.ci_level)
+    if samples is not None:
+        samples.extend(row_samples)
     return {"rows": rows, "skipped": skipped, "eval_splits": list(ctx.eval_splits), "thresholds": ctx.group_thresholds}
