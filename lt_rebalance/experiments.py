@@ -118,6 +118,7 @@ class Context:
                 self.samples[split] = extra.pop("_samples")
                 out.setdefault("ci", {})[split] = extra.pop("ci")
             out.update(extra)
+            out["protocol"] = self.protocol.describe()
         return metrics
 
     def report(self, head: Any, protocol: bool = True) -> dict[str, dict]:
@@ -474,3 +475,66 @@ def compare(
     if samples is not None:
         samples.extend(row_samples)
     return {"rows": rows, "skipped": skipped, "eval_splits": list(ctx.eval_splits), "thresholds": ctx.group_thresholds}
+
+
+def check_same_classes(contexts: Sequence[Context]) -> None:
+    """ValueError (with the reason) unless every file has the same classes, train counts and splits."""
+    first = contexts[0]
+    for ctx in contexts[1:]:
+        a, b = first.store, ctx.store
+        if b.num_classes != a.num_classes:
+            reason = f"{b.num_classes} classes vs {a.num_classes}"
+        elif a.class_names is not None and b.class_names is not None and a.class_names != b.class_names:
+            i = next(k for k, (x, y) in enumerate(zip(a.class_names, b.class_names)) if x != y)
+            reason = f"class {i} is {b.class_names[i]!r} vs {a.class_names[i]!r}"
+        elif not torch.equal(ctx.counts, first.counts):
+            i = int((ctx.counts != first.counts).nonzero()[0])
+            reason = f"class {i} has {int(ctx.counts[i])} train rows vs {int(first.counts[i])}"
+        elif list(ctx.eval_splits) != list(first.eval_splits):
+            reason = f"evaluation splits {', '.join(ctx.eval_splits)} vs {', '.join(first.eval_splits)}"
+        else:
+            continue
+        raise ValueError(f"cannot compare {b.path} with {a.path}: {reason}; the files of one compare must "
+                         "share classes, train counts and splits (stage-1 representations of one dataset)")
+
+
+def compare_files(
+    contexts: Sequence[Context],
+    labels: Sequence[str],
+    methods: Optional[Sequence[str]] = None,
+    overrides: Optional[dict[str, dict]] = None,
+    log: Optional[Callable[[str], None]] = None,
+    heads: Optional[dict[str, dict[str, Any]]] = None,
+    seeds: Optional[Sequence[int]] = None,
+) -> dict:
+    """:func:`compare` on several feature files (``labels``: their paths as given) in one result.
+
+    Every row and skipped entry gains ``"features"``. With a bootstrap, the paired differences are
+    against the best row of all files when their test labels are identical (same rows, same order:
+    the same resamples apply), else against the best row of the same file. ``heads``, when given,
+    receives label -> method -> fitted head. For one file, ``"features"`` is its path, else the list.
+    """
+    check_same_classes(contexts)
+    rows, skipped, samples, owners = [], [], [], []
+    for label, ctx in zip(labels, contexts):
+        if log and len(contexts) > 1:
+            log(f"== {label}")
+        file_heads = {} if heads is not None else None
+        part = compare(ctx, methods, overrides, log, heads=file_heads, seeds=seeds, samples=samples)
+        if heads is not None:
+            heads[label] = file_heads
+        for r in (*part["rows"], *part["skipped"]):
+            r["features"] = label
+        rows += part["rows"]
+        skipped += part["skipped"]
+        owners += [label] * len(part["rows"])
+    if contexts[0].protocol.bootstrap:
+        same_test = all("test" in c.store.splits and torch.equal(c.load("test")[1], contexts[0].load("test")[1])
+                        for c in contexts) if "test" in contexts[0].store.splits else False
+        groups = [list(range(len(rows)))] if same_test else \
+            [[i for i, o in enumerate(owners) if o == label] for label in labels]
+        for g in groups:
+            paired_differences([rows[i] for i in g], [samples[i] for i in g], contexts[0].protocol.ci_level)
+    return {"rows": rows, "skipped": skipped, "eval_splits": list(contexts[0].eval_splits),
+            "thresholds": contexts[0].group_thresholds, "features": labels[0] if len(labels) == 1 else list(labels),
+            **({"protocol": contexts[0].protocol.describe()} if contexts[0].protocol.active else {})}

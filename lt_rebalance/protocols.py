@@ -55,6 +55,11 @@ class Protocol:
     def active(self) -> bool:
         return bool(self.test_priors) or self.bootstrap > 0
 
+    def describe(self) -> dict:
+        """The settings as results record them (JSON ``"protocol"``)."""
+        return {"test_priors": list(self.test_priors), "bootstrap": self.bootstrap, "ci_level": self.ci_level,
+                "bootstrap_seed": self.bootstrap_seed, "interval": "percentile, stratified by class"}
+
     def resamples(self, labels: torch.Tensor) -> Iterator[torch.Tensor]:
         """The (b, N) index chunks of :func:`stratified_resamples` for ``labels`` (same for every method)."""
         return stratified_resamples(labels, self.bootstrap, self.bootstrap_seed)
