@@ -19,7 +19,7 @@ import torch
 
 from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
 from .heads.base import all_finite
-from .heads.crt_grid import CRTGrid
+from .heads.crt_grid import CRTGrid, fit_seeds
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY, evaluate
 from .posthoc import (
@@ -264,9 +264,13 @@ def run_crt(
     views: int = 0,
     log: Optional[Callable[[str], None]] = None,
     grid: Optional[tuple[Sequence[float], Sequence[float]]] = None,
+    seeds: Optional[Sequence[int]] = None,
     **params: Any,
 ) -> tuple[dict, CRT]:
     """cRT with ``params`` (CRT's keyword arguments); ``views`` > 0 trains on K stored views.
+
+    ``seeds`` (more than one): one head per seed, trained in one pass (:func:`fit_seeds`); the
+    first seed's head is reported, with ``"over_seeds"`` as in :func:`run_seeds`.
 
     ``grid`` = (lrs, weight_decays) trains every combination in one pass (:class:`CRTGrid`) and
     selects the best val top-1; the result (of the selected head) then also has ``"grid"``: one
@@ -279,6 +283,18 @@ def run_crt(
     head = CRT(device=ctx.device, progress=_epoch_logger("crt", log), **params)
     fit = dict(views=V, num_classes=ctx.store.num_classes)
     extra: dict[str, Any] = {}
+    if seeds is not None and len(seeds) > 1:
+        if grid is not None:
+            raise ValueError("a cRT grid with several seeds: run one seed per grid, or one (lr, weight decay) pair")
+        members = fit_seeds(head, seeds, X, y, Xv, yv, **fit)
+        head = members[0]
+        others = [{s: None for s in ctx.eval_splits} if e.history_.diverged else ctx.report(e, protocol=False)
+                  for e in members[1:]]
+        reported = ctx.report(head)
+        extra["over_seeds"] = {"seeds": list(seeds), **seed_summary([reported, *others], ctx.eval_splits)}
+        shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device")}
+        return {"method": "crt", "params": {**shown, "views": views}, "history": _history(head.history_),
+                **reported, **extra}, head
     if grid is None:
         head.fit(X, y, Xv, yv, **fit)
     else:
@@ -367,11 +383,15 @@ TRAINED = ("crt", "lws")  # runners that take ``log`` (per-epoch progress) and a
 def run_seeds(ctx: Context, method: str, seeds: Sequence[int], **kwargs: Any) -> tuple[dict, Any]:
     """Train ``method`` (a :data:`TRAINED` name) once per seed; the first seed's result and head.
 
+    cRT trains its seeds as members of one batched run (:func:`run_crt`); LWS runs them in turn.
+
     The result gains ``"over_seeds": {"seeds": [...], <split>: {metric: {"mean", "std"}}}`` (sample
     std); the protocol (bootstrap, shifted priors) is computed for the first seed's head only.
     """
     if method not in TRAINED:
         raise ValueError(f"--seeds applies to the trained heads ({', '.join(TRAINED)}); got {method!r}")
+    if method == "crt" and kwargs.get("grid") is None:
+        return run_crt(ctx, seeds=seeds, **kwargs)  # the seeds as members of one batched run
     runner = METHODS[method][0]
     runs = []
     for i, seed in enumerate(seeds):

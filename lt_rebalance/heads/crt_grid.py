@@ -93,3 +93,33 @@ class CRTGrid(BaseHead):
         """Logits float32 (N, C) of the selected head."""
         check_is_fitted(self, "best_estimator_")
         return self.best_estimator_.decision_function(X)
+
+
+def fit_seeds(
+    estimator: CRT,
+    seeds: Sequence[int],
+    X: Any,
+    y: Any,
+    X_val: Any = None,
+    y_val: Any = None,
+    *,
+    views: Any = None,
+    num_classes: Optional[int] = None,
+) -> list[CRT]:
+    """One fitted :class:`CRT` per seed (``estimator``'s other settings), trained in one pass.
+
+    Member g has the initialisation, batch stream and view draws of a lone ``CRT(seed=seeds[g])``
+    run, and equals it up to float32 rounding of the batched GEMM; each step is one
+    (G, B, D) x (G, D, C) batched GEMM for all seeds.
+    """
+    params = estimator.get_params()
+    trainer = CRT(**params)
+    trainer._validate_params()
+    grid = [(trainer.lr, trainer.weight_decay)] * len(seeds)
+    members = trainer._fit_members(X, y, X_val, y_val, views, num_classes, grid, seeds=list(seeds))
+    out = []
+    for seed, (W, b, hist) in zip(seeds, members):
+        est = CRT(**{**params, "seed": seed})
+        est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
+        out.append(est)
+    return out
