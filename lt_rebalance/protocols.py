@@ -193,18 +193,19 @@ def em_prior(scores: torch.Tensor, implied: torch.Tensor, *, max_iter: int = 100
              tol: float = 1e-6) -> tuple[torch.Tensor, int]:
     """Target prior float64 (C,) estimated by EM on unlabelled scores (Saerens et al., 2002).
 
-    The posteriors p(y|x) = softmax(scores) are taken to hold under ``implied``; each step reweights
-    them by p_t / p_implied, renormalises, and sets p_t to their mean, until the prior moves less
-    than ``tol`` (max-norm). Returns (p_t, iterations run).
+    The posteriors P = softmax(scores) (N, C) are taken to hold under ``implied``; each step
+    reweights them by w = p_t / p_implied, renormalises each row, and sets p_t to their mean, until
+    the prior moves less than ``tol`` (max-norm). A step is two matrix-vector products:
+    p_t ← w ⊙ Pᵀ(1 / (P w)) / N. Returns (p_t, iterations run).
     """
     if max_iter < 1:
         raise ValueError(f"EM needs at least one iteration; got max_iter={max_iter}")
-    logp = torch.log_softmax(scores.to(torch.float64), dim=1)
-    log_implied = torch.log(implied.to(torch.float64)).to(logp.device)
-    p = implied.to(torch.float64).to(logp.device).clone()
+    P = torch.softmax(scores.to(torch.float64), dim=1)
+    implied = implied.to(torch.float64).to(P.device)
+    p = implied.clone()
     for it in range(1, max_iter + 1):
-        post = torch.softmax(logp + torch.log(p) - log_implied, dim=1)
-        new = post.mean(0)
+        w = p / implied
+        new = w * (P.T @ (1.0 / (P @ w))) / P.shape[0]
         done = bool((new - p).abs().max() < tol)
         p = new
         if done:

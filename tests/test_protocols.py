@@ -5,6 +5,8 @@ import torch
 
 from lt_rebalance import protocols as P
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def notebook_shift_counts(train_counts, M, name):
     """LADE's notebook ``class_distribution``: argsort of the train prior reversed, then the power law."""

@@ -15,6 +15,7 @@ from lt_rebalance.store import write_features
 
 from test_protocols import notebook_mask, notebook_shift_counts
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 C, D = 6, 8
 COUNTS = np.array([120, 80, 40, 25, 12, 6])
 

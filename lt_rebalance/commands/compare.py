@@ -162,8 +162,8 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     With several --features, every method runs on each file (each file is read once).
     """
     check_writable(out, overwrite)  # fail early if --out cannot be written
-    result = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds,
-                                 protocol, device, quiet)
+    result, _ = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds,
+                                    protocol, device, quiet)
     if out:
         from ..store import atomic_write
 
@@ -190,13 +190,14 @@ def compare_contexts(features, allow_incomplete, thresholds, splits, seed, proto
 
 
 def run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds, protocol,
-                        device, quiet, heads=None) -> dict:
-    """Check the options, run :func:`lt_rebalance.experiments.compare_files`, return its result."""
+                        device, quiet, heads=None) -> tuple[dict, list]:
+    """Check the options, run :func:`lt_rebalance.experiments.compare_files`; its result and the contexts."""
     from ..experiments import compare_files
 
     contexts = compare_contexts(features, allow_incomplete, thresholds, splits, seed, protocol, device)
     for ctx in contexts:
         check_batch_fits(ctx.store, overrides["crt"]["batch_size"])
     names = [m.strip() for m in methods.split(",")] if methods else None
-    return compare_files(contexts, list(features), names, overrides, log=None if quiet else log, heads=heads,
-                         seeds=seeds)
+    result = compare_files(contexts, list(features), names, overrides, log=None if quiet else log, heads=heads,
+                           seeds=seeds)
+    return result, contexts
