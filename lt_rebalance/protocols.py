@@ -202,15 +202,13 @@ def em_prior(scores: torch.Tensor, implied: torch.Tensor, *, max_iter: int = 100
         raise ValueError(f"EM needs at least one iteration; got max_iter={max_iter}")
     P = torch.softmax(scores.to(torch.float64), dim=1)
     implied = implied.to(torch.float64).to(P.device)
-    p = implied.clone()
-    for it in range(1, max_iter + 1):
+    p, iterations, moved = implied.clone(), 0, math.inf
+    while iterations < max_iter and moved >= tol:
         w = p / implied
         new = w * (P.T @ (1.0 / (P @ w))) / P.shape[0]
-        done = bool((new - p).abs().max() < tol)
-        p = new
-        if done:
-            break
-    return p, it
+        moved = float((new - p).abs().max())
+        p, iterations = new, iterations + 1
+    return p, iterations
 
 
 def shifted_report(scores: torch.Tensor, labels: Any, counts: Any, implied: Optional[torch.Tensor],

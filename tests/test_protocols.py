@@ -138,9 +138,9 @@ def numpy_metrics(pred, labels, counts, idx, many=100, few=20):
     groups = {"many": counts > many, "few": counts < few}
     groups["medium"] = ~groups["many"] & ~groups["few"]
     for row in idx:
-        p, l = pred[row], labels[row]
-        acc = np.array([np.mean(p[l == c] == c) if np.any(l == c) else np.nan for c in range(len(counts))])
-        out["all"].append(np.mean(p == l))
+        p, lab = pred[row], labels[row]
+        acc = np.array([np.mean(p[lab == c] == c) if np.any(lab == c) else np.nan for c in range(len(counts))])
+        out["all"].append(np.mean(p == lab))
         out["mean_class"].append(np.nanmean(acc))
         for g, m in groups.items():
             out[g].append(np.nanmean(acc[m]) if np.any(~np.isnan(acc[m])) else np.nan)

@@ -9,11 +9,10 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_protocols import notebook_mask, notebook_shift_counts
 
 from lt_rebalance.cli import main
 from lt_rebalance.store import write_features
-
-from test_protocols import notebook_mask, notebook_shift_counts
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 C, D = 6, 8

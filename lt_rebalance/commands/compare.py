@@ -136,24 +136,34 @@ def _shifted_section(result: dict, width: int) -> str:
     return "\n".join(lines)
 
 
+def compare_options(f):
+    """The options of a compare run, shared by ``ltr compare`` and ``ltr report`` (see :func:`run_compare_command`)."""
+    opts = [
+        click.option("--features", "-f", "features", required=True, multiple=True,
+                     type=click.Path(dir_okay=False, path_type=str),
+                     help="Feature file (.h5); repeat for several stage-1 representations of one dataset "
+                          "(same classes and train counts): one table, grouped by file."),
+        json_option,
+        quiet_option,
+        allow_incomplete_option,
+        click.option("--methods", default=None, help="Comma-separated subset (default: all the file supports)."),
+        training_options,
+        thresholds_options,
+        click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test)."),
+        seed_option,
+        seeds_option,
+        protocol_options,
+        device_option,
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 @click.command()
-@click.option("--features", "-f", "features", required=True, multiple=True,
-              type=click.Path(dir_okay=False, path_type=str),
-              help="Feature file (.h5); repeat for several stage-1 representations of one dataset "
-                   "(same classes and train counts): one table, grouped by file.")
-@json_option
-@quiet_option
-@allow_incomplete_option
-@click.option("--methods", default=None, help="Comma-separated subset (default: all the file supports).")
-@training_options
-@thresholds_options
-@click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test).")
+@compare_options
 @click.option("--out", "out", type=click.Path(dir_okay=False), help="Also write the JSON results to this file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@seed_option
-@seeds_option
-@protocol_options
-@device_option
 @handle_user_errors
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
             seed, seeds, protocol, device):

@@ -5,44 +5,18 @@ from pathlib import Path
 
 import click
 
-from ._common import (
-    allow_incomplete_option,
-    check_writable,
-    device_option,
-    emit,
-    handle_user_errors,
-    json_option,
-    log,
-    protocol_options,
-    quiet_option,
-    seed_option,
-    seeds_option,
-    thresholds_options,
-    training_options,
-)
+from ._common import check_writable, emit, handle_user_errors, log
+from .compare import compare_options, run_compare_command
 
 
 @click.command()
-@click.option("--features", "-f", "features", required=True, multiple=True,
-              type=click.Path(dir_okay=False, path_type=str),
-              help="Feature file (.h5); repeat for several stage-1 representations of one dataset.")
+@compare_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="The page to write, e.g. report.html (Markdown: report.md, figures in report_figures/).")
 @click.option("--format", "fmt", type=click.Choice(["html", "md"]), default=None,
               help="html (one self-contained file) or md (Markdown with PNG figures beside it) "
                    "[default: from the --out suffix, else html].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (and its figures).")
-@json_option
-@quiet_option
-@allow_incomplete_option
-@click.option("--methods", default=None, help="Comma-separated subset (default: all the file supports).")
-@training_options
-@thresholds_options
-@click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test).")
-@seed_option
-@seeds_option
-@protocol_options
-@device_option
 @handle_user_errors
 def report(features, out, fmt, overwrite, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits,
            seed, seeds, protocol, device):
@@ -61,7 +35,6 @@ def report(features, out, fmt, overwrite, as_json, quiet, allow_incomplete, meth
     fmt = fmt or ("md" if Path(out).suffix.lower() in (".md", ".markdown") else "html")
     check_writable(out, overwrite)
     from ..report import build_report, write_report
-    from .compare import run_compare_command
 
     heads: dict = {}
     result, contexts = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed,

@@ -75,11 +75,7 @@ class CRTGrid(BaseHead):
         params = self.estimator.get_params()
         trainer = CRT(**params)
         members = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
-        self.estimators_ = []
-        for (lr, wd), (W, b, hist) in zip(self.grid, members):
-            est = CRT(**{**params, "lr": lr, "weight_decay": wd})
-            est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
-            self.estimators_.append(est)
+        self.estimators_ = _fitted(params, [{"lr": lr, "weight_decay": wd} for lr, wd in self.grid], members)
         self.val_scores_ = torch.tensor(
             [-float("inf") if e.history_.diverged else max(e.history_.val) for e in self.estimators_],
             dtype=torch.float64,
@@ -117,9 +113,14 @@ def fit_seeds(
     trainer._validate_params()
     grid = [(trainer.lr, trainer.weight_decay)] * len(seeds)
     members = trainer._fit_members(X, y, X_val, y_val, views, num_classes, grid, seeds=list(seeds))
+    return _fitted(params, [{"seed": seed} for seed in seeds], members)
+
+
+def _fitted(params: dict, settings: Sequence[dict], members: Sequence[tuple]) -> list[CRT]:
+    """A fitted CRT per member: ``params`` updated by its ``settings``, with its (weight, bias, history)."""
     out = []
-    for seed, (W, b, hist) in zip(seeds, members):
-        est = CRT(**{**params, "seed": seed})
+    for extra, (W, b, hist) in zip(settings, members):
+        est = CRT(**{**params, **extra})
         est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
         out.append(est)
     return out
