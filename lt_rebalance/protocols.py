@@ -205,7 +205,7 @@ def em_prior(scores: torch.Tensor, implied: torch.Tensor, *, max_iter: int = 100
     p, iterations, moved = implied.clone(), 0, math.inf
     while iterations < max_iter and moved >= tol:
         w = p / implied
-        new = w * (P.T @ (1.0 / (P @ w))) / P.shape[0]
+        new = w * torch.mv(P.T, 1.0 / torch.mv(P, w)) / P.shape[0]
         moved = float((new - p).abs().max())
         p, iterations = new, iterations + 1
     return p, iterations
@@ -259,32 +259,35 @@ def stratified_resamples(labels: Any, B: int, seed: int = 0, max_elements: int =
     order = torch.argsort(labels, stable=True)
     support = torch.bincount(labels)
     start = (torch.cumsum(support, 0) - support)[labels[order]]  # (N,) first sorted position of the class
-    size = support[labels[order]].to(torch.float64)
+    size = support[labels[order]]
     gen = torch.Generator().manual_seed(seed)
     step = max(1, max_elements // max(N, 1))
     for b0 in range(0, B, step):
         b = min(step, B - b0)
-        u = torch.rand(b, N, generator=gen, dtype=torch.float64)
-        pos = start + torch.floor(u * size).to(torch.int64).clamp_max(size.to(torch.int64) - 1)
-        yield order[pos]
+        # uniform draw within the class: int(u · n_c) with u in [0, 1), float64 so that n_c up to 2^52 is exact
+        pos = torch.rand(b, N, generator=gen, dtype=torch.float64).mul_(size).long().clamp_max_(size - 1)
+        yield order[pos.add_(start)]
 
 
 def bootstrap_metrics(pred: torch.Tensor, labels: Any, counts: Any, resamples: Iterator[torch.Tensor],
                       **thresholds: int) -> dict[str, torch.Tensor]:
     """all / many / medium / few / mean_class of ``pred`` (N,) on every resample: float64 (B,) each.
 
-    Per chunk one gather and one ``index_add_`` give the (b, C) hits; no loop over resamples.
+    Per chunk one gather and one running sum give the (b, C) hits; no loop over resamples.
+    ``resamples`` are :func:`stratified_resamples` chunks (columns grouped by class).
     """
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
-    correct = (pred.cpu() == labels).to(torch.float64)
+    correct = (pred.cpu() == labels).to(torch.float32)
     C, N = len(counts), len(labels)
-    support = torch.bincount(labels, minlength=C).to(torch.float64)
+    support = torch.bincount(labels, minlength=C)
+    ends = torch.cumsum(support, 0)  # the columns of a resample hold class 0's rows, then class 1's, ...
     out: dict[str, list[torch.Tensor]] = {k: [] for k in CI_KEYS}
     for idx in resamples:
-        hits = torch.zeros(idx.shape[0], C, dtype=torch.float64).index_add_(1, labels[idx[0]], correct[idx])
-        # labels[idx[0]] is the class of each column (the same in every row: stratified)
+        # hits of class c: the sum over its columns, from one running sum (exact: integers < 2^24)
+        run = torch.nn.functional.pad(correct[idx].cumsum_(1), (1, 0))
+        hits = (run[:, ends] - run[:, ends - support]).to(torch.float64)
         out["all"].append(hits.sum(1) / N)
-        for k, v in group_accuracies(hits / support, counts, **thresholds).items():
+        for k, v in group_accuracies(hits / support.to(torch.float64), counts, **thresholds).items():
             out[k].append(v)
     return {k: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for k, v in out.items()}
 
