@@ -283,19 +283,18 @@ def run_crt(
     head = CRT(device=ctx.device, progress=_epoch_logger("crt", log), **params)
     fit = dict(views=V, num_classes=ctx.store.num_classes)
     extra: dict[str, Any] = {}
+    others: Optional[list[dict]] = None
     if seeds is not None and len(seeds) > 1:
         if grid is not None:
             raise ValueError("a cRT grid with several seeds: run one seed per grid, or one (lr, weight decay) pair")
         members = fit_seeds(head, seeds, X, y, Xv, yv, **fit)
+        diverged = [e.seed for e in members if e.history_.diverged]
+        if diverged:
+            raise ValueError(f"cRT training diverged with seed(s) {diverged}; lower the learning rate or rescale "
+                             "the features (e.g. divide them by their mean L2 norm)")
         head = members[0]
-        others = [{s: None for s in ctx.eval_splits} if e.history_.diverged else ctx.report(e, protocol=False)
-                  for e in members[1:]]
-        reported = ctx.report(head)
-        extra["over_seeds"] = {"seeds": list(seeds), **seed_summary([reported, *others], ctx.eval_splits)}
-        shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device")}
-        return {"method": "crt", "params": {**shown, "views": views}, "history": _history(head.history_),
-                **reported, **extra}, head
-    if grid is None:
+        others = [ctx.report(e, protocol=False) for e in members[1:]]
+    elif grid is None:
         head.fit(X, y, Xv, yv, **fit)
     else:
         if Xv is None:
@@ -317,11 +316,14 @@ def run_crt(
             "selected_on": "val", "metric": "top1", "val_top1": search.val_scores_[search.best_index_].item(),
         }
     shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device")}
+    reported = ctx.report(head)
+    if others is not None:
+        extra["over_seeds"] = {"seeds": list(seeds), **seed_summary([reported, *others], ctx.eval_splits)}
     return {
         "method": "crt",
         "params": {**shown, "views": views},
         "history": _history(head.history_),
-        **ctx.report(head),
+        **reported,
         **extra,
     }, head
 

@@ -102,7 +102,7 @@ def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overw
 SWEEP_TITLES = {"tau_norm": "tau-normalisation", "logit_adjust": "logit adjustment"}
 
 
-def _tau_human(result: dict) -> str:
+def _tau_table(result: dict) -> str:
     curves, taus, sel = result["curves"], result["taus"], result["selected_tau"]
     title = SWEEP_TITLES[result["method"]]
     cols = [(s, g) for s in curves for g in ("many", "medium", "few", "all")]
@@ -120,7 +120,7 @@ def _tau_human(result: dict) -> str:
     return "\n".join(lines)
 
 
-_tau_human = with_protocol(_tau_human)
+_tau_human = with_protocol(_tau_table)
 
 
 def sweep_options(f: Callable) -> Callable:
