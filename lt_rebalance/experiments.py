@@ -52,7 +52,6 @@ class Context:
     thresholds: dict = field(default_factory=dict)  # many=, few= for the shot groups
     protocol: Protocol = field(default_factory=Protocol)  # shifted priors, bootstrap (lt_rebalance.protocols)
     _cache: dict = field(default_factory=dict, repr=False)
-    _head: Optional[tuple] = field(default=None, repr=False)
     # bootstrap samples of the last report, split -> {metric: (B,)}: paired differences in ``compare``
     samples: dict = field(default_factory=dict, repr=False)
 
@@ -84,9 +83,9 @@ class Context:
 
     def head(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The stored stage-1 classifier (:meth:`FeatureStore.head`), read once."""
-        if self._head is None:
-            self._head = self.store.head()
-        return self._head
+        if ("head",) not in self._cache:  # in the cache, so copies (``dataclasses.replace``, --seeds) share it
+            self._cache[("head",)] = self.store.head()
+        return self._cache[("head",)]
 
     def train(self) -> tuple[torch.Tensor, torch.Tensor]:
         if "train" not in self.store.splits:
@@ -478,7 +477,7 @@ def compare(
             if seeds and len(seeds) > 1 and name in TRAINED:
                 row, head = run_seeds(ctx, name, seeds, **kwargs)
             else:
-                row, head = runner(replace(ctx, seed=seeds[0]) if seeds else ctx, **kwargs)
+                row, head = runner(replace(ctx, seed=seeds[0]) if seeds and name in TRAINED else ctx, **kwargs)
         except ValueError as e:
             if name in SELECTED_ON_VAL and "val" not in ctx.store.splits:
                 skipped.append({"method": name, "reason": str(e)})

@@ -151,3 +151,17 @@ def test_protocol_usage_errors(files, args, option):
     paths, _ = files
     res = CliRunner().invoke(main, [args[0], "-f", paths["a"], *args[1:]])
     assert res.exit_code == 2 and option in res.output, res.output
+
+
+def test_each_file_is_read_once(files, monkeypatch):
+    from lt_rebalance.store import FeatureStore
+
+    paths, _ = files
+    reads = []
+    load, head = FeatureStore.load, FeatureStore.head
+    monkeypatch.setattr(FeatureStore, "load", lambda self, split, *a, **k: reads.append((self.path, split))
+                        or load(self, split, *a, **k))
+    monkeypatch.setattr(FeatureStore, "head", lambda self: reads.append((self.path, "head")) or head(self))
+    run_json(["compare", "-f", paths["a"], "-f", paths["b"], "--methods", "joint,crt,tau_norm,lws",
+              "--crt-epochs", "1", "--lws-epochs", "1", "--batch-size", "32", "--seeds", "0,1", "-q"])
+    assert len(reads) == len(set(reads)) == 2 * 4  # train, val, test and the head of each file, once
