@@ -13,6 +13,7 @@ from ._common import (
     handle_user_errors,
     log,
     max_memory_option,
+    protocol_options,
     resolve_device,
     seed_option,
 )
@@ -32,8 +33,10 @@ CALIBRATE_METHODS = {
 @click.command("logit-adjust")
 @common_options
 @sweep_options
+@protocol_options
 @handle_user_errors
-def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split, max_memory):
+def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split, protocol,
+                 max_memory):
     """Logit adjustment of the stored classifier (z - tau log prior) for every tau in one GEMM.
 
     tau = 1 is PC softmax. The JSON has the shape of `ltr tau-sweep` (method "logit_adjust").
@@ -41,7 +44,7 @@ def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, me
     from ..experiments import run_logit_adjust
 
     run_sweep_command("logit-adjust", run_logit_adjust, features, as_json, allow_incomplete, taus, select_on,
-                      metric, eval_split, max_memory)
+                      metric, eval_split, protocol, max_memory)
 
 
 def _num(v: float, fmt: str) -> str:
@@ -85,7 +88,7 @@ def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, ep
     """
     from ..experiments import run_calibrate
 
-    ctx = _context(features, allow_incomplete, None, resolve_device(device), seed, max_memory)
+    ctx = _context(features, allow_incomplete, None, resolve_device(device), seed, max_memory=max_memory)
     name = CALIBRATE_METHODS[method]
     params = {}
     if name in ("crt", "lws"):
