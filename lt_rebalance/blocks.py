@@ -23,16 +23,32 @@ def row_blocks(n: int, size: int = BLOCK_ROWS) -> Iterator[slice]:
     return (slice(s, min(s + size, n)) for s in range(0, n, size))
 
 
-def float32_rows(X: torch.Tensor, rows: slice) -> torch.Tensor:
-    """``X[rows]`` as float32 (a view when X is float32, an upcast copy of the block otherwise)."""
-    return X[rows].to(torch.float32)
+def upcast_buffer(X: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
+    """A reusable float32 buffer for blocks of ``rows`` rows of X, or None when X is float32 already.
+
+    Upcasting into one buffer instead of a fresh tensor per block avoids the page faults of a new
+    large allocation each time (they cost more than the conversion itself).
+    """
+    return None if X.dtype == torch.float32 else X.new_empty(min(rows, max(len(X), 1)), X.shape[1],
+                                                             dtype=torch.float32)
+
+
+def float32_rows(X: torch.Tensor, rows: slice, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``X[rows]`` as float32: a view when X is float32, else the block upcast into ``buffer``
+    (from :func:`upcast_buffer`; a fresh tensor when None). Exact: float16 -> float32 loses nothing."""
+    if X.dtype == torch.float32:
+        return X[rows]
+    if buffer is None:
+        return X[rows].to(torch.float32)
+    return buffer[: rows.stop - rows.start].copy_(X[rows])
 
 
 def chunked_matmul(X: torch.Tensor, W: torch.Tensor, fn: Callable[[torch.Tensor, slice], None],
                    chunk: int = BLOCK_ROWS) -> None:
     """Call ``fn(X[s] @ W.T, s)`` for row chunks ``s`` of X (upcast per chunk), bounding memory at chunk × C."""
+    buffer = upcast_buffer(X, chunk)
     for s in row_blocks(X.shape[0], chunk):
-        fn(float32_rows(X, s) @ W.T, s)
+        fn(float32_rows(X, s, buffer) @ W.T, s)
 
 
 def linear_logits(X: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None, *,

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ..blocks import CACHE_ROWS, float32_rows, row_blocks
+from ..blocks import CACHE_ROWS, row_blocks
 from .base import BaseHead, StrOptions, check_fit_data
 
 NCM_VARIANTS = ("cl2n", "l2n", "un", "cos")
@@ -52,10 +52,10 @@ class NCM(BaseHead):
         self.variant = variant
         self.device = device
 
-    def _centred_norms(self, X: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """For the block ``X[rows]`` upcast to float32 (a fresh tensor): (X - mean, row norms clamped as
-        F.normalize does) for cl2n/l2n/cos; (X, None) for un."""
-        D = X[rows].to(torch.float32, copy=True)
+    def _centred_norms(self, X: torch.Tensor, rows: slice, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For the block ``X[rows]`` upcast into ``buffer`` (float32 (CACHE_ROWS, D), overwritten):
+        (X - mean, row norms clamped as F.normalize does) for cl2n/l2n/cos; (X, None) for un."""
+        D = buffer[: rows.stop - rows.start].copy_(X[rows])
         if self.variant == "un":
             return D, None
         if self.variant in ("cl2n", "cos"):
@@ -76,15 +76,16 @@ class NCM(BaseHead):
         if self.variant in ("cl2n", "cos"):
             total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
             for rows in row_blocks(X.shape[0]):
-                total += float32_rows(X, rows).sum(0, dtype=torch.float64)
+                total += X[rows].sum(0, dtype=torch.float64)  # exact float64 values of any float dtype
             self.mean_ = (total / max(X.shape[0], 1)).to(torch.float32)
         counts = torch.bincount(y, minlength=len(classes))
         if (counts == 0).any():
             missing = counts.eq(0).nonzero().flatten().tolist()
             raise ValueError(f"NCM needs train rows for every class; none for classes {missing[:10]}")
         sums = torch.zeros(len(counts), X.shape[1], device=X.device)
+        buffer = _block_buffer(X)
         for rows in row_blocks(X.shape[0], CACHE_ROWS):  # cache-sized blocks: the transformed rows never exist at once
-            Z, norms = self._centred_norms(X, rows)
+            Z, norms = self._centred_norms(X, rows, buffer)
             sums.index_add_(0, y[rows], Z if norms is None else Z.div_(norms))
         self.classes_ = classes
         self.centroids_ = sums / counts[:, None]
@@ -99,8 +100,9 @@ class NCM(BaseHead):
         C = self.centroids_
         out = C.new_empty(X.shape[0], C.shape[0])
         c_sq = C.square().sum(1)[None, :]
+        buffer = _block_buffer(X)
         for rows in row_blocks(X.shape[0], CACHE_ROWS):
-            Dc, norms = self._centred_norms(X, rows)
+            Dc, norms = self._centred_norms(X, rows, buffer)
             scores = torch.mm(Dc, C.T, out=out[rows])  # d·c
             if self.variant == "cos":
                 scores.div_(norms * Dc.shape[1])
@@ -115,4 +117,10 @@ class NCM(BaseHead):
 
 
 _EPS = 1e-12  # F.normalize's default
+
+
+def _block_buffer(X: torch.Tensor) -> torch.Tensor:
+    """One float32 (CACHE_ROWS, D) block that every block of X is copied (upcast) into: the transform
+    works in place, and no block is a fresh allocation."""
+    return X.new_empty(min(CACHE_ROWS, max(len(X), 1)), X.shape[1], dtype=torch.float32)
 
