@@ -22,6 +22,7 @@ from .heads.base import all_finite
 from .heads.crt_grid import CRTGrid
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY
+from .names import HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS, canonical_method
 from .posthoc import (
     LogitAdjustment,
     TemperatureScaled,
@@ -210,11 +211,17 @@ def run_logit_adjust(
     )
 
 
+MAX_EPOCH_LINES = 20  # per-epoch progress lines of a run (many short epochs are logged every k-th)
+
+
 def _epoch_logger(method: str, log: Optional[Callable[[str], None]]):
     if log is None:
         return None
 
     def progress(epoch: int, epochs: int, loss: float, val: Optional[float]) -> None:
+        every = math.ceil(epochs / MAX_EPOCH_LINES)
+        if epoch % every and epoch + 1 != epochs:
+            return
         v = "" if val is None else f"  val top-1 {100 * val:.2f}%"
         log(f"{method} epoch {epoch + 1}/{epochs}  loss {loss:.4f}{v}")
 
@@ -223,6 +230,18 @@ def _epoch_logger(method: str, log: Optional[Callable[[str], None]]):
 
 def _history(h) -> dict:
     return {"loss": h.loss, "lr": h.lr, "val_top1": h.val, "best_epoch": h.best_epoch}
+
+
+def _trained_params(head: Any, drop: Sequence[str]) -> dict:
+    """``params`` of a cRT/LWS result: its settings, with the epochs and batch size actually run.
+
+    ``auto`` lists the settings that were "auto" (:func:`~lt_rebalance.heads.training.plan_schedule`),
+    ``steps`` the optimiser steps.
+    """
+    plan = head.schedule_
+    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", *drop)}
+    return {**shown, "epochs": plan.epochs, "batch_size": plan.batch_size, "steps": plan.steps,
+            "auto": list(plan.auto)}
 
 
 def run_crt(
@@ -266,10 +285,9 @@ def run_crt(
             "index": search.best_index_, "lr": head.lr, "weight_decay": head.weight_decay,
             "selected_on": "val", "metric": "top1", "val_top1": search.val_scores_[search.best_index_].item(),
         }
-    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device")}
     return {
         "method": "crt",
-        "params": {**shown, "views": views},
+        "params": {**_trained_params(head, ()), "views": views},
         "history": _history(head.history_),
         **ctx.report(head),
         **extra,
@@ -283,10 +301,9 @@ def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params:
     Xv, yv = ctx.val()
     params = {"seed": ctx.seed, **params}
     head = LWS(W, b, device=ctx.device, progress=_epoch_logger("lws", log), **params).fit(X, y, Xv, yv)
-    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", "weight", "bias")}
     return {
         "method": "lws",
-        "params": shown,
+        "params": _trained_params(head, ("weight", "bias")),
         "history": _history(head.history_),
         **ctx.report(head),
     }, head
@@ -316,18 +333,22 @@ def run_pc_softmax(ctx: Context) -> tuple[dict, LogitAdjustment]:
     return {"method": "pc_softmax", "tau": 1.0, **ctx.report(head)}, head
 
 
-# name -> (runner, needs a stored head); ``compare`` runs them in this order
-METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
-    "joint": (run_joint, True),
-    "ncm": (run_ncm, False),
-    "crt": (run_crt, False),
-    "tau_norm": (run_tau_selected, True),
-    "lws": (run_lws, True),
-    "logit_adjust": (run_logit_adjust_selected, True),
-    "pc_softmax": (run_pc_softmax, True),
+_RUNNERS: dict[str, Callable[..., tuple[dict, Any]]] = {
+    "joint": run_joint,
+    "ncm": run_ncm,
+    "crt": run_crt,
+    "tau_norm": run_tau_selected,
+    "lws": run_lws,
+    "logit_adjust": run_logit_adjust_selected,
+    "pc_softmax": run_pc_softmax,
 }
+# name -> (runner, needs a stored head), in the order ``compare`` runs them (names: lt_rebalance.names)
+METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
+    name: (_RUNNERS[name], name in HEAD_METHODS) for name in METHOD_NAMES
+}
+RANDOM_HEAD_NOTE = ("the stored classifier is a random initialisation (ltr extract --random-init), "
+                    "not a trained stage-1 classifier")
 SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val split
-TRAINED = ("crt", "lws")  # runners that take ``log`` (per-epoch progress)
 
 
 def run_calibrate(
@@ -339,8 +360,7 @@ def run_calibrate(
     and per shot group: ``{"method": "calibrate", "base_method", "temperature", "fit_on": "val",
     "eval_split", "before": {all|many|medium|few: {nll, ece, n}}, "after": {...}}``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    method = canonical_method(method)
     for split in ("val", eval_split):
         if split not in ctx.store.splits:
             raise ValueError(
@@ -350,7 +370,7 @@ def run_calibrate(
     runner, needs_head = METHODS[method]
     if needs_head and not ctx.store.has_head:
         raise ValueError(f"{ctx.store.path} has no stored classifier, which {method} needs")
-    _, head = runner(ctx, **({"log": log} if method in TRAINED else {}), **params)
+    _, head = runner(ctx, **({"log": log} if method in TRAINED_METHODS else {}), **params)
     scaled = TemperatureScaled(head).fit(*ctx.load("val"))
     X, y = ctx.load(eval_split)
     before, after = (
@@ -379,19 +399,23 @@ def compare(
     ``overrides`` maps a method to keyword arguments for its runner (e.g. fewer epochs).
     ``heads``, when given, receives each method's fitted head (name -> head), e.g. to save one.
     Returns ``{"rows": [{"method", <split>: metrics, "seconds", ...}], "skipped": [...]}``.
+    A random-init stored classifier (``/head`` attribute ``random_init``) is no stage-1 classifier:
+    by default the methods built on it are skipped; named in ``methods``, they run and their row
+    has ``"note"`` saying so.
     """
-    names = list(methods or METHODS)
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    names = [canonical_method(m) for m in methods] if methods else list(METHODS)
     rows, skipped = [], []
     for name in names:
         runner, needs_head = METHODS[name]
         if needs_head and not ctx.store.has_head:
             skipped.append({"method": name, "reason": "the file has no stored classifier"})
             continue
+        note = RANDOM_HEAD_NOTE if needs_head and ctx.store.head_random_init else None
+        if note and not methods:
+            skipped.append({"method": name, "reason": note})
+            continue
         kwargs = dict((overrides or {}).get(name, {}))
-        if name in TRAINED:
+        if name in TRAINED_METHODS:
             kwargs["log"] = log
         t0 = time.perf_counter()
         try:
@@ -404,8 +428,12 @@ def compare(
         if heads is not None:
             heads[name] = head
         row.pop("history", None)
+        if note:
+            row["note"] = note
         row["seconds"] = round(time.perf_counter() - t0, 4)
         rows.append(row)
         if log:
-            log(f"{name}: {row['seconds']:.2f} s")
+            p = row.get("params", {})
+            steps = f" ({p['epochs']} epochs x batch {p['batch_size']} = {p['steps']} steps)" if "steps" in p else ""
+            log(f"{name}: {row['seconds']:.2f} s{steps}")
     return {"rows": rows, "skipped": skipped, "eval_splits": list(ctx.eval_splits), "thresholds": ctx.group_thresholds}

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 
 from .metrics import GROUPS, per_class_accuracy
+from .names import canonical_method
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -20,7 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FIGSIZE, DPI = (9.0, 5.5), 100
 MATPLOTLIB_HINT = 'plots need matplotlib: pip install "lt-rebalance[plot]" (or pip install matplotlib)'
-METHOD_ALIASES = {"tau": "tau_norm", "tau-norm": "tau_norm"}
 GROUP_COLORS = {"all": "black", "many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 
 
@@ -59,9 +59,7 @@ def _group_labels(ctx: Context) -> dict[str, str]:
 def _fit(ctx: Context, name: str, overrides: Optional[dict]) -> tuple[dict, Any]:
     from .experiments import METHODS
 
-    name = METHOD_ALIASES.get(name, name)
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (or tau)")
+    name = canonical_method(name)
     runner, needs_head = METHODS[name]
     if needs_head and not ctx.store.has_head:
         raise ValueError(f"{name} needs the stored classifier, which {ctx.store.path} lacks")
@@ -144,7 +142,7 @@ def plot_per_class(ctx: Context, out: str | os.PathLike, methods: Sequence[str],
         _, head = _fit(ctx, name, overrides)
         acc = per_class_accuracy(head.predict(X).cpu(), y.cpu(), len(counts))
         ax.plot(rank, 100 * acc[order].numpy(), marker="o" if len(order) <= 50 else None, ms=4,
-                label=METHOD_ALIASES.get(name, name))
+                label=canonical_method(name))
     if len(order) <= 30:
         names = ctx.store.class_names or [str(i) for i in range(len(counts))]
         ax.set_xticks(rank, [f"{names[i]}\n({int(counts[i])})" for i in order])

@@ -8,7 +8,10 @@ from typing import Any, Callable, Optional
 
 import click
 
+from ..names import METHOD_NAMES, TRAINED_METHODS
 from ._common import (
+    MethodNames,
+    check_training_fits,
     device_option,
     emit,
     features_option,
@@ -101,13 +104,14 @@ def norms(ctx, head_path: Optional[str], overrides: dict, out: str, overwrite: b
     from ..plots import plot_norms
 
     head = load_head(head_path) if head_path else None
+    check_training_fits(ctx.store, overrides, ("lws",) if head_path else TRAINED_METHODS)
     _done("norms", plot_norms(ctx, out, head, overrides, overwrite), as_json, quiet)
 
 
 @_plot_command("per-class")
 @_feature_options
-@click.option("--methods", default="joint,crt,tau", show_default=True,
-              help="Comma-separated methods (names of `ltr compare`; tau = tau_norm).")
+@click.option("--methods", default="joint,crt,tau_norm", show_default=True, type=MethodNames(),
+              help=f"Comma-separated methods: {', '.join(METHOD_NAMES)} (old spellings such as tau accepted).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
 @training_options
 @_out_options("per-class.png")
@@ -116,10 +120,8 @@ def per_class(ctx, methods: str, split: str, overrides: dict, out: str, overwrit
     """Per-class accuracy of each method, classes sorted by training images."""
     from ..plots import plot_per_class
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if not names:
-        raise click.BadParameter("give at least one method", param_hint="--methods")
-    path = plot_per_class(ctx, out, names, split, overrides, overwrite)
+    check_training_fits(ctx.store, overrides, methods)
+    path = plot_per_class(ctx, out, methods, split, overrides, overwrite)
     _done("per-class", path, as_json, quiet)
 
 

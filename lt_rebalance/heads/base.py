@@ -10,6 +10,7 @@ import inspect
 import numbers
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 
@@ -143,6 +144,54 @@ def all_finite(X: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
+def check_no_grad(a: Any, name: str) -> None:
+    """A tensor that requires grad would drag its autograd graph into the fitted state: refuse it."""
+    if isinstance(a, torch.Tensor) and a.requires_grad:
+        raise ValueError(f"{name} is a tensor that requires grad; pass {name}.detach()")
+
+
+def check_weight(weight: Any, device: Any = "cpu", name: str = "weight") -> torch.Tensor:
+    """A stage-1 classifier weight as float32 (C, D): one row per class."""
+    check_no_grad(weight, name)
+    W = as_tensor(weight, torch.float32, device)
+    if W.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (C, D), one row per class; got shape {tuple(W.shape)}")
+    return W
+
+
+def check_bias(bias: Any, num_classes: int, device: Any = "cpu", name: str = "bias") -> torch.Tensor:
+    """A classifier bias as float32 (C,); zeros when ``bias`` is None."""
+    if bias is None:
+        return torch.zeros(num_classes, device=device)
+    check_no_grad(bias, name)
+    b = as_tensor(bias, torch.float32, device)
+    if b.shape != (num_classes,):
+        raise ValueError(f"{name} must have shape ({num_classes},), one entry per row of the weight; "
+                         f"got {tuple(b.shape)}")
+    return b
+
+
+def check_counts(counts: Any, num_classes: int, name: str = "counts") -> None:
+    """Train counts must have one entry per class of the head."""
+    shape = tuple(getattr(counts, "shape", (len(counts),)))
+    if shape != (num_classes,):
+        raise ValueError(f"{name} must have one entry per class ({num_classes}, the rows of the weight); "
+                         f"got shape {shape}")
+
+
+def check_labels(y: Any, device: Any = "cpu", name: str = "y") -> torch.Tensor:
+    """Class indices as int64: whole numbers >= 0 (a float label such as 0.5 is never truncated)."""
+    check_no_grad(y, name)
+    t = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+    if t.is_floating_point() and t.numel() and not torch.equal(t, t.round()):
+        bad = t[t != t.round()][0].item()
+        raise ValueError(f"labels {name} must be whole class indices; got {bad}")
+    t = t.to(device=device, dtype=torch.int64)
+    if t.numel() and t.min() < 0:
+        raise ValueError(f"labels {name} must be class indices >= 0; got {int(t.min())}")
+    return t
+
+
 def check_features(
     X: Any,
     y: Any = None,
@@ -152,6 +201,7 @@ def check_features(
     device: Any = "cpu",
 ):
     """Validate and convert: X to float32 (N, D), y to int64 (N,); returns X or (X, y)."""
+    check_no_grad(X, "X")
     X = as_tensor(X, torch.float32, device)
     if X.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D); got shape {tuple(X.shape)}")
@@ -161,7 +211,7 @@ def check_features(
         raise ValueError("features contain NaN or Inf values")
     if y is None:
         return X
-    y = as_tensor(y, torch.int64, device)
+    y = check_labels(y, device)
     if y.shape != (X.shape[0],):
         raise ValueError(f"labels must have shape ({X.shape[0]},) to match the features; got {tuple(y.shape)}")
     if num_classes is not None and len(y) and (y.min() < 0 or y.max() >= num_classes):

@@ -9,7 +9,18 @@ import torch.nn.functional as F
 
 from ..samplers import make_sampler
 from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted, resolve_device
-from .training import ProgressFn, TrainHistory, flush_tiny_gradient, sgd_constraints, train_sgd_members
+from .training import (
+    AUTO,
+    ProgressFn,
+    Schedule,
+    TrainHistory,
+    flush_tiny_gradient,
+    plan_schedule,
+    sgd_constraints,
+    train_sgd_members,
+)
+
+REFERENCE_EPOCHS = 10  # the reference's cRT epochs (iNaturalist: 30)
 
 LOSSES = ("ce", "balanced-softmax")
 CLASS_WEIGHTS = ("none", "cb")
@@ -35,7 +46,9 @@ class CRT(BaseHead):
 
     Defaults are the reference's: fresh ``nn.Linear`` initialisation, cross-entropy, SGD momentum
     0.9, weight decay 5e-4, lr 0.2, batch 512, 10 epochs (iNaturalist: 30 epochs, wd 1e-4),
-    cosine schedule, the epoch with the best val top-1 kept.
+    cosine schedule, the epoch with the best val top-1 kept. On small files the defaults adapt
+    (``"auto"``, :func:`~lt_rebalance.heads.training.plan_schedule`): the batch is at most the
+    train rows, and the epochs rise until training takes at least 500 optimiser steps.
 
     Cached-feature caveat: the reference re-trains on freshly augmented images with the backbone
     in train mode (BatchNorm statistics keep moving). On fixed features this cannot be exact; with
@@ -44,7 +57,12 @@ class CRT(BaseHead):
 
     Parameters
     ----------
-    epochs, lr, batch_size, momentum, weight_decay, sampler, schedule, seed
+    epochs : int or "auto", default="auto"
+        "auto": 10, raised to ceil(500 / batches per epoch) when that gives fewer than 500 steps.
+        An explicit value is used as given (a FewStepsWarning below 500 steps).
+    batch_size : int or "auto", default="auto"
+        "auto": 512, or the train rows when fewer; an explicit value above the train rows is an error.
+    lr, momentum, weight_decay, sampler, schedule, seed
         See above; ``sampler`` is 'ib', 'cb', 'sqrt', 'pb' or a power q.
     keep_best : bool, default=True
         Keep the epoch with the best val top-1 (when val data is given to ``fit``).
@@ -62,6 +80,8 @@ class CRT(BaseHead):
     bias_ : float32 (C,)
     history_ : TrainHistory
         Per-epoch loss, lr, val top-1 and the kept epoch.
+    schedule_ : Schedule
+        The epochs, batch size and optimiser steps actually run.
     """
 
     _parameter_constraints = {
@@ -75,9 +95,9 @@ class CRT(BaseHead):
     def __init__(
         self,
         *,
-        epochs: int = 10,
+        epochs: int | str = AUTO,
         lr: float = 0.2,
-        batch_size: int = 512,
+        batch_size: int | str = AUTO,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         sampler: Any = "cb",
@@ -122,7 +142,7 @@ class CRT(BaseHead):
         ``views``: optional (K, N, D) augmented train features (any float dtype); each step then
         draws one of the K views per row. ``num_classes`` defaults to max(y) + 1.
         """
-        (self.weight_, self.bias_, self.history_), = self._fit_members(
+        ((self.weight_, self.bias_, self.history_),), self.schedule_ = self._fit_members(
             X, y, X_val, y_val, views, num_classes, [(self.lr, self.weight_decay)]
         )
         self.n_features_in_ = self.weight_.shape[1]
@@ -137,8 +157,10 @@ class CRT(BaseHead):
         views: Any,
         num_classes: Optional[int],
         grid: Sequence[tuple[float, float]],
-    ) -> list[tuple[torch.Tensor, torch.Tensor, TrainHistory]]:
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, TrainHistory]], Schedule]:
         """Train one head per (lr, weight_decay) of ``grid`` in one pass: (weight, bias, history) each.
+
+        Also returns the :class:`Schedule` (epochs, batch size) every member ran.
 
         Every member starts from the same initialisation and sees the same batches and view draws
         as a lone run with this seed; the G heads form one [G·C, D] layer, so a step is one GEMM.
@@ -152,6 +174,7 @@ class CRT(BaseHead):
         if y.min() < 0 or y.max() >= C:
             raise ValueError(f"labels must lie in [0, {C}); got range [{int(y.min())}, {int(y.max())}]")
         counts = torch.bincount(y, minlength=C).to(device)
+        plan = plan_schedule(N, self.epochs, self.batch_size, REFERENCE_EPOCHS, stacklevel=4)
         if views is not None:
             views = as_tensor(views, views.dtype if isinstance(views, torch.Tensor) else torch.float32, device)
             if views.ndim != 3 or views.shape[1:] != (N, D):
@@ -196,9 +219,9 @@ class CRT(BaseHead):
             [W, b],
             batch_loss,
             make_sampler(self.sampler, y.cpu(), C),
-            epochs=self.epochs,
+            epochs=plan.epochs,
             lrs=[lr for lr, _ in grid],
-            batch_size=self.batch_size,
+            batch_size=plan.batch_size,
             momentum=self.momentum,
             weight_decays=[wd for _, wd in grid],
             schedule=self.schedule,
@@ -206,8 +229,9 @@ class CRT(BaseHead):
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,
+            step_work=plan.batch_size * D * C * G,
         )
-        return [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)]
+        return [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)], plan
 
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logits float32 (N, C)."""

@@ -74,11 +74,12 @@ class CRTGrid(BaseHead):
             raise ValueError("a cRT grid selects its head on val data: pass X_val and y_val")
         params = self.estimator.get_params()
         trainer = CRT(**params)
-        members = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
+        members, plan = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
         self.estimators_ = []
         for (lr, wd), (W, b, hist) in zip(self.grid, members):
             est = CRT(**{**params, "lr": lr, "weight_decay": wd})
             est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
+            est.schedule_ = plan
             self.estimators_.append(est)
         self.val_scores_ = torch.tensor(
             [-float("inf") if e.history_.diverged else max(e.history_.val) for e in self.estimators_],

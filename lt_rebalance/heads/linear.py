@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 import torch
 
-from .base import ARRAY, NONE, BaseHead, as_tensor, check_features, check_is_fitted
+from .base import ARRAY, NONE, BaseHead, check_bias, check_features, check_is_fitted, check_weight
 
 
 class JointHead(BaseHead):
@@ -32,13 +32,8 @@ class JointHead(BaseHead):
     def fit(self, X: Any = None, y: Any = None) -> JointHead:
         """Nothing to learn: takes the stored weights. X and y are ignored."""
         self._validate_params()
-        self.weight_ = as_tensor(self.weight, torch.float32, self.device)
-        C = self.weight_.shape[0]
-        self.bias_ = (
-            torch.zeros(C, device=self.device) if self.bias is None else as_tensor(self.bias, torch.float32, self.device)
-        )
-        if self.bias_.shape != (C,):
-            raise ValueError(f"bias must have shape ({C},); got {tuple(self.bias_.shape)}")
+        self.weight_ = check_weight(self.weight, self.device)
+        self.bias_ = check_bias(self.bias, self.weight_.shape[0], self.device)
         self.n_features_in_ = self.weight_.shape[1]
         return self
 

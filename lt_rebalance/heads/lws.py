@@ -7,8 +7,20 @@ import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
-from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, check_is_fitted, resolve_device
-from .training import ProgressFn, flush_tiny_gradient, sgd_constraints, train_sgd
+from .base import (
+    ARRAY,
+    NONE,
+    BaseHead,
+    Interval,
+    check_bias,
+    check_features,
+    check_is_fitted,
+    check_weight,
+    resolve_device,
+)
+from .training import AUTO, ProgressFn, flush_tiny_gradient, plan_schedule, sgd_constraints, train_sgd
+
+REFERENCE_EPOCHS = 5  # the paper's LWS setting
 
 
 class LWS(BaseHead):
@@ -25,9 +37,15 @@ class LWS(BaseHead):
     ----------
     weight, bias : float (C, D), (C,) or None
         The joint classifier (frozen).
-    epochs, lr, batch_size, momentum, weight_decay, sampler, schedule, seed
-        Reference defaults: 5 epochs, lr 0.2 (Places-LT: 0.1), batch 512, momentum 0.9,
-        weight decay 5e-4 on s, class-balanced sampling, cosine schedule.
+    epochs : int or "auto", default="auto"
+        "auto": the reference's 5, raised to ceil(500 / batches per epoch) when that gives fewer
+        than 500 optimiser steps (small files); an explicit value is used as given (a
+        FewStepsWarning below 500 steps).
+    batch_size : int or "auto", default="auto"
+        "auto": 512, or the train rows when fewer; an explicit value above the train rows is an error.
+    lr, momentum, weight_decay, sampler, schedule, seed
+        Reference defaults: lr 0.2 (Places-LT: 0.1), momentum 0.9, weight decay 5e-4 on s,
+        class-balanced sampling, cosine schedule.
     keep_best : bool, default=True
         Keep the epoch with the best val top-1 when val data is given to ``fit``.
 
@@ -37,6 +55,8 @@ class LWS(BaseHead):
     weight_, bias_ : float32 (C, D), (C,)
         The folded head s·W, s·b (a plain linear layer).
     history_ : TrainHistory
+    schedule_ : Schedule
+        The epochs, batch size and optimiser steps actually run.
     """
 
     _parameter_constraints = {
@@ -51,9 +71,9 @@ class LWS(BaseHead):
         weight: Any,
         bias: Optional[Any] = None,
         *,
-        epochs: int = 5,
+        epochs: int | str = AUTO,
         lr: float = 0.2,
-        batch_size: int = 512,
+        batch_size: int | str = AUTO,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         sampler: Any = "cb",
@@ -86,10 +106,11 @@ class LWS(BaseHead):
         """Train the scales on (X, y); (X_val, y_val) select the best epoch."""
         self._validate_params()
         device = resolve_device(self.device)
-        self._W = as_tensor(self.weight, torch.float32, device)
+        self._W = check_weight(self.weight, device)
         C, D = self._W.shape
-        self._b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device)
+        self._b = check_bias(self.bias, C, device)
         X, y = check_features(X, y, n_features=D, num_classes=C, device=device)
+        self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, REFERENCE_EPOCHS)
         cache = X.shape[0] * C * 4 <= self.max_cache_gb * 2**30
         with torch.no_grad():
             Z = self._joint_logits(X) if cache else None
@@ -113,9 +134,9 @@ class LWS(BaseHead):
             [s],
             batch_loss,
             make_sampler(self.sampler, y.cpu(), C),
-            epochs=self.epochs,
+            epochs=plan.epochs,
             lr=self.lr,
-            batch_size=self.batch_size,
+            batch_size=plan.batch_size,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             schedule=self.schedule,
@@ -123,6 +144,7 @@ class LWS(BaseHead):
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,
+            step_work=plan.batch_size * C * (1 if cache else D),
         )
         self.scales_ = s.detach()
         self.weight_ = self._W * self.scales_[:, None]
