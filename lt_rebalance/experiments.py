@@ -31,7 +31,7 @@ from .posthoc import (
     pc_softmax,
     select_tau,
 )
-from .store import FeatureStore
+from .store import RANDOM_HEAD_NOTE, FeatureStore
 
 CURVE_KEYS = ("all", "many", "medium", "few", "mean_class")
 
@@ -346,8 +346,6 @@ _RUNNERS: dict[str, Callable[..., tuple[dict, Any]]] = {
 METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
     name: (_RUNNERS[name], name in HEAD_METHODS) for name in METHOD_NAMES
 }
-RANDOM_HEAD_NOTE = ("the stored classifier is a random initialisation (ltr extract --random-init), "
-                    "not a trained stage-1 classifier")
 SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val split
 
 

@@ -64,6 +64,10 @@ def _to_numpy(a: Any, dtype: Optional[str] = None) -> np.ndarray:
     return a.astype(dtype, copy=False) if dtype is not None else a
 
 
+RANDOM_HEAD_NOTE = ("the stored classifier is a random initialisation (ltr extract --random-init), "
+                    "not a trained stage-1 classifier")
+
+
 def _class_indices(labels: Any, split: str) -> np.ndarray:
     """Labels as int64 class indices; fractional or negative values are an error, never truncated."""
     y = _to_numpy(labels)

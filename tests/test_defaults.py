@@ -238,6 +238,10 @@ def test_random_init_head_is_recorded_and_shown(small):
     assert "random-init" in run(["info", small["random"]]).stdout
     with h5py.File(small["random"], "r") as f:
         assert bool(f["head"].attrs["random_init"]) is True
+    for args in (["joint"], ["calibrate", "--method", "tau"]):  # head-based commands say it on stderr
+        r = run([*args, "-f", small["random"], "-q"])
+        assert r.stderr.startswith("warning: ") and "random initialisation" in r.stderr, args
+    assert run(["joint", "-f", small["file"], "-q"]).stderr == ""
 
 
 def test_compare_skips_or_marks_methods_on_a_random_head(small):

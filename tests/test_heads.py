@@ -444,7 +444,7 @@ Y4 = np.arange(4)
         (lambda: CRT(loss="focal"), lambda h: h.fit(X4, Y4), r"loss must be one of .*got 'focal'"),
         (lambda: CRT(batch_size=4, device="cpu"), lambda h: h.fit(X4, [0, 1, 2, 7], num_classes=5),
          r"labels must lie in \[0, 5\); got range \[0, 7\]"),
-        (lambda: CRT(batch_size=4, device="cpu"), lambda h: h.fit(X4, [0, 1, -1, 2]), r"labels must lie in \[0, 3\)"),
+        (lambda: CRT(batch_size=4, device="cpu"), lambda h: h.fit(X4, [0, 1, -1, 2]), r"labels y must be class indices >= 0; got -1"),
         (lambda: NCM("cosine"), lambda h: h.fit(X4, Y4), r"NCM: variant must be one of 'cl2n', 'cos', 'l2n', 'un'"),
         (lambda: LWS(W4, epochs=0), lambda h: h.fit(X4, Y4), r"LWS: epochs must be an int in \[1, inf\] or one of 'auto'; got 0"),
         (lambda: LWS(W4, sampler="x"), lambda h: h.fit(X4, Y4), r"LWS: sampler must be"),

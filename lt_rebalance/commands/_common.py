@@ -215,11 +215,16 @@ def batch_size_option(what: str = "Batch size") -> Callable:
 
 
 def require_head(store, command: str) -> None:
+    """A stored classifier must exist; a random-init one gets a warning line (its numbers mean little)."""
     if not store.has_head:
         raise click.ClickException(
             f"{store.path} has no stored classifier (/head/weight), which `ltr {command}` needs; "
             "`ltr ncm` and `ltr crt` work without one"
         )
+    if store.head_random_init:
+        from ..store import RANDOM_HEAD_NOTE
+
+        click.echo(f"warning: {store.path}: {RANDOM_HEAD_NOTE}; `ltr {command}` builds on it", err=True)
 
 
 def fmt_acc(v: Optional[float]) -> str:

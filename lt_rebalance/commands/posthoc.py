@@ -5,7 +5,7 @@ import math
 
 import click
 
-from ..names import METHOD_NAMES, TRAINED_METHODS
+from ..names import HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS
 from ._common import (
     MethodNames,
     batch_size_option,
@@ -16,6 +16,7 @@ from ._common import (
     epochs_option,
     handle_user_errors,
     log,
+    require_head,
     resolve_device,
     seed_option,
     thresholds_options,
@@ -81,6 +82,8 @@ def calibrate(features, as_json, quiet, allow_incomplete, thresholds, method, ev
 
     name = method
     ctx = _context(features, allow_incomplete, None, resolve_device(device), seed, thresholds)
+    if name in HEAD_METHODS:
+        require_head(ctx.store, f"calibrate --method {name}")
     params = {}
     if name in TRAINED_METHODS:
         check_batch_fits(ctx.store, batch_size)
