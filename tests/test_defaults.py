@@ -364,3 +364,11 @@ def test_inputs_that_do_not_fit_together_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="labels of split 'test' must be class indices >= 0; got -2"):
         write_features(tmp_path / "f.h5", {"train": (X, y), "test": (X, y - 2)})
     assert not (tmp_path / "f.h5").exists()
+
+
+def test_help_text_states_the_library_rule():
+    from lt_rebalance.commands._common import BATCH_AUTO_HELP, EPOCHS_AUTO_HELP
+    from lt_rebalance.heads.training import DEFAULT_BATCH_SIZE, MIN_STEPS
+
+    assert f"at least {MIN_STEPS} optimiser steps" in EPOCHS_AUTO_HELP
+    assert f"auto: {DEFAULT_BATCH_SIZE}, or the train rows when fewer" in BATCH_AUTO_HELP

@@ -147,21 +147,23 @@ def require_split(store, name: str, purpose: str) -> None:
         )
 
 
-def check_batch_fits(store, batch_size: Any, param_hint: str = "--batch-size") -> None:
+def check_batch_fits(store, batch_size: Any) -> None:
     """An explicit --batch-size must not exceed the train rows ("auto" shrinks to them; no check
     when the file has no train split)."""
     rows = store.splits["train"].rows if "train" in store.splits else None
     if batch_size != "auto" and rows is not None and batch_size > rows:
         raise click.BadParameter(f"{batch_size} is larger than the {rows} train rows; give at most {rows}, "
-                                 "or leave it at auto (512, or the train rows when fewer)", param_hint=param_hint)
+                                 "or leave it at auto (512, or the train rows when fewer)", param_hint="--batch-size")
 
 
 def check_training_fits(store, overrides: dict[str, dict], methods: Any) -> None:
     """:func:`check_batch_fits` for the trained methods among ``methods`` (cRT, and LWS when the
     file has a stored classifier): an option only blocks the methods that use it."""
-    trained = [m for m in ("crt", "lws") if m in methods and (m == "crt" or store.has_head)]
-    for m in trained:
-        check_batch_fits(store, overrides[m]["batch_size"])
+    from ..names import HEAD_METHODS, TRAINED_METHODS
+
+    for m in TRAINED_METHODS:
+        if m in methods and (m not in HEAD_METHODS or store.has_head):
+            check_batch_fits(store, overrides[m]["batch_size"])
 
 
 class MethodNames(click.ParamType):
@@ -199,6 +201,8 @@ class AutoIntRange(click.IntRange):
         return "INTEGER|auto"
 
 
+# the rule of lt_rebalance.heads.training.plan_schedule (DEFAULT_BATCH_SIZE, MIN_STEPS), spelled
+# out here because `--help` must not import torch; tests/test_defaults.py checks they agree
 EPOCHS_AUTO_HELP = ("auto: {n}, raised on small files until training takes at least 500 optimiser steps "
                     "(an explicit value is used as given, with a warning below 500 steps).")
 BATCH_AUTO_HELP = ("auto: 512, or the train rows when fewer; an explicit value must not exceed the train rows.")
