@@ -48,6 +48,12 @@ class LazyGroup(click.Group):
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
+    def invoke(self, ctx: click.Context):
+        from .commands._common import interrupts_as_errors
+
+        with interrupts_as_errors():  # Ctrl-C: one line and exit status 130
+            return super().invoke(ctx)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, self.lazy_commands[name][2]) for name in sorted(self.lazy_commands)]
         if rows:

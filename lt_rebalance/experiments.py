@@ -67,22 +67,39 @@ class Context:
     def counts(self) -> torch.Tensor:
         return self.store.counts_tensor()
 
+    def _require_finite(self, X: torch.Tensor, subject: str, unit: str) -> None:
+        """Say that the file holds NaN or Inf (which, where) before a method blames its own numbers
+        (an "overflow", a "diverged" training). ``unit`` names a row of X (a value for 1-D X)."""
+        if not all_finite(X):
+            bad = ~torch.isfinite(X)
+            n = int((bad.flatten(0, -2).any(dim=-1) if X.ndim > 1 else bad).sum())
+            kinds = " and ".join(k for k, found in (("NaN", X.isnan().any()), ("Inf", X.isinf().any())) if found)
+            raise ValueError(
+                f"{self.store.path}: {subject} has {n} {unit} with {kinds} values; "
+                f"`ltr check {self.store.path}` lists every problem, re-extract the file to fix it"
+            )
+
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._cache:
             X, y = self.store.load(split)
-            if not all_finite(X):
-                bad = int((~torch.isfinite(X)).any(dim=1).sum())
-                raise ValueError(
-                    f"{self.store.path}: split {split!r} has {bad} feature row(s) with NaN/Inf values; "
-                    f"`ltr check {self.store.path}` lists every problem, re-extract the file to fix it"
-                )
+            self._require_finite(X, f"split {split!r}", "feature row(s)")
             self._cache[split] = (X, y)
         return self._cache[split]
 
+    def views(self, k: int) -> torch.Tensor:
+        """The first ``k`` stored augmented views of train, (k, N, D) in the stored dtype, checked finite."""
+        V = self.store.views("train", k, dtype="stored")
+        self._require_finite(V, "split 'train'", f"row(s) of its first {k} augmented views")
+        return V
+
     def head(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The stored stage-1 classifier (:meth:`FeatureStore.head`), read once."""
+        """The stored stage-1 classifier (:meth:`FeatureStore.head`), read once and checked finite."""
         if self._head is None:
-            self._head = self.store.head()
+            W, b = self.store.head()
+            self._require_finite(W, "the stored classifier", "class row(s) of /head/weight")
+            if b is not None:
+                self._require_finite(b, "the stored classifier", "value(s) of /head/bias")
+            self._head = (W, b)
         return self._head
 
     def train(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +276,7 @@ def run_crt(
     """
     X, y = ctx.train()
     Xv, yv = ctx.val()
-    V = ctx.store.views("train", views, dtype="stored") if views else None
+    V = ctx.views(views) if views else None
     params = {"seed": ctx.seed, **params}
     head = CRT(device=ctx.device, progress=_epoch_logger("crt", log), **params)
     fit = dict(views=V, num_classes=ctx.store.num_classes)
@@ -372,7 +389,7 @@ def run_calibrate(
     scaled = TemperatureScaled(head).fit(*ctx.load("val"))
     X, y = ctx.load(eval_split)
     before, after = (
-        calibration_metrics(h.decision_function(X), y, ctx.counts, **ctx.thresholds) for h in (head, scaled)
+        calibration_metrics(h.scores(X), y, ctx.counts, **ctx.thresholds) for h in (head, scaled)
     )
     return {
         "method": "calibrate",

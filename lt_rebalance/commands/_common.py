@@ -6,12 +6,13 @@ line, exit status 1) or ``click.BadParameter``/``UsageError`` (exit status 2).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import click
 
@@ -78,8 +79,8 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's ValueError/FileNotFoundError/FileExistsError into one-line CLI errors,
-    and its warnings (e.g. too few training steps) into ``warning: ...`` lines on stderr."""
+    """Turn the library's ValueError and OS errors (missing, existing, read-only, full, ...) into one-line CLI
+    errors, and its warnings (e.g. too few training steps) into ``warning: ...`` lines on stderr."""
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line
         try:
@@ -88,6 +89,26 @@ def user_errors() -> Iterator[None]:
             raise
         except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # e.g. EROFS or ENOSPC outside a writer of lt_rebalance.outputs: name the path
+            if e.strerror is None:
+                raise click.ClickException(str(e)) from None
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})") from None
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: one ``Error:`` line saying what was (not) changed, exit status 130 (128 + SIGINT)."""
+
+    exit_code = 130
+
+
+@contextmanager
+def interrupts_as_errors() -> Iterator[None]:
+    """Ctrl-C becomes :class:`Interrupted` (its message from the writer that stopped), not click's "Aborted!"."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise Interrupted(str(e) or "interrupted; no output was written") from None
 
 
 def handle_user_errors(f: Callable) -> Callable:
@@ -108,12 +129,13 @@ def open_store(path: str, allow_incomplete: bool = False):
         return FeatureStore(path, allow_incomplete=allow_incomplete)
 
 
-def check_writable(path: Optional[str], overwrite: bool) -> None:
-    """Fail before any work when an output file (--out, --save) cannot be written; None: no output."""
+def check_writable(path: Optional[str], overwrite: bool, inputs: Iterable[Optional[str]] = ()) -> None:
+    """Fail before any work when an output file (--out, --save) cannot be written or is one of the
+    command's ``inputs`` (with or without --overwrite); None: no output."""
     if path:
-        from ..store import atomic_output
+        from ..outputs import check_output
 
-        atomic_output(path, overwrite)
+        check_output(path, overwrite, inputs)
 
 
 def resolve_device(device: str) -> str:
@@ -153,7 +175,7 @@ def check_batch_fits(store, batch_size: Any) -> None:
     rows = store.splits["train"].rows if "train" in store.splits else None
     if batch_size != "auto" and rows is not None and batch_size > rows:
         raise click.BadParameter(f"{batch_size} is larger than the {rows} train rows; give at most {rows}, "
-                                 "or leave it at auto (512, or the train rows when fewer)", param_hint="--batch-size")
+                                 "or leave it at auto", param_hint="--batch-size")
 
 
 def check_training_fits(store, overrides: dict[str, dict], methods: Any) -> None:
@@ -205,7 +227,8 @@ class AutoIntRange(click.IntRange):
 # out here because `--help` must not import torch; tests/test_defaults.py checks they agree
 EPOCHS_AUTO_HELP = ("auto: {n}, raised on small files until training takes at least 500 optimiser steps "
                     "(an explicit value is used as given, with a warning below 500 steps).")
-BATCH_AUTO_HELP = ("auto: 512, or the train rows when fewer; an explicit value must not exceed the train rows.")
+BATCH_AUTO_HELP = ("auto: 512, or N // 8 for N < 4096 train rows (at least 8 batches an epoch); an explicit "
+                   "value must not exceed the train rows.")
 
 
 def epochs_option(name: str, reference: int, what: str = "Training epochs") -> Callable:

@@ -71,12 +71,13 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
 
     Methods that need the stored classifier are skipped, with the reason, when the file has none
     or when it is a random initialisation (name them in --methods to run them anyway). cRT and LWS
-    use --batch-size auto (512, or the train rows when fewer) and auto epochs (at least 500 steps).
+    use --batch-size auto (512, or N // 8 on fewer than 4096 train rows) and auto epochs (at least
+    500 optimiser steps).
     """
     from ..experiments import Context
     from ..experiments import compare as run_compare
 
-    check_writable(out, overwrite)  # fail early if --out cannot be written
+    check_writable(out, overwrite, [features])  # fail early if --out cannot be written
     store = open_store(features, allow_incomplete)
     ctx = Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device), seed=seed,
                   thresholds=thresholds)
@@ -87,5 +88,5 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
         from ..store import atomic_write
 
         text = to_json(result)
-        atomic_write(out, lambda tmp: tmp.write_text(text), overwrite)
+        atomic_write(out, lambda tmp: tmp.write_text(text), overwrite, [features])
     emit(result, as_json, compare_table)

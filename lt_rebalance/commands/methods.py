@@ -88,7 +88,7 @@ def ncm(features, as_json, quiet, allow_incomplete, thresholds, variant, splits,
     """Nearest class mean on the cached train features (needs no stored classifier)."""
     from ..experiments import run_ncm
 
-    check_writable(save, overwrite)
+    check_writable(save, overwrite, [features])
     ctx = _context(features, allow_incomplete, splits, thresholds=thresholds)
     require_split(ctx.store, "train", "to compute class means")
     result, head = run_ncm(ctx, variant)
@@ -299,7 +299,7 @@ def crt(features, as_json, quiet, allow_incomplete, thresholds, epochs, lr, batc
     from ..experiments import run_crt
 
     sampler = _parse_sampler(sampler)
-    check_writable(save, overwrite)
+    check_writable(save, overwrite, [features])
     ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed, thresholds)
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)
@@ -328,7 +328,7 @@ def lws(features, as_json, quiet, allow_incomplete, thresholds, epochs, lr, batc
     from ..experiments import run_lws
 
     sampler = _parse_sampler(sampler)
-    check_writable(save, overwrite)
+    check_writable(save, overwrite, [features])
     ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed, thresholds)
     require_head(ctx.store, "lws")
     require_split(ctx.store, "train", "to train on")

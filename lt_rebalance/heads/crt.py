@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
-from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted, resolve_device
+from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_fit_data, resolve_device
 from .training import (
     AUTO,
     ProgressFn,
@@ -47,8 +48,8 @@ class CRT(BaseHead):
     Defaults are the reference's: fresh ``nn.Linear`` initialisation, cross-entropy, SGD momentum
     0.9, weight decay 5e-4, lr 0.2, batch 512, 10 epochs (iNaturalist: 30 epochs, wd 1e-4),
     cosine schedule, the epoch with the best val top-1 kept. On small files the defaults adapt
-    (``"auto"``, :func:`~lt_rebalance.heads.training.plan_schedule`): the batch is at most the
-    train rows, and the epochs rise until training takes at least 500 optimiser steps.
+    (``"auto"``, :func:`~lt_rebalance.heads.training.plan_schedule`): the batch shrinks to give at
+    least 8 batches an epoch, and the epochs rise until training takes at least 500 optimiser steps.
 
     Cached-feature caveat: the reference re-trains on freshly augmented images with the backbone
     in train mode (BatchNorm statistics keep moving). On fixed features this cannot be exact; with
@@ -61,7 +62,8 @@ class CRT(BaseHead):
         "auto": 10, raised to ceil(500 / batches per epoch) when that gives fewer than 500 steps.
         An explicit value is used as given (a FewStepsWarning below 500 steps).
     batch_size : int or "auto", default="auto"
-        "auto": 512, or the train rows when fewer; an explicit value above the train rows is an error.
+        "auto": 512, or N // 8 on fewer than 4096 train rows (at least 8 batches an epoch); an
+        explicit value above the train rows is an error.
     lr, momentum, weight_decay, sampler, schedule, seed
         See above; ``sampler`` is 'ib', 'cb', 'sqrt', 'pb' or a power q.
     keep_best : bool, default=True
@@ -78,10 +80,21 @@ class CRT(BaseHead):
     ----------
     weight_ : float32 (C, D)
     bias_ : float32 (C,)
+        Row j is class ``classes_[j]``.
+    classes_ : ndarray (C,)
+        The sorted train labels, or arange(num_classes) when ``fit`` is given ``num_classes``
+        (classes without train rows keep their row).
     history_ : TrainHistory
         Per-epoch loss, lr, val top-1 and the kept epoch.
     schedule_ : Schedule
         The epochs, batch size and optimiser steps actually run.
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(logits): the head's own cross-entropy model, but trained under
+    ``sampler`` (class-balanced by default), so it estimates p(class | x) for a *balanced*
+    class prior, not the train or test prior. With ``loss="balanced-softmax"`` the same holds
+    by construction. Calibrate on val with :class:`~lt_rebalance.posthoc.TemperatureScaled`.
     """
 
     _parameter_constraints = {
@@ -91,6 +104,7 @@ class CRT(BaseHead):
         "beta": [Interval(float, 0, 1, closed="neither")],
         "label_smoothing": [Interval(float, 0, 1, closed="left")],
     }
+    _state = "weight_"
 
     def __init__(
         self,
@@ -137,12 +151,13 @@ class CRT(BaseHead):
         views: Any = None,
         num_classes: Optional[int] = None,
     ) -> CRT:
-        """Train on (X, y), float (N, D) and int (N,).
+        """Train on (X, y), float (N, D) and labels (N,); (X_val, y_val) select the best epoch.
 
         ``views``: optional (K, N, D) augmented train features (any float dtype); each step then
-        draws one of the K views per row. ``num_classes`` defaults to max(y) + 1.
+        draws one of the K views per row. ``num_classes``: the labels are ints in [0, num_classes)
+        (classes_ = arange(num_classes)); by default classes_ are the distinct labels of y.
         """
-        ((self.weight_, self.bias_, self.history_),), self.schedule_ = self._fit_members(
+        self.classes_, [(self.weight_, self.bias_, self.history_)], self.schedule_ = self._fit_members(
             X, y, X_val, y_val, views, num_classes, [(self.lr, self.weight_decay)]
         )
         self.n_features_in_ = self.weight_.shape[1]
@@ -157,10 +172,9 @@ class CRT(BaseHead):
         views: Any,
         num_classes: Optional[int],
         grid: Sequence[tuple[float, float]],
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, TrainHistory]], Schedule]:
-        """Train one head per (lr, weight_decay) of ``grid`` in one pass: (weight, bias, history) each.
-
-        Also returns the :class:`Schedule` (epochs, batch size) every member ran.
+    ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, TrainHistory]], Schedule]:
+        """Train one head per (lr, weight_decay) of ``grid`` in one pass: classes_, (weight, bias, history)
+        of each, and the :class:`Schedule` (epochs, batch size) every member ran.
 
         Every member starts from the same initialisation and sees the same batches and view draws
         as a lone run with this seed; the G heads form one [G·C, D] layer, so a step is one GEMM.
@@ -168,11 +182,9 @@ class CRT(BaseHead):
         for lr, wd in grid:
             CRT(**{**self.get_params(), "lr": lr, "weight_decay": wd})._validate_params()
         device = resolve_device(self.device)
-        X, y = check_features(X, y, device=device)
+        X, y, classes = check_fit_data(X, y, num_classes, device)
         N, D = X.shape
-        C = int(num_classes if num_classes is not None else y.max().item() + 1)
-        if y.min() < 0 or y.max() >= C:
-            raise ValueError(f"labels must lie in [0, {C}); got range [{int(y.min())}, {int(y.max())}]")
+        C = len(classes)
         counts = torch.bincount(y, minlength=C).to(device)
         plan = plan_schedule(N, self.epochs, self.batch_size, REFERENCE_EPOCHS, stacklevel=4)
         if views is not None:
@@ -210,7 +222,7 @@ class CRT(BaseHead):
 
         validate = None
         if X_val is not None:
-            Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
+            Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device)
 
             def validate() -> torch.Tensor:
                 return (logits(Xv).argmax(2) == yv[:, None]).float().mean(0)
@@ -231,10 +243,8 @@ class CRT(BaseHead):
             progress=self.progress,
             step_work=plan.batch_size * D * C * G,
         )
-        return [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)], plan
+        return classes, [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)], plan
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C)."""
-        check_is_fitted(self, "weight_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.weight_.device)
         return torch.addmm(self.bias_, X, self.weight_.T)

@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .base import BaseHead, Is, check_is_fitted
+from .base import BaseHead, Is
 from .crt import CRT
 
 _NUMBERS = Is(
@@ -40,6 +40,8 @@ class CRTGrid(BaseHead):
         Best val top-1 of each head (-inf for a head whose training diverged).
     best_index_ : int
     best_estimator_ : CRT
+    classes_ : ndarray (C,)
+        As :class:`CRT`'s.
     """
 
     _parameter_constraints = {
@@ -47,6 +49,7 @@ class CRTGrid(BaseHead):
         "lrs": [_NUMBERS],
         "weight_decays": [_NUMBERS],
     }
+    _state = "best_estimator_"
 
     def __init__(self, estimator: CRT, lrs: Sequence[float], weight_decays: Sequence[float]):
         self.estimator = estimator
@@ -74,12 +77,12 @@ class CRTGrid(BaseHead):
             raise ValueError("a cRT grid selects its head on val data: pass X_val and y_val")
         params = self.estimator.get_params()
         trainer = CRT(**params)
-        members, plan = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
+        self.classes_, members, plan = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
         self.estimators_ = []
         for (lr, wd), (W, b, hist) in zip(self.grid, members):
             est = CRT(**{**params, "lr": lr, "weight_decay": wd})
             est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
-            est.schedule_ = plan
+            est.classes_, est.schedule_ = self.classes_, plan
             self.estimators_.append(est)
         self.val_scores_ = torch.tensor(
             [-float("inf") if e.history_.diverged else max(e.history_.val) for e in self.estimators_],
@@ -90,7 +93,10 @@ class CRTGrid(BaseHead):
         self.n_features_in_ = self.best_estimator_.n_features_in_
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    @property
+    def _device(self) -> torch.device:
+        return self.best_estimator_._device
+
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) of the selected head."""
-        check_is_fitted(self, "best_estimator_")
-        return self.best_estimator_.decision_function(X)
+        return self.best_estimator_._scores(X)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
-from .base import ARRAY, NONE, BaseHead, check_bias, check_features, check_is_fitted, check_weight
+from .base import ARRAY, NONE, BaseHead, check_bias, check_weight
 
 
 class JointHead(BaseHead):
@@ -20,9 +21,18 @@ class JointHead(BaseHead):
     ----------
     weight_ : float32 (C, D)
     bias_ : float32 (C,) (zeros when no bias)
+    classes_ : ndarray (C,)
+        arange(C): row j of ``weight`` is class j.
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(logits) of the stage-1 model, trained on the instance-balanced
+    (long-tailed) train distribution: it carries that prior and the usual overconfidence.
     """
 
     _parameter_constraints = {"weight": [ARRAY], "bias": [ARRAY, NONE]}
+    _state = "weight_"
+    _requires_y = False
 
     def __init__(self, weight: Any, bias: Optional[Any] = None, *, device: str = "cpu"):
         self.weight = weight
@@ -35,10 +45,9 @@ class JointHead(BaseHead):
         self.weight_ = check_weight(self.weight, self.device)
         self.bias_ = check_bias(self.bias, self.weight_.shape[0], self.device)
         self.n_features_in_ = self.weight_.shape[1]
+        self.classes_ = np.arange(self.weight_.shape[0])
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C)."""
-        check_is_fitted(self, "weight_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.device)
         return torch.addmm(self.bias_, X, self.weight_.T)

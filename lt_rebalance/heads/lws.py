@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +15,6 @@ from .base import (
     Interval,
     check_bias,
     check_features,
-    check_is_fitted,
     check_weight,
     resolve_device,
 )
@@ -42,7 +42,8 @@ class LWS(BaseHead):
         than 500 optimiser steps (small files); an explicit value is used as given (a
         FewStepsWarning below 500 steps).
     batch_size : int or "auto", default="auto"
-        "auto": 512, or the train rows when fewer; an explicit value above the train rows is an error.
+        "auto": 512, or N // 8 on fewer than 4096 train rows (at least 8 batches an epoch); an
+        explicit value above the train rows is an error.
     lr, momentum, weight_decay, sampler, schedule, seed
         Reference defaults: lr 0.2 (Places-LT: 0.1), momentum 0.9, weight decay 5e-4 on s,
         class-balanced sampling, cosine schedule.
@@ -54,9 +55,17 @@ class LWS(BaseHead):
     scales_ : float32 (C,)
     weight_, bias_ : float32 (C, D), (C,)
         The folded head s·W, s·b (a plain linear layer).
+    classes_ : ndarray (C,)
+        arange(C): row j of ``weight`` is class j, and labels must be ints in [0, C).
     history_ : TrainHistory
     schedule_ : Schedule
         The epochs, batch size and optimiser steps actually run.
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(s ⊙ joint logits): trained by cross-entropy under class-balanced
+    sampling, so it estimates p(class | x) for a balanced prior; only s is learnt, so it is no
+    better calibrated than the joint head. Use :class:`~lt_rebalance.posthoc.TemperatureScaled`.
     """
 
     _parameter_constraints = {
@@ -65,6 +74,7 @@ class LWS(BaseHead):
         "bias": [ARRAY, NONE],
         "max_cache_gb": [Interval(float, 0, None)],
     }
+    _state = "weight_"
 
     def __init__(
         self,
@@ -109,7 +119,8 @@ class LWS(BaseHead):
         self._W = check_weight(self.weight, device)
         C, D = self._W.shape
         self._b = check_bias(self.bias, C, device)
-        X, y = check_features(X, y, n_features=D, num_classes=C, device=device)
+        classes = np.arange(C)
+        X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
         self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, REFERENCE_EPOCHS)
         cache = X.shape[0] * C * 4 <= self.max_cache_gb * 2**30
         with torch.no_grad():
@@ -122,7 +133,7 @@ class LWS(BaseHead):
 
         validate = None
         if X_val is not None:
-            Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
+            Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
             with torch.no_grad():
                 Zv = self._joint_logits(Xv)
 
@@ -150,11 +161,10 @@ class LWS(BaseHead):
         self.weight_ = self._W * self.scales_[:, None]
         self.bias_ = self._b * self.scales_
         self.n_features_in_ = D
+        self.classes_ = classes
         del self._W, self._b
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) = s ⊙ (X Wᵀ + b)."""
-        check_is_fitted(self, "scales_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.scales_.device)
         return torch.addmm(self.bias_, X, self.weight_.T)

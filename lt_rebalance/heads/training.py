@@ -8,11 +8,12 @@ Schedules (per epoch e of T, base rate lr):
 * ``constant``: lr_e = lr.
 
 Default length (``epochs="auto"``, ``batch_size="auto"``, :func:`plan_schedule`): the batch is
-512, or the train rows N when fewer; the epochs are the reference's (cRT 10, LWS 5), raised to
-ceil(500 / (N // batch)) when that gives fewer than :data:`MIN_STEPS` = 500 optimiser steps.
-ImageNet-LT (226 batches of 512 per epoch), Places-LT (122) and iNaturalist keep the reference's
-schedule; a few-hundred-row file gets 500 full-batch steps instead of 10. Explicit settings are
-used as given, with a :class:`FewStepsWarning` below 500 steps.
+512, or N // 8 for N < 4096 train rows (at least 8 batches an epoch; at least 1 row); the epochs
+are the reference's (cRT 10, LWS 5), raised to ceil(500 / (N // batch)) when that gives fewer
+than :data:`MIN_STEPS` = 500 optimiser steps. ImageNet-LT (226 batches of 512 per epoch),
+Places-LT (122) and iNaturalist keep the reference's schedule; the demo's 318 rows get 63 epochs
+of 8 batches of 39 instead of 10 steps. Explicit settings are used as given, with a
+:class:`FewStepsWarning` below 500 steps.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ SCHEDULES = ("cosine", "cosine-reference", "constant")
 AUTO = "auto"
 DEFAULT_BATCH_SIZE = 512  # the reference's batch
 MIN_STEPS = 500  # optimiser steps that "auto" epochs guarantee (the reference runs >= 610 on its datasets)
+MIN_BATCHES_PER_EPOCH = 8  # "auto" batch: an epoch (one val check for keep-best) is at least 8 steps
 
 
 class FewStepsWarning(UserWarning):
@@ -60,10 +62,10 @@ def plan_schedule(n_rows: int, epochs: int | str, batch_size: int | str, referen
     if n_rows < 1:
         raise ValueError("no train rows to train on")
     if batch_size == AUTO:
-        batch = min(DEFAULT_BATCH_SIZE, n_rows)
+        batch = max(1, min(DEFAULT_BATCH_SIZE, n_rows // MIN_BATCHES_PER_EPOCH))
     elif batch_size > n_rows:
         raise ValueError(f"batch_size={batch_size} is larger than the {n_rows} train rows; pass at most {n_rows}, "
-                         f"or batch_size='auto' ({DEFAULT_BATCH_SIZE}, or the train rows when fewer)")
+                         f"or batch_size='auto' ({DEFAULT_BATCH_SIZE}, or N // {MIN_BATCHES_PER_EPOCH} on a small set)")
     else:
         batch = int(batch_size)
     per_epoch = n_rows // batch
