@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "extract": ("lt_rebalance.extract.cli", "extract", "Run a backbone once over a dataset and write the feature file."),
     "demo": ("lt_rebalance.commands.demo", "demo", "The whole pipeline on bundled digits images, offline, on a CPU."),
     "plot": ("lt_rebalance.commands.plot", "plot", "Figures: tau-curve, norms, per-class, compare (needs matplotlib)."),
+    "report": ("lt_rebalance.commands.report", "report", "One self-contained HTML (or Markdown) page: tables, intervals, figures."),
 }
 
 

@@ -81,6 +81,13 @@ def _replace(key: str, shape: tuple, dtype="float32") -> Callable[[h5py.File], N
     return fn
 
 
+def _bump_count(f: h5py.File) -> None:
+    """One more train image of class 0 in the counts (a file of other train counts)."""
+    counts = f["classes/counts"][...]
+    counts[0] += 1
+    f["classes/counts"][...] = counts
+
+
 def _incomplete(d: Path) -> str:
     a = _arrays()
     path = d / "f.h5"
@@ -306,6 +313,20 @@ CASES = [
          ("not a head file", "ltr crt --save")),
     Case("plot-results-not-json", lambda d, g: ["plot", "compare", "--results", _text(d / "r.json"),
                                                 "--out", str(d / "c.png")], 1, ("not a JSON results file", "ltr compare --out")),
+    # -- evaluation protocols (issue 14) --------------------------------------------------------------
+    Case("test-priors-unknown", lambda d, g: ["joint", "-f", _copy(g, d), "--test-priors", "sideways-3"], 2,
+         ("--test-priors", "forward-R")),
+    Case("seeds-malformed", lambda d, g: ["lws", "-f", _copy(g, d), "--seeds", "0,x"], 2, ("--seeds", "0,1,2")),
+    Case("test-priors-without-test", lambda d, g: ["compare", "-f", _copy(g, d), "--splits", "val",
+                                                   "--test-priors", "uniform", "--batch-size", "8"], 1,
+         ("test split", "--splits")),
+    Case("compare-other-classes", lambda d, g: ["compare", "-f", str(_copy(g, d, "a.h5")), "-f",
+                                                _edit(g, d, _bump_count), "--batch-size", "8"], 1,
+         ("cannot compare", "train rows", "share classes")),
+    Case("compare-file-twice", lambda d, g: ["compare", "-f", str(_copy(g, d)), "-f", str(d / "f.h5")], 2,
+         ("given more than once",)),
+    Case("report-out-exists", lambda d, g: ["report", "-f", _copy(g, d), "--out", _text(d / "r.html")], 1,
+         ("already exists", "--overwrite")),
     # -- import and demo ------------------------------------------------------------------------------
     Case("import-npz-missing", lambda d, g: ["import", "--npz", str(d / "a.npz"), "--out", str(d / "f.h5")], 1,
          ("a.npz: no such file", "numpy.savez")),

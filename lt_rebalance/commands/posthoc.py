@@ -16,6 +16,7 @@ from ._common import (
     epochs_option,
     handle_user_errors,
     log,
+    protocol_options,
     require_head,
     resolve_device,
     seed_option,
@@ -28,8 +29,10 @@ from .methods import _context, run_sweep_command, sweep_options
 @common_options
 @thresholds_options
 @sweep_options
+@protocol_options
 @handle_user_errors
-def logit_adjust(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split):
+def logit_adjust(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split,
+                 protocol):
     """Logit adjustment of the stored classifier (z - tau log prior) for every tau in one GEMM.
 
     tau = 1 is PC softmax. The JSON has the shape of `ltr tau-sweep` (method "logit_adjust").
@@ -37,7 +40,7 @@ def logit_adjust(features, as_json, quiet, allow_incomplete, thresholds, taus, s
     from ..experiments import run_logit_adjust
 
     run_sweep_command("logit-adjust", run_logit_adjust, features, as_json, allow_incomplete, thresholds, taus,
-                      select_on, metric, eval_split)
+                      select_on, metric, eval_split, protocol)
 
 
 def _num(v: float, fmt: str) -> str:

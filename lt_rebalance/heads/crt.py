@@ -172,12 +172,15 @@ class CRT(BaseHead):
         views: Any,
         num_classes: Optional[int],
         grid: Sequence[tuple[float, float]],
+        seeds: Optional[Sequence[int]] = None,
     ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, TrainHistory]], Schedule]:
         """Train one head per (lr, weight_decay) of ``grid`` in one pass: classes_, (weight, bias, history)
         of each, and the :class:`Schedule` (epochs, batch size) every member ran.
 
         Every member starts from the same initialisation and sees the same batches and view draws
         as a lone run with this seed; the G heads form one [G·C, D] layer, so a step is one GEMM.
+        ``seeds`` (one per grid entry): member g instead has the initialisation, batches and view
+        draws of a lone run with seed ``seeds[g]``; a step is then one batched GEMM (G, B, D) x (G, D, C).
         """
         for lr, wd in grid:
             CRT(**{**self.get_params(), "lr": lr, "weight_decay": wd})._validate_params()
@@ -193,32 +196,46 @@ class CRT(BaseHead):
                 raise ValueError(f"views must have shape (K, {N}, {D}); got {tuple(views.shape)}")
 
         G = len(grid)
-        gen = torch.Generator().manual_seed(self.seed)
-        w0, b0 = default_linear_init(C, D, gen)
-        W = w0.to(device).repeat(G, 1, 1).requires_grad_()  # (G, C, D): every member starts alike
-        b = b0.to(device).repeat(G, 1).requires_grad_()  # (G, C)
+        if seeds is not None and len(seeds) != G:
+            raise ValueError(f"{len(seeds)} seeds for {G} grid entries")
+        gens = [torch.Generator().manual_seed(s) for s in (seeds if seeds is not None else [self.seed])]
+        inits = [default_linear_init(C, D, g) for g in gens]
+        # (G, C, D) and (G, C): one initialisation repeated, or one per seed
+        W = torch.stack([w for w, _ in inits]).to(device).expand(G, -1, -1).contiguous().requires_grad_()
+        b = torch.stack([v for _, v in inits]).to(device).expand(G, -1).contiguous().requires_grad_()
         shift = torch.log(counts.float().clamp_min(1)) if self.loss == "balanced-softmax" else None
         cw = class_balanced_weights(counts, self.beta) if self.class_weights == "cb" else None
-        view_gen = torch.Generator(device=device).manual_seed(self.seed + 1) if views is not None else None
+        view_gens = [torch.Generator(device=device).manual_seed(s + 1) for s in (seeds if seeds is not None
+                                                                                  else [self.seed])]
 
         def logits(x: torch.Tensor) -> torch.Tensor:  # (n, G, C), one GEMM for all members
             return flush_tiny_gradient(torch.addmm(b.view(-1), x, W.view(G * C, D).T)).view(len(x), G, C)
 
-        def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # (G,) mean loss of each member
+        def draw(idx: torch.Tensor) -> torch.Tensor:
+            """Features of rows ``idx`` (B,) or, one row set per member, (G, B): a random stored view each."""
             if views is None:
-                xb = X[idx]
-            else:
-                v = torch.randint(0, views.shape[0], idx.shape, generator=view_gen, device=device)
-                xb = views[v, idx].float()
-            z = logits(xb)
+                return X[idx]
+            if idx.ndim == 1:
+                v = torch.randint(0, views.shape[0], idx.shape, generator=view_gens[0], device=device)
+            else:  # each member's own view stream, as in its lone run
+                v = torch.stack([torch.randint(0, views.shape[0], idx.shape[1:], generator=g, device=device)
+                                 for g in view_gens])
+            return views[v, idx].float()
+
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # (G,) mean loss of each member
+            xb = draw(idx)
+            if idx.ndim == 1:  # shared batch: z (B, G, C)
+                z, yb = logits(xb), y[idx][:, None].expand(-1, G)
+            else:  # a batch per member: one batched GEMM, z (B, G, C)
+                z = flush_tiny_gradient(torch.baddbmm(b[:, None, :], xb, W.transpose(1, 2))).transpose(0, 1)
+                yb = y[idx].T
             if shift is not None:
                 z = z + shift
-            yb = y[idx]
             loss = F.cross_entropy(
-                z.view(-1, C), yb.repeat_interleave(G), weight=cw, label_smoothing=self.label_smoothing,
+                z.reshape(-1, C), yb.reshape(-1), weight=cw, label_smoothing=self.label_smoothing,
                 reduction="none",
             ).view(-1, G)
-            return loss.sum(0) / (len(idx) if cw is None else cw[yb].sum())
+            return loss.sum(0) / (idx.shape[-1] if cw is None else cw[yb].sum(0))
 
         validate = None
         if X_val is not None:
@@ -237,7 +254,7 @@ class CRT(BaseHead):
             momentum=self.momentum,
             weight_decays=[wd for _, wd in grid],
             schedule=self.schedule,
-            generator=gen,
+            generator=gens[0] if seeds is None else gens,
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,

@@ -4,10 +4,12 @@ from __future__ import annotations
 import itertools
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .base import BaseHead, Is
 from .crt import CRT
+from .training import Schedule
 
 _NUMBERS = Is(
     lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, (int, float)) for x in v),
@@ -78,12 +80,8 @@ class CRTGrid(BaseHead):
         params = self.estimator.get_params()
         trainer = CRT(**params)
         self.classes_, members, plan = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
-        self.estimators_ = []
-        for (lr, wd), (W, b, hist) in zip(self.grid, members):
-            est = CRT(**{**params, "lr": lr, "weight_decay": wd})
-            est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
-            est.classes_, est.schedule_ = self.classes_, plan
-            self.estimators_.append(est)
+        self.estimators_ = _fitted(params, [{"lr": lr, "weight_decay": wd} for lr, wd in self.grid],
+                                   self.classes_, members, plan)
         self.val_scores_ = torch.tensor(
             [-float("inf") if e.history_.diverged else max(e.history_.val) for e in self.estimators_],
             dtype=torch.float64,
@@ -100,3 +98,41 @@ class CRTGrid(BaseHead):
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) of the selected head."""
         return self.best_estimator_._scores(X)
+
+
+def fit_seeds(
+    estimator: CRT,
+    seeds: Sequence[int],
+    X: Any,
+    y: Any,
+    X_val: Any = None,
+    y_val: Any = None,
+    *,
+    views: Any = None,
+    num_classes: Optional[int] = None,
+) -> list[CRT]:
+    """One fitted :class:`CRT` per seed (``estimator``'s other settings), trained in one pass.
+
+    Member g has the initialisation, batch stream and view draws of a lone ``CRT(seed=seeds[g])``
+    run, and equals it up to float32 rounding of the batched GEMM; each step is one
+    (G, B, D) x (G, D, C) batched GEMM for all seeds.
+    """
+    params = estimator.get_params()
+    trainer = CRT(**params)
+    trainer._validate_params()
+    grid = [(trainer.lr, trainer.weight_decay)] * len(seeds)
+    classes, members, plan = trainer._fit_members(X, y, X_val, y_val, views, num_classes, grid, seeds=list(seeds))
+    return _fitted(params, [{"seed": seed} for seed in seeds], classes, members, plan)
+
+
+def _fitted(params: dict, settings: Sequence[dict], classes: np.ndarray, members: Sequence[tuple],
+            plan: Schedule) -> list[CRT]:
+    """A fitted CRT per member: ``params`` updated by its ``settings``, with ``classes``, its (weight, bias,
+    history) and the ``plan`` (epochs, batch size) all members ran."""
+    out = []
+    for extra, (W, b, hist) in zip(settings, members):
+        est = CRT(**{**params, **extra})
+        est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
+        est.classes_, est.schedule_ = classes, plan
+        out.append(est)
+    return out
