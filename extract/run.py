@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from lt_rebalance.store import FeatureFileWriter, FeatureStore
+from PIL import Image
+
+from lt_rebalance.store import FeatureFileWriter, FeatureStore, NonFiniteFeaturesError
 
 from .datasets import ImageSource, TransformConfig, eval_transform, train_transform
 from .output import (
@@ -92,7 +94,7 @@ class _Items:
         label = int(self.source.labels[i])
         try:
             img = self.source.load(i)
-        except (OSError, ValueError, SyntaxError):  # missing, truncated, not an image
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # missing, truncated, not an image
             return torch.zeros(3, self.size, self.size), label, i, False
         if self.seed is None:
             return self.transform(img), label, i, True
@@ -204,7 +206,8 @@ class _Runner:
                     f = self.features_fn(x)
             else:
                 f = self.features_fn(x.to(self.device))
-            return f.to(getattr(torch, self.cfg.dtype)).cpu()
+            # cast to the stored dtype by the writer, which refuses rows beyond its range (float16: 65,504)
+            return f.cpu()
 
     def _batches(self, source: ImageSource, indices: np.ndarray, view: Optional[int]):
         from torch.utils.data import DataLoader
@@ -324,17 +327,21 @@ def extract_features(
         w = open_writer(partial_path(out))
         bg = _BackgroundWriter()
         try:
-            for name, src in sources.items():
-                if not w.is_complete(name):
-                    runner.run_split(w, bg, name, src)
-                    w.mark_complete(name)
-            rows = {name: w.rows(name) for name in sources}
-            bad = {name: bad_paths(w.file[f"splits/{name}"]) for name in sources}
-        finally:
             try:
-                bg.close()
+                for name, src in sources.items():
+                    if not w.is_complete(name):
+                        runner.run_split(w, bg, name, src)
+                        w.mark_complete(name)
+                rows = {name: w.rows(name) for name in sources}
+                bad = {name: bad_paths(w.file[f"splits/{name}"]) for name in sources}
             finally:
-                w.close()
-        FeatureStore(partial_path(out))  # validate before publishing
+                try:
+                    bg.close()
+                finally:
+                    w.close()
+        except NonFiniteFeaturesError as e:  # the same settings can never finish this file
+            partial_path(out).unlink(missing_ok=True)
+            raise NonFiniteFeaturesError(f"{e}; nothing was published ({partial_path(out).name} removed)") from None
+        FeatureStore(partial_path(out)).close()  # validate before publishing
         os.replace(partial_path(out), out)
     return ExtractResult(out, rows, {k: v for k, v in bad.items() if v}, runner.images, time.perf_counter() - t0)

@@ -27,6 +27,7 @@ import pytest
 from click.testing import CliRunner
 
 from lt_rebalance.cli import main
+from lt_rebalance.integrity import record_checksums
 from lt_rebalance.store import FeatureFileWriter, write_features
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -63,10 +64,14 @@ def _copy(good: Path, d: Path, name: str = "f.h5") -> Path:
     return dst
 
 
-def _edit(good: Path, d: Path, fn: Callable[[h5py.File], None]) -> str:
+def _edit(good: Path, d: Path, fn: Callable[[h5py.File], None], reseal: bool = True) -> str:
+    """A copy of ``good`` changed by ``fn``; ``reseal`` records the checksums again, as if a writer had
+    written it so (the case then tests its own problem alone; without: a damaged file)."""
     path = _copy(good, d)
     with h5py.File(path, "r+") as f:
         fn(f)
+        if reseal:
+            record_checksums(f)
     return str(path)
 
 
