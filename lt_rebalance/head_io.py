@@ -61,7 +61,9 @@ def check_head_state(state: dict, path: str | os.PathLike) -> None:
         sizes[letter] = v
     if not isinstance(state.get("method"), str):
         raise bad(f"method is {state.get('method')!r}, expected a name")
-    kind = "linear" if "weight" in state else "ncm"
+    kind = "linear" if "weight" in state else "ncm" if "centroids" in state else None
+    if kind is None:
+        raise bad("it holds neither a weight matrix (a linear head) nor centroids (an NCM head)")
     for key, dims in _TENSORS[kind].items():
         t = state.get(key)
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():

@@ -39,7 +39,9 @@ def _update(h: Any, values: Any, dtype: np.dtype) -> None:
             h.update(len(b).to_bytes(8, "little"))
             h.update(b)
     else:
-        h.update(memoryview(np.ascontiguousarray(values, dtype=dtype.newbyteorder("<"))).cast("B"))
+        a = np.ascontiguousarray(values, dtype=dtype.newbyteorder("<"))
+        if a.size:
+            h.update(memoryview(a).cast("B"))
 
 
 def _blocks(ds: h5py.Dataset) -> Iterator[np.ndarray]:

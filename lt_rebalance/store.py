@@ -68,6 +68,11 @@ def _str_attr(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _plain(value: Any) -> Any:
+    """A numpy scalar attribute as the Python value (np.int64 -> int, np.bool_ -> bool)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _to_numpy(a: Any, dtype: Optional[str] = None) -> np.ndarray:
     if hasattr(a, "detach"):  # torch tensor
         a = a.detach().cpu().numpy()
@@ -250,10 +255,10 @@ class FeatureStore:
 
     def _split_attrs(self, where: str, g: h5py.Group, capacity: int) -> tuple[int, bool]:
         """``rows`` and ``complete`` of a split, checked against each other, their types and ``capacity``."""
-        rows, complete = g.attrs.get("rows", capacity), g.attrs.get("complete", True)
-        if isinstance(rows, (bool, np.bool_)) or not isinstance(rows, (int, np.integer)):
+        rows, complete = (_plain(g.attrs.get(k, default)) for k, default in (("rows", capacity), ("complete", True)))
+        if isinstance(rows, bool) or not isinstance(rows, int):
             raise self._damaged(f"{where}: attribute rows={rows!r} is a {type(rows).__name__}, expected an integer")
-        if not isinstance(complete, (bool, np.bool_)):
+        if not isinstance(complete, bool):
             raise self._damaged(
                 f"{where}: attribute complete={complete!r} is a {type(complete).__name__}, expected a boolean"
             )
@@ -316,10 +321,10 @@ class FeatureStore:
         short = [v for v in range(k) if info.view_rows[v] < info.rows]
         if short:
             full = sum(r >= info.rows for r in info.view_rows)
+            use = f"use the {full} fully written view(s) (--views {full})" if full else "train without --views"
             raise self._fail(
                 f"split {split!r}: augmented view(s) {short} have fewer rows written than the split's {info.rows} "
-                f"(view rows {list(info.view_rows)}); finish the file with `ltr extract --resume`, or use the "
-                f"{full} fully written view(s) (--views {full})"
+                f"(view rows {list(info.view_rows)}); finish the file with `ltr extract --resume`, or {use}"
             )
         with self._reading() as f:
             arr = f[f"splits/{split}/views"][:k, : info.rows]
@@ -591,10 +596,32 @@ class FeatureFileWriter:
         self.close()
 
 
+# IEEE floats by size: (unsigned view, mask of everything but the sign, exponent all ones = NaN/Inf)
+_FLOAT_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000),
+               8: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+
+
+def _all_finite(a: np.ndarray, block: int = 1 << 22) -> bool:
+    """``np.isfinite(a).all()`` for a float array, ~10x faster for float16: the largest |bit pattern|
+    is compared with the NaN/Inf exponent, in cache-sized blocks."""
+    if a.dtype.kind != "f" or a.dtype.itemsize not in _FLOAT_BITS or not a.flags.c_contiguous:
+        return bool(np.isfinite(a).all())
+    uint, mask, inf = _FLOAT_BITS[a.dtype.itemsize]
+    flat = a.reshape(-1).view(uint)
+    buf = np.empty(min(block, flat.size), dtype=uint)
+    for s in range(0, flat.size, block):
+        part = buf[: min(block, flat.size - s)]
+        np.bitwise_and(flat[s : s + len(part)], mask, out=part)
+        if part.max() >= inf:
+            return False
+    return True
+
+
 def _finite_rows(x: np.ndarray, dtype: np.dtype, where: str, start: int) -> np.ndarray:
     """``x`` cast to the stored ``dtype``; NonFiniteFeaturesError naming the rows that are not finite then."""
-    stored = x.astype(dtype, copy=False)
-    if np.isfinite(stored).all():
+    with np.errstate(over="ignore"):  # overflow is reported below, by row
+        stored = x.astype(dtype, copy=False)
+    if _all_finite(stored):
         return stored
     bad = np.flatnonzero(~np.isfinite(stored.reshape(len(stored), -1)).all(axis=1))
     rows = ", ".join(str(start + int(i)) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
