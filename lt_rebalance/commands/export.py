@@ -80,7 +80,7 @@ def export(head_path: str, features: str, checkpoint: str, out: str, model_name:
     from ..extract.checkpoints import file_sha256
     from ..head_io import check_head_fits, load_head, save_head
 
-    check_writable(out, overwrite)  # fail early if --out cannot be written
+    check_writable(out, overwrite, [head_path, features, checkpoint])  # fail early
     state = load_head(head_path)
     store = open_store(features)
     check_head_fits(state, head_path, store)

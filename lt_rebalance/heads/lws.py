@@ -3,12 +3,20 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
-from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, check_is_fitted, resolve_device
-from .training import ProgressFn, flush_tiny_gradient, sgd_constraints, train_sgd
+from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, resolve_device
+from .training import (
+    DEFAULT_BATCH_SIZE,
+    ProgressFn,
+    effective_batch_size,
+    flush_tiny_gradient,
+    sgd_constraints,
+    train_sgd,
+)
 
 
 class LWS(BaseHead):
@@ -26,8 +34,9 @@ class LWS(BaseHead):
     weight, bias : float (C, D), (C,) or None
         The joint classifier (frozen).
     epochs, lr, batch_size, momentum, weight_decay, sampler, schedule, seed
-        Reference defaults: 5 epochs, lr 0.2 (Places-LT: 0.1), batch 512, momentum 0.9,
-        weight decay 5e-4 on s, class-balanced sampling, cosine schedule.
+        Reference defaults: 5 epochs, lr 0.2 (Places-LT: 0.1), batch 512 (shrunk to the train
+        rows on a smaller set), momentum 0.9, weight decay 5e-4 on s, class-balanced sampling,
+        cosine schedule.
     keep_best : bool, default=True
         Keep the epoch with the best val top-1 when val data is given to ``fit``.
 
@@ -36,7 +45,15 @@ class LWS(BaseHead):
     scales_ : float32 (C,)
     weight_, bias_ : float32 (C, D), (C,)
         The folded head s·W, s·b (a plain linear layer).
+    classes_ : ndarray (C,)
+        arange(C): row j of ``weight`` is class j, and labels must be ints in [0, C).
     history_ : TrainHistory
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(s ⊙ joint logits): trained by cross-entropy under class-balanced
+    sampling, so it estimates p(class | x) for a balanced prior; only s is learnt, so it is no
+    better calibrated than the joint head. Use :class:`~lt_rebalance.posthoc.TemperatureScaled`.
     """
 
     _parameter_constraints = {
@@ -45,6 +62,7 @@ class LWS(BaseHead):
         "bias": [ARRAY, NONE],
         "max_cache_gb": [Interval(float, 0, None)],
     }
+    _state = "weight_"
 
     def __init__(
         self,
@@ -53,7 +71,7 @@ class LWS(BaseHead):
         *,
         epochs: int = 5,
         lr: float = 0.2,
-        batch_size: int = 512,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         sampler: Any = "cb",
@@ -89,7 +107,8 @@ class LWS(BaseHead):
         self._W = as_tensor(self.weight, torch.float32, device)
         C, D = self._W.shape
         self._b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device)
-        X, y = check_features(X, y, n_features=D, num_classes=C, device=device)
+        classes = np.arange(C)
+        X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
         cache = X.shape[0] * C * 4 <= self.max_cache_gb * 2**30
         with torch.no_grad():
             Z = self._joint_logits(X) if cache else None
@@ -101,7 +120,7 @@ class LWS(BaseHead):
 
         validate = None
         if X_val is not None:
-            Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
+            Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
             with torch.no_grad():
                 Zv = self._joint_logits(Xv)
 
@@ -115,7 +134,7 @@ class LWS(BaseHead):
             make_sampler(self.sampler, y.cpu(), C),
             epochs=self.epochs,
             lr=self.lr,
-            batch_size=self.batch_size,
+            batch_size=effective_batch_size(self.batch_size, X.shape[0]),
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             schedule=self.schedule,
@@ -128,11 +147,10 @@ class LWS(BaseHead):
         self.weight_ = self._W * self.scales_[:, None]
         self.bias_ = self._b * self.scales_
         self.n_features_in_ = D
+        self.classes_ = classes
         del self._W, self._b
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) = s ⊙ (X Wᵀ + b)."""
-        check_is_fitted(self, "scales_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.scales_.device)
         return torch.addmm(self.bias_, X, self.weight_.T)
