@@ -22,6 +22,7 @@ from .blocks import all_finite, available_memory
 from .heads.crt_grid import CRTGrid, fit_seeds
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY, evaluate, head_row_statistics
+from .names import HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS, canonical_method
 from .posthoc import (
     LogitAdjustment,
     TemperatureScaled,
@@ -31,7 +32,7 @@ from .posthoc import (
     select_tau,
 )
 from .protocols import Protocol, implied_prior, paired_differences, protocol_report, seed_summary
-from .store import FeatureStore
+from .store import RANDOM_HEAD_NOTE, FeatureStore
 
 CURVE_KEYS = ("all", "many", "medium", "few", "mean_class")
 
@@ -128,6 +129,10 @@ class Context:
         if "train" not in self.store.splits:
             raise ValueError(f"{self.store.path} has no 'train' split, which this method trains on")
         return self.load("train")
+
+    def has_rows(self, split: str) -> bool:
+        """Whether the file has ``split`` with at least one row."""
+        return split in self.store.splits and self.store.splits[split].rows > 0
 
     def val(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         return self.load("val") if "val" in self.store.splits else (None, None)
@@ -226,6 +231,9 @@ def _sweep_report(
     for s in (select_on, eval_split):
         if s is not None and s not in ctx.store.splits:
             raise ValueError(f"{ctx.store.path} has no split {s!r}; available: {', '.join(ctx.store.splits)}")
+    if select_on is not None and not ctx.has_rows(select_on):
+        raise ValueError(f"split {select_on!r} of {ctx.store.path} has no rows, so tau cannot be selected on it; "
+                         "pass --select-on test (reported as such) or --select-on none (curves only)")
     if eval_split not in curve_splits:
         curve_splits.append(eval_split)
     curves = {}
@@ -281,11 +289,17 @@ def run_logit_adjust(
     )
 
 
+MAX_EPOCH_LINES = 20  # per-epoch progress lines of a run (many short epochs are logged every k-th)
+
+
 def _epoch_logger(method: str, log: Optional[Callable[[str], None]]):
     if log is None:
         return None
 
     def progress(epoch: int, epochs: int, loss: float, val: Optional[float]) -> None:
+        every = math.ceil(epochs / MAX_EPOCH_LINES)
+        if epoch % every and epoch + 1 != epochs:
+            return
         v = "" if val is None else f"  val top-1 {100 * val:.2f}%"
         log(f"{method} epoch {epoch + 1}/{epochs}  loss {loss:.4f}{v}")
 
@@ -294,6 +308,18 @@ def _epoch_logger(method: str, log: Optional[Callable[[str], None]]):
 
 def _history(h) -> dict:
     return {"loss": h.loss, "lr": h.lr, "val_top1": h.val, "best_epoch": h.best_epoch}
+
+
+def _trained_params(head: Any, drop: Sequence[str]) -> dict:
+    """``params`` of a cRT/LWS result: its settings, with the epochs and batch size actually run.
+
+    ``auto`` lists the settings that were "auto" (:func:`~lt_rebalance.heads.training.plan_schedule`),
+    ``steps`` the optimiser steps.
+    """
+    plan = head.schedule_
+    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", *drop)}
+    return {**shown, "epochs": plan.epochs, "batch_size": plan.batch_size, "steps": plan.steps,
+            "auto": list(plan.auto)}
 
 
 def run_crt(
@@ -352,13 +378,12 @@ def run_crt(
             "index": search.best_index_, "lr": head.lr, "weight_decay": head.weight_decay,
             "selected_on": "val", "metric": "top1", "val_top1": search.val_scores_[search.best_index_].item(),
         }
-    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device")}
     reported = ctx.report(head)
     if others is not None:
         extra["over_seeds"] = {"seeds": list(seeds), **seed_summary([reported, *others], ctx.eval_splits)}
     return {
         "method": "crt",
-        "params": {**shown, "views": views},
+        "params": {**_trained_params(head, ()), "views": views},
         "history": _history(head.history_),
         **reported,
         **extra,
@@ -374,10 +399,9 @@ def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params:
     if ctx.max_memory is not None:  # the logit cache gets the half of the budget the features do not
         params.setdefault("max_cache_gb", ctx.max_memory / 2 / 2**30)
     head = LWS(W, b, device=ctx.device, progress=_epoch_logger("lws", log), **params).fit(X, y, Xv, yv)
-    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", "weight", "bias")}
     return {
         "method": "lws",
-        "params": shown,
+        "params": _trained_params(head, ("weight", "bias")),
         "logits_cache": head.cache_dtype_,  # precision LWS trained on; None: recomputed per batch (float32)
         "history": _history(head.history_),
         **ctx.report(head),
@@ -386,8 +410,8 @@ def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params:
 
 def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
     """tau-norm with tau selected on val (as in ``compare``), reported on every eval split."""
-    if "val" not in ctx.store.splits:
-        raise ValueError("tau-norm needs a 'val' split to select tau on (see `ltr tau-sweep --select-on`)")
+    if not ctx.has_rows("val"):
+        raise ValueError("tau-norm needs a 'val' split with rows to select tau on (see `ltr tau-sweep --select-on`)")
     W, _ = ctx.head()
     Xv, yv = ctx.load("val")
     head = TauNorm(W, device=ctx.device).fit(Xv, yv, ctx.counts)
@@ -396,8 +420,9 @@ def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
 
 def run_logit_adjust_selected(ctx: Context) -> tuple[dict, LogitAdjustment]:
     """Logit adjustment of the stored classifier, tau selected on val (as in ``compare``)."""
-    if "val" not in ctx.store.splits:
-        raise ValueError("logit adjustment needs a 'val' split to select tau on (see `ltr logit-adjust --select-on`)")
+    if not ctx.has_rows("val"):
+        raise ValueError("logit adjustment needs a 'val' split with rows to select tau on "
+                         "(see `ltr logit-adjust --select-on`)")
     head = LogitAdjustment(_joint_head(ctx), ctx.counts).fit(*ctx.load("val"))
     return {"method": "logit_adjust", "selected_tau": head.tau_, "selected_on": "val", **ctx.report(head)}, head
 
@@ -408,30 +433,33 @@ def run_pc_softmax(ctx: Context) -> tuple[dict, LogitAdjustment]:
     return {"method": "pc_softmax", "tau": 1.0, **ctx.report(head)}, head
 
 
-# name -> (runner, needs a stored head); ``compare`` runs them in this order
-METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
-    "joint": (run_joint, True),
-    "ncm": (run_ncm, False),
-    "crt": (run_crt, False),
-    "tau_norm": (run_tau_selected, True),
-    "lws": (run_lws, True),
-    "logit_adjust": (run_logit_adjust_selected, True),
-    "pc_softmax": (run_pc_softmax, True),
+_RUNNERS: dict[str, Callable[..., tuple[dict, Any]]] = {
+    "joint": run_joint,
+    "ncm": run_ncm,
+    "crt": run_crt,
+    "tau_norm": run_tau_selected,
+    "lws": run_lws,
+    "logit_adjust": run_logit_adjust_selected,
+    "pc_softmax": run_pc_softmax,
 }
-SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val split
-TRAINED = ("crt", "lws")  # runners that take ``log`` (per-epoch progress) and a seed
+# name -> (runner, needs a stored head), in the order ``compare`` runs them (names: lt_rebalance.names)
+METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
+    name: (_RUNNERS[name], name in HEAD_METHODS) for name in METHOD_NAMES
+}
+SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val rows
 
 
 def run_seeds(ctx: Context, method: str, seeds: Sequence[int], **kwargs: Any) -> tuple[dict, Any]:
-    """Train ``method`` (a :data:`TRAINED` name) once per seed; the first seed's result and head.
+    """Train ``method`` (crt or lws: :data:`~lt_rebalance.names.TRAINED_METHODS`) once per seed; the first
+    seed's result and head.
 
     cRT trains its seeds as members of one batched run (:func:`run_crt`); LWS runs them in turn.
 
     The result gains ``"over_seeds": {"seeds": [...], <split>: {metric: {"mean", "std"}}}`` (sample
     std); the protocol (bootstrap, shifted priors) is computed for the first seed's head only.
     """
-    if method not in TRAINED:
-        raise ValueError(f"--seeds applies to the trained heads ({', '.join(TRAINED)}); got {method!r}")
+    if method not in TRAINED_METHODS:
+        raise ValueError(f"--seeds applies to the trained heads ({', '.join(TRAINED_METHODS)}); got {method!r}")
     if method == "crt" and kwargs.get("grid") is None:
         return run_crt(ctx, seeds=seeds, **kwargs)  # the seeds as members of one batched run
     runner = METHODS[method][0]
@@ -454,8 +482,7 @@ def run_calibrate(
     and per shot group: ``{"method": "calibrate", "base_method", "temperature", "fit_on": "val",
     "eval_split", "before": {all|many|medium|few: {nll, ece, n}}, "after": {...}}``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    method = canonical_method(method)
     for split in ("val", eval_split):
         if split not in ctx.store.splits:
             raise ValueError(
@@ -465,7 +492,7 @@ def run_calibrate(
     runner, needs_head = METHODS[method]
     if needs_head and not ctx.store.has_head:
         raise ValueError(f"{ctx.store.path} has no stored classifier, which {method} needs")
-    _, head = runner(ctx, **({"log": log} if method in TRAINED else {}), **params)
+    _, head = runner(ctx, **({"log": log} if method in TRAINED_METHODS else {}), **params)
     scaled = TemperatureScaled(head).fit(*ctx.load("val"))
     X, y = ctx.load(eval_split)
     before, after = (
@@ -500,39 +527,47 @@ def compare(
     each row gains ``"ci"`` and ``"vs_best"`` (paired differences against the best row, same
     resamples); ``samples``, when given, receives each row's bootstrap samples (for pooling files).
     Returns ``{"rows": [{"method", <split>: metrics, "seconds", ...}], "skipped": [...]}``.
+    A random-init stored classifier (``/head`` attribute ``random_init``) is no stage-1 classifier:
+    by default the methods built on it are skipped; named in ``methods``, they run and their row
+    has ``"note"`` saying so.
     """
-    names = list(methods or METHODS)
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    names = [canonical_method(m) for m in methods] if methods else list(METHODS)
     rows, skipped, row_samples = [], [], []
     for name in names:
         runner, needs_head = METHODS[name]
         if needs_head and not ctx.store.has_head:
             skipped.append({"method": name, "reason": "the file has no stored classifier"})
             continue
+        note = RANDOM_HEAD_NOTE if needs_head and ctx.store.head_random_init else None
+        if note and not methods:
+            skipped.append({"method": name, "reason": note})
+            continue
         kwargs = dict((overrides or {}).get(name, {}))
-        if name in TRAINED:
+        if name in TRAINED_METHODS:
             kwargs["log"] = log
         t0 = time.perf_counter()
         try:
-            if seeds and len(seeds) > 1 and name in TRAINED:
+            if seeds and len(seeds) > 1 and name in TRAINED_METHODS:
                 row, head = run_seeds(ctx, name, seeds, **kwargs)
             else:
-                row, head = runner(replace(ctx, seed=seeds[0]) if seeds and name in TRAINED else ctx, **kwargs)
+                row, head = runner(replace(ctx, seed=seeds[0]) if seeds and name in TRAINED_METHODS else ctx, **kwargs)
         except ValueError as e:
-            if name in SELECTED_ON_VAL and "val" not in ctx.store.splits:
+            if name in SELECTED_ON_VAL and not ctx.has_rows("val"):
                 skipped.append({"method": name, "reason": str(e)})
                 continue
             raise
         if heads is not None:
             heads[name] = head
         row.pop("history", None)
+        if note:
+            row["note"] = note
         row["seconds"] = round(time.perf_counter() - t0, 4)
         rows.append(row)
         row_samples.append(dict(ctx.samples))
         if log:
-            log(f"{name}: {row['seconds']:.2f} s")
+            p = row.get("params", {})
+            steps = f" ({p['epochs']} epochs x batch {p['batch_size']} = {p['steps']} steps)" if "steps" in p else ""
+            log(f"{name}: {row['seconds']:.2f} s{steps}")
     if ctx.protocol.bootstrap and samples is None:
         paired_differences(rows, row_samples, ctx.protocol.ci_level)
     if samples is not None:
