@@ -191,7 +191,7 @@ def test_memory_mapped_splits_give_identical_results(tmp_path, d16):
             res = CliRunner().invoke(main, [*cmd, "-f", str(path), "--json", "--quiet", "--device", "cpu", *opt]
                                      if cmd[0] in ("crt", "lws") else [*cmd, "-f", str(path), "--json", *opt])
             assert res.exit_code == 0, res.output
-            runs[bool(opt)][cmd[0]] = res.output
+            runs[bool(opt)][cmd[0]] = res.stdout  # the JSON (warnings go to stderr)
     assert runs[True] == {**runs[False], "lws": runs[True]["lws"]}
     # LWS under --max-memory 1K has no room for a logit cache: exact float32, same accuracy within rounding
     import json
