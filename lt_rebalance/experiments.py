@@ -17,9 +17,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
+from .heads import CRT, KNN, LWS, MARC, NCM, JointHead, LinearProbe, TauNorm, WeightBalancing, tau_sweep
 from .heads.base import all_finite
 from .heads.crt_grid import CRTGrid
+from .heads.linear_probe import fit_C_grid
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY
 from .posthoc import (
@@ -276,20 +277,65 @@ def run_crt(
     }, head
 
 
-def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, LWS]:
-    """LWS on the stored classifier with ``params`` (LWS's keyword arguments)."""
+def _run_on_joint(ctx: Context, method: str, cls: type, log: Optional[Callable[[str], None]], params: dict
+                  ) -> tuple[dict, Any]:
+    """A head trained by SGD from the stored classifier (LWS, MARC, WB): ``cls(W, b, **params)``."""
     W, b = ctx.head()
     X, y = ctx.train()
     Xv, yv = ctx.val()
     params = {"seed": ctx.seed, **params}
-    head = LWS(W, b, device=ctx.device, progress=_epoch_logger("lws", log), **params).fit(X, y, Xv, yv)
+    head = cls(W, b, device=ctx.device, progress=_epoch_logger(method, log), **params).fit(X, y, Xv, yv)
     shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", "weight", "bias")}
-    return {
-        "method": "lws",
-        "params": shown,
-        "history": _history(head.history_),
-        **ctx.report(head),
-    }, head
+    return {"method": method, "params": shown, "history": _history(head.history_), **ctx.report(head)}, head
+
+
+def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, LWS]:
+    """LWS on the stored classifier with ``params`` (LWS's keyword arguments)."""
+    return _run_on_joint(ctx, "lws", LWS, log, params)
+
+
+def run_marc(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, MARC]:
+    """MARC (ω_j z_j + β_j ‖w_j‖) on the stored classifier; the result adds ``omega`` and ``beta`` (C,)."""
+    result, head = _run_on_joint(ctx, "marc", MARC, log, params)
+    return {**result, "omega": head.omega_, "beta": head.beta_}, head
+
+
+def run_wb(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, WeightBalancing]:
+    """Weight balancing stage 2 from the stored classifier; the result adds the MaxNorm ``radius``
+    and the per-class weight ``norms`` (C,) after training."""
+    result, head = _run_on_joint(ctx, "wb", WeightBalancing, log, params)
+    return {**result, "radius": head.radius_, "norms": head.norms_}, head
+
+
+def run_knn(ctx: Context, k: int = 20, temperature: float = 0.07, balance: float = 0.0) -> tuple[dict, KNN]:
+    """Weighted kNN on the train rows (votes exp(sim / T) of the k nearest, divided by n_c^balance)."""
+    X, y = ctx.train()
+    head = KNN(k, temperature, balance=balance, device=ctx.device).fit(X, y, num_classes=ctx.store.num_classes)
+    return {"method": "knn", "k": k, "temperature": temperature, "balance": balance, **ctx.report(head)}, head
+
+
+def run_linear_probe(
+    ctx: Context, C: float = 1.0, C_grid: Optional[Sequence[float]] = None, **params: Any
+) -> tuple[dict, LinearProbe]:
+    """L-BFGS logistic regression (scikit-learn's objective) with ``params`` (LinearProbe's keywords).
+
+    With ``C_grid`` every C is fitted and the best val top-1 is kept; the result then also has
+    ``"grid"``: one ``{"C", "val_top1", "n_iter", "converged"}`` per C, and ``"selected_on": "val"``.
+    """
+    X, y = ctx.train()
+    probe = LinearProbe(C, device=ctx.device, **params)
+    extra: dict[str, Any] = {}
+    if C_grid:
+        Xv, yv = ctx.val()
+        if Xv is None:
+            raise ValueError(f"a C grid selects C on val, and {ctx.store.path} has no 'val' split")
+        probe, extra["grid"] = fit_C_grid(probe, X, y, Xv, yv, C_grid, ctx.store.num_classes)
+        extra["selected_on"] = "val"
+    else:
+        probe.fit(X, y, ctx.store.num_classes)
+    shown = {k: v for k, v in probe.get_params().items() if k not in ("device", "chunk")}
+    return {"method": "linear_probe", **shown, "n_iter": probe.n_iter_, "converged": probe.converged_,
+            **extra, **ctx.report(probe)}, probe
 
 
 def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
@@ -325,9 +371,17 @@ METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
     "lws": (run_lws, True),
     "logit_adjust": (run_logit_adjust_selected, True),
     "pc_softmax": (run_pc_softmax, True),
+    "marc": (run_marc, True),
+    "wb": (run_wb, True),
+    "knn": (run_knn, False),
+    "linear_probe": (run_linear_probe, False),
 }
 SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val split
-TRAINED = ("crt", "lws")  # runners that take ``log`` (per-epoch progress)
+TRAINED = ("crt", "lws", "marc", "wb")  # runners that take ``log`` (per-epoch progress)
+# run by ``compare`` only when named: each costs more than the rest of the study on ImageNet-LT-sized
+# files on a CPU (kNN: one eval x train similarity GEMM; the probe: up to max_iter passes of two GEMMs)
+OPT_IN = ("knn", "linear_probe")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in OPT_IN)
 
 
 def run_calibrate(
@@ -374,13 +428,13 @@ def compare(
     log: Optional[Callable[[str], None]] = None,
     heads: Optional[dict[str, Any]] = None,
 ) -> dict:
-    """Run ``methods`` (default: all that the file supports) with defaults; time each.
+    """Run ``methods`` (default: :data:`DEFAULT_METHODS` that the file supports) with defaults; time each.
 
     ``overrides`` maps a method to keyword arguments for its runner (e.g. fewer epochs).
     ``heads``, when given, receives each method's fitted head (name -> head), e.g. to save one.
     Returns ``{"rows": [{"method", <split>: metrics, "seconds", ...}], "skipped": [...]}``.
     """
-    names = list(methods or METHODS)
+    names = list(methods or DEFAULT_METHODS)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")

@@ -183,9 +183,11 @@ def thresholds_options(f: Callable) -> Callable:
 
 
 def training_overrides(crt_epochs: int, lws_epochs: int, batch_size: int) -> dict[str, dict]:
-    """``overrides`` of :func:`lt_rebalance.experiments.compare`: epochs and batch size of cRT and LWS."""
+    """``overrides`` of :func:`lt_rebalance.experiments.compare`: epochs and batch size of cRT, LWS and
+    MARC (trained like LWS; weight balancing keeps its authors' 10 epochs of batch 64)."""
     return {"crt": {"epochs": crt_epochs, "batch_size": batch_size},
-            "lws": {"epochs": lws_epochs, "batch_size": batch_size}}
+            "lws": {"epochs": lws_epochs, "batch_size": batch_size},
+            "marc": {"epochs": lws_epochs, "batch_size": batch_size}}
 
 
 def training_options(f: Callable) -> Callable:
@@ -197,8 +199,8 @@ def training_options(f: Callable) -> Callable:
 
     for opt in (
         click.option("--batch-size", default=512, show_default=True, type=click.IntRange(1),
-                     help="cRT and LWS batch size (at most the train rows)."),
-        click.option("--lws-epochs", default=5, show_default=True, type=click.IntRange(1)),
+                     help="cRT, LWS and MARC batch size (at most the train rows)."),
+        click.option("--lws-epochs", default=5, show_default=True, type=click.IntRange(1), help="LWS and MARC epochs."),
         click.option("--crt-epochs", default=10, show_default=True, type=click.IntRange(1)),
     ):
         wrapper = opt(wrapper)

@@ -177,8 +177,9 @@ class FloatList(click.ParamType):
         return out
 
 
-def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False):
-    """The training options shared by crt and lws (reference defaults).
+def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False, *, batch_size: int = 512,
+                weight_decay: float = 5e-4, sampler: str = "cb"):
+    """The training options shared by crt, lws, marc and wb (defaults: the reference's, or the method's).
 
     ``grid``: --lr and --weight-decay take comma lists (:class:`FloatList`), a grid trained in one pass.
     """
@@ -187,10 +188,11 @@ def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False):
         click.option("--epochs", default=epochs, show_default=True, type=int, help="Training epochs."),
         click.option("--lr", default=lr, show_default=True, type=number,
                      help="Base learning rate (cosine schedule)." + grid_help),
-        click.option("--batch-size", default=512, show_default=True, type=int),
-        click.option("--weight-decay", default=5e-4, show_default=True, type=number, help=grid_help.strip() or None),
+        click.option("--batch-size", default=batch_size, show_default=True, type=int),
+        click.option("--weight-decay", default=weight_decay, show_default=True, type=number,
+                     help=grid_help.strip() or None),
         click.option("--momentum", default=0.9, show_default=True, type=float),
-        click.option("--sampler", default="cb", show_default=True, help=sampler_help),
+        click.option("--sampler", default=sampler, show_default=True, help=sampler_help),
         click.option("--schedule", type=click.Choice(["cosine", "cosine-reference", "constant"]), default="cosine",
                      show_default=True, help="cosine-reference: the reference's (last epoch at lr = 0)."),
         click.option("--keep-best/--last-epoch", default=True, show_default=True,
@@ -255,6 +257,26 @@ def _crt_human(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + _trained_human(result)
 
 
+def _train_on_joint(command: str, runner_name: str, human, features, as_json, quiet, allow_incomplete, epochs, lr,
+                    batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed, device, splits, save,
+                    overwrite, **extra) -> None:
+    """Check the options, train ``runner_name`` (an experiments runner) from the stored head, print it."""
+    from .. import experiments
+
+    sampler = _check_training_args(epochs, batch_size, sampler)
+    check_writable(save, overwrite)
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
+    require_head(ctx.store, command)
+    require_split(ctx.store, "train", "to train on")
+    check_batch_fits(ctx.store, batch_size)
+    result, head = getattr(experiments, runner_name)(
+        ctx, log=None if quiet else log, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+        momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best, **extra,
+    )
+    _save(save, overwrite, head, result, features, quiet)
+    emit(result, as_json, human)
+
+
 @click.command()
 @common_options
 @sgd_options(10, 0.2, "ib, cb (class-balanced, default), sqrt, pb or a power q.", grid=True)
@@ -298,17 +320,6 @@ def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
 def lws(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
         schedule, keep_best, seed, device, splits, save, overwrite):
     """Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1)."""
-    from ..experiments import run_lws
-
-    sampler = _check_training_args(epochs, batch_size, sampler)
-    check_writable(save, overwrite)
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
-    require_head(ctx.store, "lws")
-    require_split(ctx.store, "train", "to train on")
-    check_batch_fits(ctx.store, batch_size)
-    result, head = run_lws(
-        ctx, log=None if quiet else log, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-        momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best,
-    )
-    _save(save, overwrite, head, result, features, quiet)
-    emit(result, as_json, _trained_human)
+    _train_on_joint("lws", "run_lws", _trained_human, features, as_json, quiet, allow_incomplete, epochs, lr,
+                    batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed, device, splits, save,
+                    overwrite)

@@ -25,6 +25,9 @@ CALIBRATE_METHODS = {
     "lws": "lws",
     "ncm": "ncm",
     "logit_adjust": "logit_adjust",
+    "marc": "marc",
+    "knn": "knn",
+    "linear_probe": "linear_probe",
 }
 
 
@@ -69,9 +72,9 @@ def _calibration_human(result: dict) -> str:
               help="The head to calibrate (tau: tau-norm and logit_adjust with tau selected on val).")
 @click.option("--eval-split", default="test", show_default=True, help="Split the NLL and ECE are reported on.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="Training epochs of crt/lws (default: theirs, 10 and 5).")
+              help="Training epochs of crt/lws/marc (default: theirs, 10, 5 and 5).")
 @click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Batch size of crt/lws (at most the train rows).")
+              help="Batch size of crt/lws/marc (at most the train rows).")
 @seed_option
 @device_option
 @handle_user_errors
@@ -85,7 +88,7 @@ def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, ep
     ctx = _context(features, allow_incomplete, None, resolve_device(device), seed)
     name = CALIBRATE_METHODS[method]
     params = {}
-    if name in ("crt", "lws"):
+    if name in ("crt", "lws", "marc"):
         check_batch_fits(ctx.store, batch_size)
         params = {"batch_size": batch_size, **({"epochs": epochs} if epochs is not None else {})}
     result, _ = run_calibrate(ctx, name, eval_split, log=None if quiet else log, **params)

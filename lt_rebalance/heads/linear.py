@@ -8,7 +8,17 @@ import torch
 from .base import ARRAY, NONE, BaseHead, as_tensor, check_features, check_is_fitted
 
 
-class JointHead(BaseHead):
+class LinearDecision:
+    """``decision_function`` of a head whose fitted state is a linear layer ``weight_`` (C, D), ``bias_`` (C,)."""
+
+    def decision_function(self, X: Any) -> torch.Tensor:
+        """Logits float32 (N, C) = X weight_ᵀ + bias_."""
+        check_is_fitted(self, "weight_")
+        X = check_features(X, n_features=self.n_features_in_, device=self.weight_.device)
+        return torch.addmm(self.bias_, X, self.weight_.T)
+
+
+class JointHead(LinearDecision, BaseHead):
     """A fixed linear classifier (the joint baseline, or any exported head).
 
     Parameters
@@ -41,9 +51,3 @@ class JointHead(BaseHead):
             raise ValueError(f"bias must have shape ({C},); got {tuple(self.bias_.shape)}")
         self.n_features_in_ = self.weight_.shape[1]
         return self
-
-    def decision_function(self, X: Any) -> torch.Tensor:
-        """Logits float32 (N, C)."""
-        check_is_fitted(self, "weight_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.device)
-        return torch.addmm(self.bias_, X, self.weight_.T)

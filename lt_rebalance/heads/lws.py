@@ -1,4 +1,8 @@
-"""Learnable weight scaling (REFERENCE.md, "LWS"): logit_j = s_j (w_j·x + b_j), only s trained."""
+"""Learnable weight scaling (REFERENCE.md, "LWS"): logit_j = s_j (w_j·x + b_j), only s trained.
+
+:class:`JointLogitCalibration` is the training path shared with MARC (:mod:`.marc`): per-class
+parameters on the frozen joint logits, trained from cached logits with the SGD loop of cRT.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -7,36 +11,21 @@ import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
-from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, check_is_fitted, resolve_device
+from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, resolve_device
+from .linear import LinearDecision
 from .training import ProgressFn, flush_tiny_gradient, sgd_constraints, train_sgd
 
 
-class LWS(BaseHead):
-    """Per-class scales on the frozen joint classifier, trained with class-balanced sampling.
+class JointLogitCalibration(LinearDecision, BaseHead):
+    """Per-class parameters on the frozen joint logits z = X Wᵀ + b, trained by SGD.
 
-    Because W and b are frozen, the joint logits of the train rows are computed once (one GEMM)
-    and every step only rescales cached logits. When N x C floats exceed ``max_cache_gb``
-    (e.g. iNaturalist: 437k x 8142), the logits of each batch are computed from its features instead.
-
-    Cached-feature caveat: the reference trains s on freshly augmented images through the frozen
-    backbone; here s sees the cached eval-transform features.
-
-    Parameters
-    ----------
-    weight, bias : float (C, D), (C,) or None
-        The joint classifier (frozen).
-    epochs, lr, batch_size, momentum, weight_decay, sampler, schedule, seed
-        Reference defaults: 5 epochs, lr 0.2 (Places-LT: 0.1), batch 512, momentum 0.9,
-        weight decay 5e-4 on s, class-balanced sampling, cosine schedule.
-    keep_best : bool, default=True
-        Keep the epoch with the best val top-1 when val data is given to ``fit``.
-
-    Attributes
-    ----------
-    scales_ : float32 (C,)
-    weight_, bias_ : float32 (C, D), (C,)
-        The folded head s·W, s·b (a plain linear layer).
-    history_ : TrainHistory
+    Subclasses say which parameters (:meth:`_init_params`), how they map z to the calibrated
+    logits (:meth:`_calibrate`) and how the result folds into a plain linear layer
+    (:meth:`_fold`, which sets ``weight_`` and ``bias_``). Because W and b are frozen, the joint
+    logits of the train rows are computed once (one GEMM) and every step only transforms cached
+    logits; when N x C floats exceed ``max_cache_gb`` (e.g. iNaturalist: 437k x 8142), the logits
+    of each batch are computed from its features instead. The constructor arguments (shared, so
+    subclasses define none) are documented in :class:`LWS`.
     """
 
     _parameter_constraints = {
@@ -79,38 +68,48 @@ class LWS(BaseHead):
         self.max_cache_gb = max_cache_gb
         self.progress = progress
 
-    def _joint_logits(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self._b, X, self._W.T)
+    def _init_params(self, W: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LWS:
-        """Train the scales on (X, y); (X_val, y_val) select the best epoch."""
+    def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _fold(self, W: torch.Tensor, b: torch.Tensor, params: list[torch.Tensor]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None):
+        """Train the parameters on (X, y); (X_val, y_val) select the best epoch."""
         self._validate_params()
         device = resolve_device(self.device)
-        self._W = as_tensor(self.weight, torch.float32, device)
-        C, D = self._W.shape
-        self._b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device)
+        W = as_tensor(self.weight, torch.float32, device)
+        C, D = W.shape
+        b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device)
         X, y = check_features(X, y, n_features=D, num_classes=C, device=device)
         cache = X.shape[0] * C * 4 <= self.max_cache_gb * 2**30
+
+        def joint_logits(x: torch.Tensor) -> torch.Tensor:
+            return torch.addmm(b, x, W.T)
+
         with torch.no_grad():
-            Z = self._joint_logits(X) if cache else None
-        s = torch.ones(C, device=device, requires_grad=True)
+            Z = joint_logits(X) if cache else None
+        params = [p.requires_grad_() for p in self._init_params(W)]
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            z = Z[idx] if cache else self._joint_logits(X[idx])
-            return F.cross_entropy(flush_tiny_gradient(z * s), y[idx])
+            z = Z[idx] if cache else joint_logits(X[idx])
+            return F.cross_entropy(flush_tiny_gradient(self._calibrate(z, params)), y[idx])
 
         validate = None
         if X_val is not None:
             Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
             with torch.no_grad():
-                Zv = self._joint_logits(Xv)
+                Zv = joint_logits(Xv)
 
             def validate() -> float:
-                return ((Zv * s).argmax(1) == yv).float().mean().item()
+                return (self._calibrate(Zv, params).argmax(1) == yv).float().mean().item()
 
         gen = torch.Generator().manual_seed(self.seed)
         self.history_ = train_sgd(
-            [s],
+            params,
             batch_loss,
             make_sampler(self.sampler, y.cpu(), C),
             epochs=self.epochs,
@@ -124,15 +123,46 @@ class LWS(BaseHead):
             keep_best=self.keep_best,
             progress=self.progress,
         )
-        self.scales_ = s.detach()
-        self.weight_ = self._W * self.scales_[:, None]
-        self.bias_ = self._b * self.scales_
+        self._fold(W, b, [p.detach() for p in params])
         self.n_features_in_ = D
-        del self._W, self._b
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
-        """Logits float32 (N, C) = s ⊙ (X Wᵀ + b)."""
-        check_is_fitted(self, "scales_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.scales_.device)
-        return torch.addmm(self.bias_, X, self.weight_.T)
+
+class LWS(JointLogitCalibration):
+    """Per-class scales on the frozen joint classifier, trained with class-balanced sampling.
+
+    Because W and b are frozen, the joint logits of the train rows are computed once (one GEMM)
+    and every step only rescales cached logits. When N x C floats exceed ``max_cache_gb``
+    (e.g. iNaturalist: 437k x 8142), the logits of each batch are computed from its features instead.
+
+    Cached-feature caveat: the reference trains s on freshly augmented images through the frozen
+    backbone; here s sees the cached eval-transform features.
+
+    Parameters
+    ----------
+    weight, bias : float (C, D), (C,) or None
+        The joint classifier (frozen).
+    epochs, lr, batch_size, momentum, weight_decay, sampler, schedule, seed
+        Reference defaults: 5 epochs, lr 0.2 (Places-LT: 0.1), batch 512, momentum 0.9,
+        weight decay 5e-4 on s, class-balanced sampling, cosine schedule.
+    keep_best : bool, default=True
+        Keep the epoch with the best val top-1 when val data is given to ``fit``.
+
+    Attributes
+    ----------
+    scales_ : float32 (C,)
+    weight_, bias_ : float32 (C, D), (C,)
+        The folded head s·W, s·b (a plain linear layer).
+    history_ : TrainHistory
+    """
+
+    def _init_params(self, W: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.ones(W.shape[0], device=W.device)]
+
+    def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        return z * params[0]
+
+    def _fold(self, W: torch.Tensor, b: torch.Tensor, params: list[torch.Tensor]) -> None:
+        (self.scales_,) = params
+        self.weight_ = W * self.scales_[:, None]
+        self.bias_ = b * self.scales_

@@ -60,12 +60,15 @@ def train_sgd(
     validate: Optional[Callable[[], float]] = None,
     keep_best: bool = True,
     progress: Optional[ProgressFn] = None,
+    after_step: Optional[Callable[[], None]] = None,
 ) -> TrainHistory:
     """SGD (momentum, weight decay) over ``epochs`` of sampler batches.
 
     ``batch_loss(idx)`` returns the mean loss of the rows ``idx`` (int64 (B,), on the params'
     device). ``validate()`` returns a score (higher is better) after each epoch; with ``keep_best``
     the parameters of the best epoch are restored at the end (ties keep the earlier epoch).
+    ``after_step()``, when given, runs (without autograd) after every optimizer step, e.g. a
+    projection of the parameters onto a constraint set (projected gradient descent).
     """
     (hist,) = train_sgd_members(
         params,
@@ -82,6 +85,7 @@ def train_sgd(
         keep_best=keep_best,
         progress=progress,
         stacked=False,
+        after_step=after_step,
     )
     return hist
 
@@ -133,6 +137,7 @@ def train_sgd_members(
     keep_best: bool = True,
     progress: Optional[ProgressFn] = None,
     stacked: bool = True,
+    after_step: Optional[Callable[[], None]] = None,
 ) -> list[TrainHistory]:
     """:func:`train_sgd` for G independent members sharing one sampler stream (a hyper-parameter grid).
 
@@ -143,11 +148,11 @@ def train_sgd_members(
     interact); ``validate()`` returns (G,) scores, and each member keeps its own best epoch.
     A member whose loss stops being finite is marked ``diverged`` and frozen out of the selection;
     when every member has diverged, training stops with a ValueError. ``progress`` sees the mean
-    loss of the live members and their best val score.
+    loss of the live members and their best val score. ``after_step`` as in :func:`train_sgd`.
     """
     learning_rate(lrs[0], 0, epochs, schedule)  # validates the schedule name
     return _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weight_decays, schedule,
-                  generator, validate, keep_best, progress, stacked)
+                  generator, validate, keep_best, progress, stacked, after_step)
 
 
 def flush_tiny_gradient(logits: torch.Tensor) -> torch.Tensor:
@@ -165,7 +170,7 @@ def flush_tiny_gradient(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weight_decays, schedule, generator,
-           validate, keep_best, progress, stacked) -> list[TrainHistory]:
+           validate, keep_best, progress, stacked, after_step=None) -> list[TrainHistory]:
     G = len(lrs)
     device = params[0].device
     opt = _MemberSGD(params, momentum, torch.tensor(weight_decays, dtype=params[0].dtype, device=device), stacked)
@@ -184,6 +189,9 @@ def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weigh
             loss = batch_loss(idx)
             loss.sum().backward()
             opt.step(lr_t)
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
             total += loss.detach()
         losses = (total / len(batches)).cpu().double()
         live &= torch.isfinite(losses)
