@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import test_cli
 import torch
-from test_cli import COUNTS, C, arrays, assert_metrics, files, np_metrics, run_json, user_error  # noqa: F401
+from test_cli import C, assert_metrics, np_metrics, run_json, user_error
 
 from lt_rebalance.heads import KNN, MARC, LinearProbe, WeightBalancing
 from lt_rebalance.heads.knn import topk_similar
@@ -19,6 +20,7 @@ except ImportError:  # pragma: no cover
     sklm = None
 needs_sklearn = pytest.mark.skipif(sklm is None, reason="scikit-learn is not installed")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
+arrays, files = test_cli.arrays, test_cli.files  # the feature files of the CLI tests (fixtures)
 
 
 def _gaussians(counts, dim=5, seed=0, spread=1.5):

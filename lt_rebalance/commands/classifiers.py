@@ -23,6 +23,7 @@ from .methods import (
     _splits_table,
     _train_on_joint,
     _trained_human,
+    joint_calibration_command,
     overwrite_option,
     save_option,
     sgd_options,
@@ -54,7 +55,7 @@ def knn(features, as_json, quiet, allow_incomplete, k, temperature, balance, dev
 def _probe_human(result: dict) -> str:
     lines = []
     if "grid" in result:
-        lines += [f"C grid selected on val by top-1", f"{'C':>10} {'iters':>5}  {'val/all':>8}"]
+        lines += ["C grid selected on val by top-1", f"{'C':>10} {'iters':>5}  {'val/all':>8}"]
         for row in result["grid"]:
             mark = "  <- selected" if row["C"] == result["C"] else ""
             conv = "" if row["converged"] else " (max_iter reached)"
@@ -122,21 +123,9 @@ def _wb_human(result: dict) -> str:
 @click.option("--beta", default=0.9999, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Class-balanced loss weights (1 - beta) / (1 - beta^n_c).")
 @handle_user_errors
-def wb(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
-       schedule, keep_best, seed, device, splits, save, overwrite, thresh, beta):
+def wb(**options):
     """Weight balancing stage 2: fine-tune the stored classifier with weight decay and MaxNorm."""
-    _train_on_joint("wb", "run_wb", _wb_human, features, as_json, quiet, allow_incomplete, epochs, lr, batch_size,
-                    weight_decay, momentum, sampler, schedule, keep_best, seed, device, splits, save, overwrite,
-                    thresh=thresh, beta=beta)
+    _train_on_joint("wb", _wb_human, **options)
 
 
-@click.command()
-@common_options
-@sgd_options(5, 0.2, "cb (class-balanced, default), ib, sqrt, pb or a power q.")
-@handle_user_errors
-def marc(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
-         schedule, keep_best, seed, device, splits, save, overwrite):
-    """MARC: learn z'_j = omega_j z_j + beta_j ||w_j|| on the frozen stored classifier."""
-    _train_on_joint("marc", "run_marc", _trained_human, features, as_json, quiet, allow_incomplete, epochs, lr,
-                    batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed, device, splits, save,
-                    overwrite)
+marc = joint_calibration_command("marc", "MARC: learn z'_j = omega_j z_j + beta_j ||w_j|| on the frozen stored classifier.")

@@ -257,10 +257,10 @@ def _crt_human(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + _trained_human(result)
 
 
-def _train_on_joint(command: str, runner_name: str, human, features, as_json, quiet, allow_incomplete, epochs, lr,
-                    batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed, device, splits, save,
-                    overwrite, **extra) -> None:
-    """Check the options, train ``runner_name`` (an experiments runner) from the stored head, print it."""
+def _train_on_joint(command: str, human: Callable[[dict], str], *, features, as_json, quiet, allow_incomplete,
+                    epochs, lr, batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed, device, splits,
+                    save, overwrite, **extra) -> None:
+    """Check the options, train ``run_<command>`` (an experiments runner) from the stored head, print it."""
     from .. import experiments
 
     sampler = _check_training_args(epochs, batch_size, sampler)
@@ -269,12 +269,25 @@ def _train_on_joint(command: str, runner_name: str, human, features, as_json, qu
     require_head(ctx.store, command)
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)
-    result, head = getattr(experiments, runner_name)(
+    result, head = getattr(experiments, f"run_{command}")(
         ctx, log=None if quiet else log, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
         momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best, **extra,
     )
     _save(save, overwrite, head, result, features, quiet)
     emit(result, as_json, human)
+
+
+def joint_calibration_command(name: str, help: str) -> click.Command:
+    """``ltr <name>``: per-class parameters trained on the frozen stored classifier, with LWS's options."""
+
+    @click.command(name, help=help)
+    @common_options
+    @sgd_options(5, 0.2, "cb (class-balanced, default), ib, sqrt, pb or a power q.")
+    @handle_user_errors
+    def command(**options: Any) -> None:
+        _train_on_joint(name, _trained_human, **options)
+
+    return command
 
 
 @click.command()
@@ -313,13 +326,4 @@ def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
     emit(result, as_json, _crt_human)
 
 
-@click.command()
-@common_options
-@sgd_options(5, 0.2, "cb (class-balanced, default), ib, sqrt, pb or a power q.")
-@handle_user_errors
-def lws(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
-        schedule, keep_best, seed, device, splits, save, overwrite):
-    """Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1)."""
-    _train_on_joint("lws", "run_lws", _trained_human, features, as_json, quiet, allow_incomplete, epochs, lr,
-                    batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed, device, splits, save,
-                    overwrite)
+lws = joint_calibration_command("lws", "Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1).")

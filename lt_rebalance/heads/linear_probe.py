@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, resolve_device
+from .base import BaseHead, Interval, StrOptions, check_features, resolve_device
 from .linear import LinearDecision
 
 CLASS_WEIGHTS = ("balanced", "none")
