@@ -43,7 +43,9 @@ def compare_table(result: dict) -> str:
 
 @click.command()
 @common_options
-@click.option("--methods", default=None, help="Comma-separated subset (default: all the file supports).")
+@click.option("--methods", default=None,
+              help="Comma-separated methods (default: all the file supports but knn and linear_probe, "
+                   "which run when named).")
 @training_options
 @thresholds_options
 @click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test).")
@@ -54,7 +56,11 @@ def compare_table(result: dict) -> str:
 @handle_user_errors
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
             seed, device):
-    """Run joint, NCM, cRT, tau-norm (tau selected on val) and LWS with defaults; print one table."""
+    """Run joint, NCM, cRT, tau-norm (tau selected on val), LWS and the later methods with defaults; one table.
+
+    kNN and the linear probe run only when named in --methods (on ImageNet-LT-sized files each costs
+    more on a CPU than the rest of the study).
+    """
     from ..experiments import Context
     from ..experiments import compare as run_compare
 
