@@ -404,6 +404,33 @@ def startup_op(b: Bench, repeats: Optional[int] = None) -> Result:
     ).finish()
 
 
+# -- evaluation protocols -----------------------------------------------------------------------
+def bootstrap_op(b: Bench, resamples: int = 1000) -> Result:
+    import torch
+
+    from lt_rebalance.protocols import bootstrap_metrics, stratified_resamples
+
+    X, y = b.load(b.eval_split)
+    W, _ = b.head()
+    pred, y = _gemm_argmax(X, W).cpu(), y.cpu()
+    counts, N = b.counts, len(y)
+
+    def op():
+        return bootstrap_metrics(pred, y, counts, stratified_resamples(y, resamples, 0))
+
+    def floor():  # the same number of plain (unstratified) resamples, each only summed
+        correct = (pred == y).float()
+        gen = torch.Generator().manual_seed(0)
+        step = max(1, (1 << 24) // N)
+        return [correct[torch.randint(0, N, (min(step, resamples - i), N), generator=gen)].sum(1)
+                for i in range(0, resamples, step)]
+
+    return b.time(
+        "bootstrap", f"stratified bootstrap, {resamples} resamples of {b.eval_split} ({N} rows), 5 metrics", op,
+        floor, floor=f"{resamples} plain resamples, top-1 only", goal=4.0,
+    )
+
+
 OPERATIONS: dict[str, Callable[[Bench], Result]] = {
     "tau_sweep": tau_sweep_op,
     "tau_naive": tau_naive_op,
@@ -418,6 +445,7 @@ OPERATIONS: dict[str, Callable[[Bench], Result]] = {
     "store_read": store_read_op,
     "extraction": extraction_op,
     "startup": startup_op,
+    "bootstrap": bootstrap_op,
 }
 
 

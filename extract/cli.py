@@ -11,6 +11,7 @@ import click
 from lt_rebalance.commands._common import (
     device_option,
     emit,
+    interrupts_as_errors,
     json_option,
     log,
     quiet_option,
@@ -18,6 +19,7 @@ from lt_rebalance.commands._common import (
     seed_option,
     user_errors,
 )
+from lt_rebalance.outputs import check_output
 
 DATASET_CHOICES = ("imagenet_lt", "places_lt", "inat2018", "cifar10_lt", "cifar100_lt", "imagefolder")
 
@@ -97,7 +99,7 @@ def extract(ctx: click.Context, **opts: Any) -> None:
             raise click.ClickException(f"{opts['gpus']} extraction processes failed (exit status {rc}); see above")
         return
     quiet = opts["quiet"] or (env is not None and env.rank != 0)
-    with user_errors():
+    with interrupts_as_errors(), user_errors():  # also when run as `python -m lt_rebalance.extract`
         result = _run(opts, splits, device if env is None or device == "cpu" else f"cuda:{env.local_rank}", env, quiet)
     if env is None or env.rank == 0:
         emit(result, opts["as_json"], _human)
@@ -111,6 +113,7 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
     from .datasets import DatasetOptions, load_dataset, reference_config, timm_config
     from .run import ExtractConfig, extract_features
 
+    check_output(opts["out"], opts["overwrite"], [opts["checkpoint"]])  # before loading data and model
     data = load_dataset(opts["data"], DatasetOptions(
         opts["root"], splits, opts["list_dir"], opts["imbalance"], opts["val_per_class"], opts["seed"]))
     for note in data.notes:

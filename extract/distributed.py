@@ -12,6 +12,7 @@ from typing import Any, Optional
 import h5py
 import numpy as np
 
+from lt_rebalance.outputs import publish
 from lt_rebalance.store import FeatureFileWriter, FeatureStore
 
 from .datasets import ImageSource
@@ -61,8 +62,11 @@ def shard_path(out: str | os.PathLike, rank: int, world: int) -> Path:
     return Path(f"{out}.shard{rank}-of-{world}")
 
 
-def merge_shards(shards: list[Path], out: Path, offsets: dict[str, np.ndarray], block: int = 8192) -> None:
-    """Concatenate complete shard files split by split into ``out`` (via ``out.partial``), then delete them."""
+def merge_shards(shards: list[Path], out: Path, offsets: dict[str, np.ndarray], block: int = 8192,
+                 overwrite: bool = False) -> None:
+    """Concatenate complete shard files split by split into ``out`` (via ``out.partial``), then delete them.
+
+    ``out`` is replaced only with ``overwrite`` (:func:`lt_rebalance.outputs.publish`)."""
     partial = partial_path(out)
     with output_lock(out), ExitStack() as stack:
         partial.unlink(missing_ok=True)
@@ -101,7 +105,7 @@ def merge_shards(shards: list[Path], out: Path, offsets: dict[str, np.ndarray], 
             w.mark_complete(name)
         w.close()
         FeatureStore(partial)
-        os.replace(partial, out)
+        publish(partial, out, overwrite)
     for p in shards:
         p.unlink()
 
@@ -124,7 +128,8 @@ def extract_sharded(model: Any, sources: dict[str, ImageSource], out: str | os.P
         dist.all_reduce(images)  # also the barrier: every shard is complete
         result.images = int(images)
         if env.rank == 0:
-            merge_shards([shard_path(out, r, env.world) for r in range(env.world)], Path(out), bounds)
+            merge_shards([shard_path(out, r, env.world) for r in range(env.world)], Path(out), bounds,
+                         overwrite=kwargs["config"].overwrite)
             with h5py.File(out, "r") as f:
                 result.rows = {name: int(f[f"splits/{name}"].attrs["rows"]) for name in sources}
                 result.bad = {name: p for name in sources if (p := bad_paths(f[f"splits/{name}"]))}

@@ -20,17 +20,6 @@ def partial_path(out: str | os.PathLike) -> Path:
     return Path(f"{out}.partial")
 
 
-def check_output(out: str | os.PathLike, overwrite: bool) -> None:
-    """The final output may be (re)written: its folder exists and it is absent or ``overwrite``."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output folder {out.parent} does not exist; create it first")
-    if out.is_dir():
-        raise IsADirectoryError(f"{out} is a folder; --out needs a file path")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-
-
 _HELD: set[str] = set()  # lock files held by this process
 
 

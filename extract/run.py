@@ -16,6 +16,16 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from lt_rebalance.outputs import (
+    WriteInterrupted,
+    check_output,
+    deferred_sigint,
+    interrupt_guard,
+    os_cause,
+    publish,
+    quietly,
+    write_failure,
+)
 from lt_rebalance.store import FeatureFileWriter, FeatureStore
 
 from .datasets import ImageSource, TransformConfig, eval_transform, train_transform
@@ -23,7 +33,6 @@ from .output import (
     FINGERPRINT_ATTR,
     bad_indices,
     bad_paths,
-    check_output,
     open_writer,
     output_lock,
     partial_path,
@@ -317,24 +326,66 @@ def extract_features(
     fingerprint = _fingerprint(meta, transform, cfg, {name: len(src) for name, src in sources.items()})
     runner = _Runner(model, features_fn, cfg, transform, progress)
     t0 = time.perf_counter()
-    with output_lock(out):
-        if not resume_partial(out, fingerprint, resume=cfg.resume, overwrite=cfg.overwrite):
-            _create(partial_path(out), sources, runner.feature_dim(), counts=np.asarray(counts), transform=transform,
-                    cfg=cfg, head=head, class_names=class_names, meta=meta, fingerprint=fingerprint).close()
-        w = open_writer(partial_path(out))
-        bg = _BackgroundWriter()
-        try:
-            for name, src in sources.items():
-                if not w.is_complete(name):
-                    runner.run_split(w, bg, name, src)
-                    w.mark_complete(name)
-            rows = {name: w.rows(name) for name in sources}
-            bad = {name: bad_paths(w.file[f"splits/{name}"]) for name in sources}
-        finally:
-            try:
-                bg.close()
-            finally:
-                w.close()
-        FeatureStore(partial_path(out))  # validate before publishing
-        os.replace(partial_path(out), out)
+    partial = partial_path(out)
+    try:
+        with output_lock(out), interrupt_guard():
+            if not resume_partial(out, fingerprint, resume=cfg.resume, overwrite=cfg.overwrite):
+                dim = runner.feature_dim()
+                try:  # created whole or not at all: a half-created one could never be resumed
+                    _create(partial, sources, dim, counts=np.asarray(counts), transform=transform, cfg=cfg,
+                            head=head, class_names=class_names, meta=meta, fingerprint=fingerprint).close()
+                except BaseException:
+                    quietly(partial.unlink)
+                    raise
+            rows, bad = _extract_into(runner, partial, sources)
+            FeatureStore(partial)  # validate before publishing
+            _publish(partial, out, cfg.overwrite)
+    except WriteInterrupted:
+        raise
+    except KeyboardInterrupt:
+        kept = f"; the rows written so far are in {partial}: continue with --resume" if partial.exists() else ""
+        raise WriteInterrupted(f"interrupted; {out} was not changed{kept}") from None
+    except (OSError, RuntimeError) as e:
+        code = None if isinstance(e, FileExistsError) else os_cause(e, partial.parent)
+        if code is None:
+            raise
+        resume = "; then rerun with --resume to continue after the rows written" if partial.exists() else ""
+        raise write_failure(partial, code, "extraction stopped: cannot write", resume) from None
     return ExtractResult(out, rows, {k: v for k, v in bad.items() if v}, runner.images, time.perf_counter() - t0)
+
+
+def _extract_into(runner: _Runner, partial: Path, sources: Mapping[str, ImageSource]) -> tuple[dict, dict]:
+    """Extract every incomplete split into ``partial``; (rows, bad paths) per split. A failure is
+    reported as it happened: closing the file after it cannot replace it with a second error."""
+    w = open_writer(partial)
+    bg = _BackgroundWriter()
+    try:
+        for name, src in sources.items():
+            if not w.is_complete(name):
+                runner.run_split(w, bg, name, src)
+                w.mark_complete(name)
+        rows = {name: w.rows(name) for name in sources}
+        bad = {name: bad_paths(w.file[f"splits/{name}"]) for name in sources}
+    except BaseException:
+        quietly(bg.close)
+        quietly(w.close)
+        raise
+    try:
+        bg.close()
+    finally:
+        w.close()
+    return rows, bad
+
+
+def _publish(partial: Path, out: Path, overwrite: bool) -> None:
+    """``partial`` becomes ``out``; without ``overwrite`` never over a file that appeared meanwhile."""
+    try:
+        with deferred_sigint() as pending:
+            publish(partial, out, overwrite)
+        if pending:
+            raise WriteInterrupted(f"interrupted; {out} was written completely")
+    except FileExistsError:
+        raise FileExistsError(
+            f"{out} appeared while the extraction ran; not replacing it. The new features are complete in "
+            f"{partial}: rerun with --resume --overwrite to replace {out} with them, or move {partial} yourself"
+        ) from None

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "extract": ("lt_rebalance.extract.cli", "extract", "Run a backbone once over a dataset and write the feature file."),
     "demo": ("lt_rebalance.commands.demo", "demo", "The whole pipeline on bundled digits images, offline, on a CPU."),
     "plot": ("lt_rebalance.commands.plot", "plot", "Figures: tau-curve, norms, per-class, compare (needs matplotlib)."),
+    "report": ("lt_rebalance.commands.report", "report", "One self-contained HTML (or Markdown) page: tables, intervals, figures."),
 }
 
 
@@ -51,6 +52,12 @@ class LazyGroup(click.Group):
             module, attr, _ = self.lazy_commands[name]
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context):
+        from .commands._common import interrupts_as_errors
+
+        with interrupts_as_errors():  # Ctrl-C: one line and exit status 130
+            return super().invoke(ctx)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, self.lazy_commands[name][2]) for name in sorted(self.lazy_commands)]

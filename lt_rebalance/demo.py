@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import shlex
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +23,12 @@ import numpy as np
 
 NUM_CLASSES = 10
 SKLEARN_HINT = 'the demo needs scikit-learn (its bundled digits images): pip install "lt-rebalance[demo]" (or pip install scikit-learn)'
-# what OUT may hold for --overwrite to replace it (a folder with anything else is never deleted)
-OUTPUT_NAMES = {"images", "stage1.pth", "features.h5", "features.h5.partial", "features.h5.lock", "crt.pt",
-                "results.json", "tau-curve.png", "norms.png", "per-class.png", "compare.png"}
+# the demo's outputs besides the images; each run lists everything it writes in OUT/MANIFEST, and
+# --overwrite deletes only what the previous run's manifest lists (the user's files stay)
+OUTPUT_NAMES = ("stage1.pth", "features.h5", "features.h5.partial", "features.h5.lock", "crt.pt",
+                "results.json", "tau-curve.png", "norms.png", "per-class.png", "compare.png")
+MANIFEST = ".ltr-demo-manifest.json"
+MANIFEST_FORMAT = "lt-rebalance/demo-manifest"
 
 
 @dataclass(frozen=True)
@@ -84,15 +87,18 @@ def split_indices(labels: np.ndarray, cfg: DemoConfig) -> dict[str, np.ndarray]:
     return {s: np.concatenate(p) for s, p in parts.items()}
 
 
-def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray]) -> None:
-    """``root/<split>/<digit>/<index in digits>.png`` (8x8 grayscale)."""
+def image_files(labels: np.ndarray, splits: dict[str, np.ndarray]) -> dict[str, int]:
+    """``images/<split>/<digit>/<index in digits>.png`` (relative to OUT) -> index in digits."""
+    return {f"images/{split}/{labels[i]}/{i:04d}.png": int(i) for split, idx in splits.items() for i in idx}
+
+
+def write_image_folder(out: Path, images: np.ndarray, files: dict[str, int]) -> None:
+    """The 8x8 grayscale PNGs of :func:`image_files` under ``out``."""
     from PIL import Image
 
-    for split, idx in splits.items():
-        for i in idx:
-            folder = root / split / str(labels[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
+    for rel, i in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i], mode="L").save(out / rel)
 
 
 def train_stage1(images_root: Path, out: Path, cfg: DemoConfig, log: Callable[[str], None]) -> dict:
@@ -104,6 +110,7 @@ def train_stage1(images_root: Path, out: Path, cfg: DemoConfig, log: Callable[[s
 
     from .extract.backbones import create_backbone
     from .extract.datasets import DatasetOptions, eval_transform, load_dataset, reference_config
+    from .outputs import atomic_write
 
     data = load_dataset("imagefolder", DatasetOptions(str(images_root), ("train",)))
     src = data.sources["train"]
@@ -133,7 +140,7 @@ def train_stage1(images_root: Path, out: Path, cfg: DemoConfig, log: Callable[[s
     model.eval()
     with torch.inference_mode():
         train_acc = (model(X).argmax(1) == y).double().mean().item()
-    torch.save(model.state_dict(), out)
+    atomic_write(out, lambda tmp: torch.save(model.state_dict(), tmp))
     return {"epochs": cfg.stage1_epochs, "lr": cfg.stage1_lr, "batch_size": cfg.batch_size,
             "train_top1": train_acc, "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -146,28 +153,76 @@ def extract_args(out: Path, cfg: DemoConfig) -> list[str]:
 
 
 def run_extract(args: list[str], quiet: bool) -> dict:
-    """Run the ``ltr extract`` command in-process; its JSON result (its stdout is captured)."""
+    """Run the ``ltr extract`` command in-process; its JSON result (its stdout is captured).
+
+    ``invoke`` rather than ``main``: click's ``main`` would turn Ctrl-C into its own ``Abort``.
+    """
     from .extract.cli import extract
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        extract.main([*args, "--json", *(["--quiet"] if quiet else [])], standalone_mode=False)
+    buf, argv = io.StringIO(), [*args, "--json", *(["--quiet"] if quiet else [])]
+    with contextlib.redirect_stdout(buf), extract.make_context("extract", argv) as ctx:
+        extract.invoke(ctx)
     return json.loads(buf.getvalue())
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse an existing OUT unless ``overwrite``; never delete a folder the demo did not write."""
-    if not out.exists():
+def prepare_out(out: Path, overwrite: bool, files: list[str]) -> None:
+    """Make OUT ready for a run that writes ``files`` (relative paths), recorded in OUT/MANIFEST first.
+
+    An existing OUT is refused unless ``overwrite``; then only the files the previous run's manifest
+    lists are deleted (with the folders they leave empty): the user's own files stay. The run is
+    refused when the user's files sit under ``images/``, which the extraction would read as data.
+    """
+    from .outputs import atomic_write, quietly, write_failure
+
+    created = not out.exists()
+    if not created:
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+        if not out.is_dir():
+            raise FileExistsError(f"{out} is a file, not a demo output folder; choose another --out")
+        _remove_previous_run(out)
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:  # read-only, permissions, no parent folder
+        raise write_failure(out, e.errno or errno.EIO, "cannot create") from None
+    doc = {"format": MANIFEST_FORMAT, "files": sorted(files)}
+    try:  # the first write: a full disk stops the demo here
+        atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
+    except BaseException:
+        if created:
+            quietly(out.rmdir)
+        raise
+
+
+def _remove_previous_run(out: Path) -> None:
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        if any(out.iterdir()):
+            raise FileExistsError(f"{out} holds files and no {MANIFEST}: the demo did not write it (or an older "
+                                  "version did); not replacing it: choose another --out, or empty it yourself")
         return
-    if not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
-    if not out.is_dir():
-        raise FileExistsError(f"{out} is a file, not a demo output folder; choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES)
+    try:
+        doc = json.loads(manifest.read_text())
+        listed = {Path(p) for p in doc["files"]} if doc.get("format") == MANIFEST_FORMAT else None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        listed = None
+    if listed is None or any(p.is_absolute() or ".." in p.parts for p in listed):
+        raise FileExistsError(f"{manifest} is not a manifest written by `ltr demo`; not replacing {out}: "
+                              "choose another --out")
+    folders = {q for p in listed for q in p.parents}
+    images = out / "images"
+    foreign = sorted(str(p.relative_to(out)) for p in images.rglob("*")
+                     if p.relative_to(out) not in (folders if p.is_dir() and not p.is_symlink() else listed))
     if foreign:
-        raise FileExistsError(f"{out} holds files the demo did not write ({', '.join(foreign[:5])}); "
-                              "not replacing it: choose another --out")
-    shutil.rmtree(out)
+        raise FileExistsError(f"{images} holds files the demo did not write ({', '.join(foreign[:5])}), which the "
+                              "extraction would read as images; move them out or choose another --out")
+    for rel in listed:
+        if (out / rel).is_file() and not (out / rel).is_symlink():
+            (out / rel).unlink()
+    for rel in sorted(folders - {Path(".")}, key=lambda p: len(p.parts), reverse=True):
+        if (out / rel).is_dir() and not any((out / rel).iterdir()):
+            (out / rel).rmdir()
+    manifest.unlink()
 
 
 def _pct(v: Optional[float]) -> str:
@@ -232,8 +287,17 @@ def one_thread() -> Iterator[None]:
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = False, quiet: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """Run the four steps into ``out``; returns (and writes) ``out/results.json``."""
+    from .commands._common import Interrupted
+    from .outputs import WriteInterrupted
+
     with one_thread():
-        return _run_demo(out, cfg, overwrite, quiet, log)
+        try:
+            return _run_demo(out, cfg, overwrite, quiet, log)
+        except (KeyboardInterrupt, Interrupted):  # Interrupted: from the `ltr extract` step
+            if not (out / MANIFEST).exists():
+                raise WriteInterrupted("interrupted; nothing was written") from None
+            raise WriteInterrupted(f"interrupted; {out} holds an unfinished demo: rerun with --overwrite to "
+                                   "replace it") from None
 
 
 def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Callable[[str], None]) -> dict:
@@ -241,19 +305,21 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
     from .experiments import DEFAULT_METHODS, Context, compare
     from .head_io import head_state, save_head
     from .metrics import group_sizes
+    from .outputs import atomic_write
     from .store import FeatureStore
 
     t0 = time.perf_counter()
     images, labels = load_digits_uint8()
-    prepare_out(out, overwrite)
     splits = split_indices(labels, cfg)
+    files = image_files(labels, splits)
+    prepare_out(out, overwrite, [*files, *OUTPUT_NAMES])
     counts = long_tailed_counts(cfg)
     groups = group_sizes(counts, cfg.many, cfg.few)
     log(f"1/4 long-tailed digits: train counts {counts.tolist()} (imbalance {cfg.imbalance:g}), "
         f"val {cfg.val_per_class} and test {cfg.test_per_class} per class")
     log(f"    shot groups scaled to the data: many > {cfg.many} ({groups['many']} classes), "
         f"medium {cfg.few}-{cfg.many} ({groups['medium']}), few < {cfg.few} ({groups['few']}) train images")
-    write_image_folder(out / "images", images, labels, splits)
+    write_image_folder(out, images, files)
 
     log(f"2/4 stage 1: tiny_cnn trained jointly, instance-balanced batches of {cfg.batch_size}")
     stage1 = train_stage1(out / "images", out / "stage1.pth", cfg, log)
@@ -278,7 +344,8 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
         summary=summarize(result),
         reproduce=reproduce_commands(out, cfg),
     )
-    (out / "results.json").write_text(to_json(result))
+    text = to_json(result)
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(text))
     return result
 
 

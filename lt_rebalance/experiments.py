@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .heads import CRT, KNN, LWS, MARC, NCM, JointHead, LinearProbe, TauNorm, WeightBalancing, tau_sweep
 from .heads.base import all_finite
-from .heads.crt_grid import CRTGrid
+from .heads.crt_grid import CRTGrid, fit_seeds
 from .heads.linear_probe import fit_C_grid
 from .heads.tau_norm import DEFAULT_TAUS
-from .metrics import DEFAULT_FEW, DEFAULT_MANY
+from .metrics import DEFAULT_FEW, DEFAULT_MANY, evaluate
 from .posthoc import (
     LogitAdjustment,
     TemperatureScaled,
@@ -31,6 +31,7 @@ from .posthoc import (
     pc_softmax,
     select_tau,
 )
+from .protocols import Protocol, implied_prior, paired_differences, protocol_report, seed_summary
 from .store import FeatureStore
 
 CURVE_KEYS = ("all", "many", "medium", "few", "mean_class")
@@ -50,8 +51,10 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     thresholds: dict = field(default_factory=dict)  # many=, few= for the shot groups
+    protocol: Protocol = field(default_factory=Protocol)  # shifted priors, bootstrap (lt_rebalance.protocols)
     _cache: dict = field(default_factory=dict, repr=False)
-    _head: Optional[tuple] = field(default=None, repr=False)
+    # bootstrap samples of the last report, split -> {metric: (B,)}: paired differences in ``compare``
+    samples: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.eval_splits:
@@ -67,23 +70,40 @@ class Context:
     def counts(self) -> torch.Tensor:
         return self.store.counts_tensor()
 
+    def _require_finite(self, X: torch.Tensor, subject: str, unit: str) -> None:
+        """Say that the file holds NaN or Inf (which, where) before a method blames its own numbers
+        (an "overflow", a "diverged" training). ``unit`` names a row of X (a value for 1-D X)."""
+        if not all_finite(X):
+            bad = ~torch.isfinite(X)
+            n = int((bad.flatten(0, -2).any(dim=-1) if X.ndim > 1 else bad).sum())
+            kinds = " and ".join(k for k, found in (("NaN", X.isnan().any()), ("Inf", X.isinf().any())) if found)
+            raise ValueError(
+                f"{self.store.path}: {subject} has {n} {unit} with {kinds} values; "
+                f"`ltr check {self.store.path}` lists every problem, re-extract the file to fix it"
+            )
+
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._cache:
             X, y = self.store.load(split)
-            if not all_finite(X):
-                bad = int((~torch.isfinite(X)).any(dim=1).sum())
-                raise ValueError(
-                    f"{self.store.path}: split {split!r} has {bad} feature row(s) with NaN/Inf values; "
-                    f"`ltr check {self.store.path}` lists every problem, re-extract the file to fix it"
-                )
+            self._require_finite(X, f"split {split!r}", "feature row(s)")
             self._cache[split] = (X, y)
         return self._cache[split]
 
+    def views(self, k: int) -> torch.Tensor:
+        """The first ``k`` stored augmented views of train, (k, N, D) in the stored dtype, checked finite."""
+        V = self.store.views("train", k, dtype="stored")
+        self._require_finite(V, "split 'train'", f"row(s) of its first {k} augmented views")
+        return V
+
     def head(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The stored stage-1 classifier (:meth:`FeatureStore.head`), read once."""
-        if self._head is None:
-            self._head = self.store.head()
-        return self._head
+        """The stored stage-1 classifier (:meth:`FeatureStore.head`), read once and checked finite."""
+        if ("head",) not in self._cache:  # in the cache, so copies (``dataclasses.replace``, --seeds) share it
+            W, b = self.store.head()
+            self._require_finite(W, "the stored classifier", "class row(s) of /head/weight")
+            if b is not None:
+                self._require_finite(b, "the stored classifier", "value(s) of /head/bias")
+            self._cache[("head",)] = (W, b)
+        return self._cache[("head",)]
 
     def train(self) -> tuple[torch.Tensor, torch.Tensor]:
         if "train" not in self.store.splits:
@@ -93,13 +113,42 @@ class Context:
     def val(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         return self.load("val") if "val" in self.store.splits else (None, None)
 
-    def report(self, head: Any) -> dict[str, dict]:
-        """Metrics of a fitted head on every evaluation split."""
-        out = {}
+    def evaluate(self, head: Any, split: str, out: dict, protocol: bool = True) -> dict:
+        """Metrics of ``head`` on ``split``; with ``protocol``, its numbers go into ``out``.
+
+        ``out`` receives ``"ci": {split: ..}`` (bootstrap) and, on the test split, ``"shifted"`` and
+        ``"shifted_corrected"`` (:func:`lt_rebalance.protocols.protocol_report`).
+        """
+        X, y = self.load(split)
+        scores = head.decision_function(X)
+        metrics = evaluate(scores, y, self.counts, **self.thresholds)
+        if protocol and self.protocol.active:
+            implied = None
+            if self.protocol.test_priors and split == "test":
+                try:
+                    implied = implied_prior(head, self.counts)
+                except ValueError:  # a head of unknown prior: plain shifted numbers only
+                    pass
+            extra = protocol_report(scores, y, self.counts, self.protocol, shifted=split == "test",
+                                    implied=implied, **self.thresholds)
+            if "_samples" in extra:
+                self.samples[split] = extra.pop("_samples")
+                out.setdefault("ci", {})[split] = extra.pop("ci")
+            out.update(extra)
+            out["protocol"] = self.protocol.describe()
+        return metrics
+
+    def report(self, head: Any, protocol: bool = True) -> dict[str, dict]:
+        """Metrics of a fitted head on every evaluation split, plus the protocol's keys (see :meth:`evaluate`)."""
+        out: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        if protocol and self.protocol.test_priors and "test" not in self.eval_splits:
+            raise ValueError("--test-priors are evaluated on the test split; add it to --splits")
+        if protocol and self.protocol.active:
+            self.samples.clear()
         for split in self.eval_splits:
-            X, y = self.load(split)
-            out[split] = head.evaluate(X, y, self.counts, **self.thresholds)
-        return out
+            out[split] = self.evaluate(head, split, extra, protocol)
+        return {**out, **extra}
 
 
 def _joint_head(ctx: Context) -> JointHead:
@@ -171,9 +220,10 @@ def _sweep_report(
     except ValueError:
         raise ValueError(f"cannot select tau on {select_on!r} by {metric!r}: it is undefined on that split") from None
     head = make_head(tau)
-    X, y = ctx.load(eval_split)
-    metrics = head.evaluate(X, y, ctx.counts, **ctx.thresholds)
-    return {**result, "selected_tau": tau, "selected_on": select_on, eval_split: metrics}, head
+    extra: dict[str, Any] = {}
+    ctx.samples.clear()
+    metrics = ctx.evaluate(head, eval_split, extra)
+    return {**result, "selected_tau": tau, "selected_on": select_on, eval_split: metrics, **extra}, head
 
 
 def run_tau_sweep(
@@ -231,9 +281,13 @@ def run_crt(
     views: int = 0,
     log: Optional[Callable[[str], None]] = None,
     grid: Optional[tuple[Sequence[float], Sequence[float]]] = None,
+    seeds: Optional[Sequence[int]] = None,
     **params: Any,
 ) -> tuple[dict, CRT]:
     """cRT with ``params`` (CRT's keyword arguments); ``views`` > 0 trains on K stored views.
+
+    ``seeds`` (more than one): one head per seed, trained in one pass (:func:`fit_seeds`); the
+    first seed's head is reported, with ``"over_seeds"`` as in :func:`run_seeds`.
 
     ``grid`` = (lrs, weight_decays) trains every combination in one pass (:class:`CRTGrid`) and
     selects the best val top-1; the result (of the selected head) then also has ``"grid"``: one
@@ -241,12 +295,23 @@ def run_crt(
     """
     X, y = ctx.train()
     Xv, yv = ctx.val()
-    V = ctx.store.views("train", views, dtype="stored") if views else None
+    V = ctx.views(views) if views else None
     params = {"seed": ctx.seed, **params}
     head = CRT(device=ctx.device, progress=_epoch_logger("crt", log), **params)
     fit = dict(views=V, num_classes=ctx.store.num_classes)
     extra: dict[str, Any] = {}
-    if grid is None:
+    others: Optional[list[dict]] = None
+    if seeds is not None and len(seeds) > 1:
+        if grid is not None:
+            raise ValueError("a cRT grid with several seeds: run one seed per grid, or one (lr, weight decay) pair")
+        members = fit_seeds(head, seeds, X, y, Xv, yv, **fit)
+        diverged = [e.seed for e in members if e.history_.diverged]
+        if diverged:
+            raise ValueError(f"cRT training diverged with seed(s) {diverged}; lower the learning rate or rescale "
+                             "the features (e.g. divide them by their mean L2 norm)")
+        head = members[0]
+        others = [ctx.report(e, protocol=False) for e in members[1:]]
+    elif grid is None:
         head.fit(X, y, Xv, yv, **fit)
     else:
         if Xv is None:
@@ -259,7 +324,7 @@ def run_crt(
                 "weight_decay": e.weight_decay,
                 "best_epoch": e.history_.best_epoch,
                 "diverged": e.history_.diverged,
-                **({s: None for s in ctx.eval_splits} if e.history_.diverged else ctx.report(e)),
+                **({s: None for s in ctx.eval_splits} if e.history_.diverged else ctx.report(e, protocol=False)),
             }
             for e in search.estimators_
         ]
@@ -268,11 +333,14 @@ def run_crt(
             "selected_on": "val", "metric": "top1", "val_top1": search.val_scores_[search.best_index_].item(),
         }
     shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device")}
+    reported = ctx.report(head)
+    if others is not None:
+        extra["over_seeds"] = {"seeds": list(seeds), **seed_summary([reported, *others], ctx.eval_splits)}
     return {
         "method": "crt",
         "params": {**shown, "views": views},
         "history": _history(head.history_),
-        **ctx.report(head),
+        **reported,
         **extra,
     }, head
 
@@ -377,11 +445,34 @@ METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
     "linear_probe": (run_linear_probe, False),
 }
 SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val split
-TRAINED = ("crt", "lws", "marc", "wb")  # runners that take ``log`` (per-epoch progress)
+TRAINED = ("crt", "lws", "marc", "wb")  # runners that take ``log`` (per-epoch progress) and a seed
 # run by ``compare`` only when named: each costs more than the rest of the study on ImageNet-LT-sized
 # files on a CPU (kNN: one eval x train similarity GEMM; the probe: up to max_iter passes of two GEMMs)
 OPT_IN = ("knn", "linear_probe")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in OPT_IN)
+
+
+def run_seeds(ctx: Context, method: str, seeds: Sequence[int], **kwargs: Any) -> tuple[dict, Any]:
+    """Train ``method`` (a :data:`TRAINED` name) once per seed; the first seed's result and head.
+
+    cRT trains its seeds as members of one batched run (:func:`run_crt`); LWS, MARC and WB run them in turn.
+
+    The result gains ``"over_seeds": {"seeds": [...], <split>: {metric: {"mean", "std"}}}`` (sample
+    std); the protocol (bootstrap, shifted priors) is computed for the first seed's head only.
+    """
+    if method not in TRAINED:
+        raise ValueError(f"--seeds applies to the trained heads ({', '.join(TRAINED)}); got {method!r}")
+    if method == "crt" and kwargs.get("grid") is None:
+        return run_crt(ctx, seeds=seeds, **kwargs)  # the seeds as members of one batched run
+    runner = METHODS[method][0]
+    runs = []
+    for i, seed in enumerate(seeds):
+        sub = replace(ctx, seed=seed, protocol=ctx.protocol if i == 0 else Protocol())
+        result, head = runner(sub, **kwargs)
+        runs.append((result, head))
+    first, head = runs[0]
+    first["over_seeds"] = {"seeds": list(seeds), **seed_summary([r for r, _ in runs], ctx.eval_splits)}
+    return first, head
 
 
 def run_calibrate(
@@ -408,7 +499,7 @@ def run_calibrate(
     scaled = TemperatureScaled(head).fit(*ctx.load("val"))
     X, y = ctx.load(eval_split)
     before, after = (
-        calibration_metrics(h.decision_function(X), y, ctx.counts, **ctx.thresholds) for h in (head, scaled)
+        calibration_metrics(h.scores(X), y, ctx.counts, **ctx.thresholds) for h in (head, scaled)
     )
     return {
         "method": "calibrate",
@@ -427,18 +518,23 @@ def compare(
     overrides: Optional[dict[str, dict]] = None,
     log: Optional[Callable[[str], None]] = None,
     heads: Optional[dict[str, Any]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    samples: Optional[list] = None,
 ) -> dict:
     """Run ``methods`` (default: :data:`DEFAULT_METHODS` that the file supports) with defaults; time each.
 
     ``overrides`` maps a method to keyword arguments for its runner (e.g. fewer epochs).
     ``heads``, when given, receives each method's fitted head (name -> head), e.g. to save one.
+    ``seeds``: the trained heads run once per seed (:func:`run_seeds`). With ``ctx.protocol.bootstrap``
+    each row gains ``"ci"`` and ``"vs_best"`` (paired differences against the best row, same
+    resamples); ``samples``, when given, receives each row's bootstrap samples (for pooling files).
     Returns ``{"rows": [{"method", <split>: metrics, "seconds", ...}], "skipped": [...]}``.
     """
     names = list(methods or DEFAULT_METHODS)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    rows, skipped = [], []
+    rows, skipped, row_samples = [], [], []
     for name in names:
         runner, needs_head = METHODS[name]
         if needs_head and not ctx.store.has_head:
@@ -449,7 +545,10 @@ def compare(
             kwargs["log"] = log
         t0 = time.perf_counter()
         try:
-            row, head = runner(ctx, **kwargs)
+            if seeds and len(seeds) > 1 and name in TRAINED:
+                row, head = run_seeds(ctx, name, seeds, **kwargs)
+            else:
+                row, head = runner(replace(ctx, seed=seeds[0]) if seeds and name in TRAINED else ctx, **kwargs)
         except ValueError as e:
             if name in SELECTED_ON_VAL and "val" not in ctx.store.splits:
                 skipped.append({"method": name, "reason": str(e)})
@@ -460,6 +559,74 @@ def compare(
         row.pop("history", None)
         row["seconds"] = round(time.perf_counter() - t0, 4)
         rows.append(row)
+        row_samples.append(dict(ctx.samples))
         if log:
             log(f"{name}: {row['seconds']:.2f} s")
+    if ctx.protocol.bootstrap and samples is None:
+        paired_differences(rows, row_samples, ctx.protocol.ci_level)
+    if samples is not None:
+        samples.extend(row_samples)
     return {"rows": rows, "skipped": skipped, "eval_splits": list(ctx.eval_splits), "thresholds": ctx.group_thresholds}
+
+
+def check_same_classes(contexts: Sequence[Context]) -> None:
+    """ValueError (with the reason) unless every file has the same classes, train counts and splits."""
+    first = contexts[0]
+    for ctx in contexts[1:]:
+        a, b = first.store, ctx.store
+        if b.num_classes != a.num_classes:
+            reason = f"{b.num_classes} classes vs {a.num_classes}"
+        elif a.class_names is not None and b.class_names is not None and a.class_names != b.class_names:
+            i = next(k for k, (x, y) in enumerate(zip(a.class_names, b.class_names)) if x != y)
+            reason = f"class {i} is {b.class_names[i]!r} vs {a.class_names[i]!r}"
+        elif not torch.equal(ctx.counts, first.counts):
+            i = int((ctx.counts != first.counts).nonzero()[0])
+            reason = f"class {i} has {int(ctx.counts[i])} train rows vs {int(first.counts[i])}"
+        elif list(ctx.eval_splits) != list(first.eval_splits):
+            reason = f"evaluation splits {', '.join(ctx.eval_splits)} vs {', '.join(first.eval_splits)}"
+        else:
+            continue
+        raise ValueError(f"cannot compare {b.path} with {a.path}: {reason}; the files of one compare must "
+                         "share classes, train counts and splits (stage-1 representations of one dataset)")
+
+
+def compare_files(
+    contexts: Sequence[Context],
+    labels: Sequence[str],
+    methods: Optional[Sequence[str]] = None,
+    overrides: Optional[dict[str, dict]] = None,
+    log: Optional[Callable[[str], None]] = None,
+    heads: Optional[dict[str, dict[str, Any]]] = None,
+    seeds: Optional[Sequence[int]] = None,
+) -> dict:
+    """:func:`compare` on several feature files (``labels``: their paths as given) in one result.
+
+    Every row and skipped entry gains ``"features"``. With a bootstrap, the paired differences are
+    against the best row of all files when their test labels are identical (same rows, same order:
+    the same resamples apply), else against the best row of the same file. ``heads``, when given,
+    receives label -> method -> fitted head. For one file, ``"features"`` is its path, else the list.
+    """
+    check_same_classes(contexts)
+    rows, skipped, samples, owners = [], [], [], []
+    for label, ctx in zip(labels, contexts):
+        if log and len(contexts) > 1:
+            log(f"== {label}")
+        file_heads = {} if heads is not None else None
+        part = compare(ctx, methods, overrides, log, heads=file_heads, seeds=seeds, samples=samples)
+        if heads is not None:
+            heads[label] = file_heads
+        for r in (*part["rows"], *part["skipped"]):
+            r["features"] = label
+        rows += part["rows"]
+        skipped += part["skipped"]
+        owners += [label] * len(part["rows"])
+    if contexts[0].protocol.bootstrap:
+        same_test = all("test" in c.store.splits and torch.equal(c.load("test")[1], contexts[0].load("test")[1])
+                        for c in contexts) if "test" in contexts[0].store.splits else False
+        groups = [list(range(len(rows)))] if same_test else \
+            [[i for i, o in enumerate(owners) if o == label] for label in labels]
+        for g in groups:
+            paired_differences([rows[i] for i in g], [samples[i] for i in g], contexts[0].protocol.ci_level)
+    return {"rows": rows, "skipped": skipped, "eval_splits": list(contexts[0].eval_splits),
+            "thresholds": contexts[0].group_thresholds, "features": labels[0] if len(labels) == 1 else list(labels),
+            **({"protocol": contexts[0].protocol.describe()} if contexts[0].protocol.active else {})}

@@ -56,6 +56,11 @@ def _group_labels(ctx: Context) -> dict[str, str]:
             "few": f"few (< {few})"}
 
 
+def _require_split(ctx: Context, split: str) -> None:
+    if split not in ctx.store.splits:
+        raise ValueError(f"{ctx.store.path} has no split {split!r}; available: {', '.join(ctx.store.splits)}")
+
+
 def _fit(ctx: Context, name: str, overrides: Optional[dict]) -> tuple[dict, Any]:
     from .experiments import METHODS
 
@@ -68,11 +73,15 @@ def _fit(ctx: Context, name: str, overrides: Optional[dict]) -> tuple[dict, Any]
     return runner(ctx, **(overrides or {}).get(name, {}))
 
 
-def plot_tau_curve(ctx: Context, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Accuracy vs tau on val and test per shot group, the tau selected on val marked."""
+def tau_curve_figure(ctx: Context, result: Optional[dict] = None) -> Figure:
+    """Accuracy vs tau on val and test per shot group, the tau selected on val marked.
+
+    ``result``: a :func:`~lt_rebalance.experiments.run_tau_sweep` result (default: run it, tau on val).
+    """
     from .experiments import run_tau_sweep
 
-    result, _ = run_tau_sweep(ctx, select_on="val" if "val" in ctx.store.splits else None)
+    if result is None:
+        result, _ = run_tau_sweep(ctx, select_on="val" if "val" in ctx.store.splits else None)
     curves = result["curves"]
     fig, axes = _figure(len(curves))
     labels = _group_labels(ctx)
@@ -82,13 +91,18 @@ def plot_tau_curve(ctx: Context, out: str | os.PathLike, overwrite: bool = False
                     color=GROUP_COLORS[g], lw=2.5 if g == "all" else 1.5, label=labels[g])
         if result["selected_tau"] is not None:
             ax.axvline(result["selected_tau"], color="gray", ls="--",
-                       label=f"selected τ = {result['selected_tau']:g} (on val)")
+                       label=f"selected τ = {result['selected_tau']:g} (on {result['selected_on']})")
         ax.set(title=f"{split} split", xlabel="τ (exponent of the weight norm, unitless)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 accuracy (%)")
     axes[-1].legend(loc="best", fontsize=9)
     fig.suptitle(f"τ-normalisation: accuracy vs τ per shot group ({Path(ctx.store.path).name})")
-    return _save(fig, out, overwrite)
+    return fig
+
+
+def plot_tau_curve(ctx: Context, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """:func:`tau_curve_figure` written to ``out``."""
+    return _save(tau_curve_figure(ctx), out, overwrite)
 
 
 def norm_heads(ctx: Context, head: Optional[dict] = None, overrides: Optional[dict] = None) -> dict[str, torch.Tensor]:
@@ -97,8 +111,7 @@ def norm_heads(ctx: Context, head: Optional[dict] = None, overrides: Optional[di
     heads = {}
     for name in names + ([] if head is not None else ["crt"]):
         result, fitted = _fit(ctx, name, overrides)
-        label = f"τ-norm (τ = {result['selected_tau']:g})" if name == "tau_norm" else name
-        heads[label] = fitted.weight_
+        heads[head_label(name, result)] = fitted.weight_
     if head is not None:
         if "weight" not in head:
             raise ValueError(f"the --head file holds a {head.get('method')} head without a weight matrix (NCM?)")
@@ -106,14 +119,18 @@ def norm_heads(ctx: Context, head: Optional[dict] = None, overrides: Optional[di
     return heads
 
 
-def plot_norms(ctx: Context, out: str | os.PathLike, head: Optional[dict] = None, overrides: Optional[dict] = None,
-               overwrite: bool = False) -> Path:
+def head_label(name: str, result: dict) -> str:
+    """A method's label in the figures: tau-norm shows its selected tau."""
+    return f"τ-norm (τ = {result['selected_tau']:g})" if name == "tau_norm" else name
+
+
+def norms_figure(ctx: Context, weights: dict[str, torch.Tensor]) -> Figure:
     """Per-class weight norm (relative to the head's mean) vs train images per class, log x."""
     counts = ctx.counts.double()
     order = torch.argsort(counts, descending=True, stable=True)
     fig, (ax,) = _figure()
-    for label, W in norm_heads(ctx, head, overrides).items():
-        norms = W.double().norm(dim=1)
+    for label, W in weights.items():
+        norms = W.double().cpu().norm(dim=1)
         ax.plot(counts[order].numpy(), (norms / norms.mean())[order].numpy(), marker="o", ms=4, label=label)
     ax.set_xscale("log")
     ax.set(xlabel="training images of the class (log scale)", ylabel="weight norm ‖w_j‖ / mean over classes",
@@ -121,14 +138,18 @@ def plot_norms(ctx: Context, out: str | os.PathLike, head: Optional[dict] = None
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=9)
-    return _save(fig, out, overwrite)
+    return fig
 
 
-def plot_per_class(ctx: Context, out: str | os.PathLike, methods: Sequence[str], split: str = "test",
-                   overrides: Optional[dict] = None, overwrite: bool = False) -> Path:
-    """Per-class accuracy on ``split`` for each method, classes sorted by train count (largest first)."""
-    if split not in ctx.store.splits:
-        raise ValueError(f"{ctx.store.path} has no split {split!r}; available: {', '.join(ctx.store.splits)}")
+def plot_norms(ctx: Context, out: str | os.PathLike, head: Optional[dict] = None, overrides: Optional[dict] = None,
+               overwrite: bool = False) -> Path:
+    """:func:`norms_figure` of :func:`norm_heads` written to ``out``."""
+    return _save(norms_figure(ctx, norm_heads(ctx, head, overrides)), out, overwrite)
+
+
+def per_class_figure(ctx: Context, heads: dict[str, Any], split: str = "test") -> Figure:
+    """Per-class accuracy on ``split`` of each fitted head (label -> head), classes sorted by train count."""
+    _require_split(ctx, split)
     X, y = ctx.load(split)
     counts = ctx.counts
     order = torch.argsort(counts, descending=True, stable=True)
@@ -140,11 +161,9 @@ def plot_per_class(ctx: Context, out: str | os.PathLike, methods: Sequence[str],
     twin.set_ylabel("training images per class (log scale)")
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
-    for name in methods:
-        _, head = _fit(ctx, name, overrides)
+    for label, head in heads.items():
         acc = per_class_accuracy(head.predict(X).cpu(), y.cpu(), len(counts))
-        ax.plot(rank, 100 * acc[order].numpy(), marker="o" if len(order) <= 50 else None, ms=4,
-                label=METHOD_ALIASES.get(name, name))
+        ax.plot(rank, 100 * acc[order].numpy(), marker="o" if len(order) <= 50 else None, ms=4, label=label)
     if len(order) <= 30:
         names = ctx.store.class_names or [str(i) for i in range(len(counts))]
         ax.set_xticks(rank, [f"{names[i]}\n({int(counts[i])})" for i in order])
@@ -153,10 +172,23 @@ def plot_per_class(ctx: Context, out: str | os.PathLike, methods: Sequence[str],
     ax.grid(alpha=0.3)
     lines, bars = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
     ax.legend(lines[0] + bars[0], lines[1] + bars[1], loc="lower left", fontsize=9)
-    return _save(fig, out, overwrite)
+    return fig
+
+
+def plot_per_class(ctx: Context, out: str | os.PathLike, methods: Sequence[str], split: str = "test",
+                   overrides: Optional[dict] = None, overwrite: bool = False) -> Path:
+    """Per-class accuracy on ``split`` for each method, classes sorted by train count (largest first)."""
+    _require_split(ctx, split)
+    heads = {METHOD_ALIASES.get(name, name): _fit(ctx, name, overrides)[1] for name in methods}
+    return _save(per_class_figure(ctx, heads, split), out, overwrite)
 
 
 def plot_compare(result: dict, out: str | os.PathLike, split: Optional[str] = None, overwrite: bool = False) -> Path:
+    """:func:`compare_figure` written to ``out``."""
+    return _save(compare_figure(result, split), out, overwrite)
+
+
+def compare_figure(result: dict, split: Optional[str] = None) -> Figure:
     """Grouped bars: many / medium / few / all accuracy per method (``ltr compare --out`` or demo results)."""
     splits = result.get("eval_splits") or []
     split = split or ("test" if "test" in splits else (splits or ["test"])[-1])
@@ -176,4 +208,4 @@ def plot_compare(result: dict, out: str | os.PathLike, split: Optional[str] = No
            title=f"Accuracy per shot group and method ({split} split)", ylim=(0, 108))
     ax.grid(alpha=0.3, axis="y")
     ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
-    return _save(fig, out, overwrite)
+    return fig

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .heads.base import (
@@ -25,6 +26,7 @@ from .heads.base import (
     check_features,
     check_is_fitted,
     chunked_matmul,
+    clone_keeping,
 )
 from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS, select_tau, sweep_inputs
 from .metrics import GROUPS, accuracy_summary, expected_calibration_error, shot_groups
@@ -114,6 +116,15 @@ class LogitAdjustment(BaseHead):
         The base head's weight.
     bias_ : float32 (C,)
         b − τ·log π: the adjusted head is again a plain linear layer.
+    classes_ : ndarray (C,)
+        The base head's (arange(C) if it has none).
+
+    Notes
+    -----
+    ``head`` is used as fitted: scikit-learn's ``clone`` (``GridSearchCV``, ``Pipeline``) shares
+    it instead of re-creating it unfitted, so a search runs over this head's own parameters.
+    ``predict_proba`` is softmax of the adjusted logits: the base head's probabilities re-weighted
+    by π^-τ (at τ = 1, for a balanced test prior); calibrated only as far as the base head is.
 
     Examples
     --------
@@ -126,6 +137,7 @@ class LogitAdjustment(BaseHead):
         "tau": [NONE, Interval(float, None, None)],
         "metric": [StrOptions(set(SELECT_METRICS))],
     }
+    _state = "bias_"
 
     def __init__(
         self,
@@ -148,9 +160,12 @@ class LogitAdjustment(BaseHead):
         W, b = _linear(self.head)
         if len(self.counts) != W.shape[0]:
             raise ValueError(f"counts have {len(self.counts)} classes but the head has {W.shape[0]}")
+        classes = _classes(self.head, W.shape[0])
         if self.tau is None:
             if X is None or y is None:
                 raise ValueError("LogitAdjustment with tau=None selects tau on data: pass X and y to fit")
+            X, y = check_features(X, y, n_features=W.shape[1], classes=classes, device=W.device,
+                                  expecting=type(self.head).__name__)
             self.curve_ = logit_adjust_sweep(X, y, W, b, self.counts, self.taus)
             self.tau_ = select_tau(self.curve_, self.taus, self.metric)
         else:
@@ -158,13 +173,20 @@ class LogitAdjustment(BaseHead):
         self.weight_ = W
         self.bias_ = b - self.tau_ * log_prior(self.counts).to(b.device)
         self.n_features_in_ = W.shape[1]
+        self.classes_ = classes
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def __sklearn_clone__(self) -> LogitAdjustment:
+        return clone_keeping(self, "head")
+
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Adjusted logits float32 (N, C) = X Wᵀ + b − τ·log π."""
-        check_is_fitted(self, "bias_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.weight_.device)
         return torch.addmm(self.bias_, X, self.weight_.T)
+
+
+def _classes(head: Any, num_classes: int) -> np.ndarray:
+    """The base head's ``classes_``, or arange(C) for a head without them."""
+    return getattr(head, "classes_", np.arange(num_classes))
 
 
 def pc_softmax(head: Any, counts: Any) -> LogitAdjustment:
@@ -215,12 +237,21 @@ class TemperatureScaled(BaseHead):
     temperature_ : float
     weight_, bias_ : float32 (C, D), (C,)
         W / T and b / T when the base head is linear (absent otherwise).
+    classes_ : ndarray (C,)
+        The base head's.
+
+    Notes
+    -----
+    ``head`` is used as fitted (``clone`` shares it, as for :class:`LogitAdjustment`).
+    ``predict_proba`` is softmax(scores / T): with T fitted on held-out data, the one head whose
+    probabilities are calibrated (in NLL, on data distributed as that split).
     """
 
     _parameter_constraints = {
-        "head": [Is(lambda h: hasattr(h, "decision_function"), "a fitted head")],
+        "head": [Is(lambda h: hasattr(h, "scores") and hasattr(h, "classes_"), "a fitted head")],
         "temperature": [NONE, Interval(float, 0, None, closed="neither")],
     }
+    _state = "temperature_"
 
     def __init__(self, head: Any, temperature: Optional[float] = None):
         self.head = head
@@ -229,21 +260,33 @@ class TemperatureScaled(BaseHead):
     def fit(self, X: Any = None, y: Any = None) -> TemperatureScaled:
         """Fit T on (X, y) (the val split) unless ``temperature`` is fixed."""
         self._validate_params()
+        head = self.head
+        check_is_fitted(head, "classes_")
         if self.temperature is None:
             if X is None or y is None:
                 raise ValueError("TemperatureScaled with temperature=None fits T on data: pass X and y to fit")
-            self.temperature_ = fit_temperature(self.head.decision_function(X), y)
+            X, y = check_features(X, y, n_features=head.n_features_in_, classes=head.classes_, device=head._device,
+                                  expecting=type(head).__name__)
+            self.temperature_ = fit_temperature(head.scores(X), y)
         else:
             self.temperature_ = float(self.temperature)
-        if hasattr(self.head, "weight_"):
-            W, b = _linear(self.head)
+        if hasattr(head, "weight_"):
+            W, b = _linear(head)
             self.weight_, self.bias_ = W / self.temperature_, b / self.temperature_
+        self.n_features_in_ = head.n_features_in_
+        self.classes_ = head.classes_
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def __sklearn_clone__(self) -> TemperatureScaled:
+        return clone_keeping(self, "head")
+
+    @property
+    def _device(self) -> torch.device:
+        return self.head._device
+
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Scores float32 (N, C) of the base head divided by T."""
-        check_is_fitted(self, "temperature_")
-        return self.head.decision_function(X) / self.temperature_
+        return self.head._scores(X) / self.temperature_
 
 
 def calibration_metrics(

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import h5py
 import numpy as np
+
+from .outputs import atomic_output, atomic_write, check_interrupt  # noqa: F401 (atomic_output: public API)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -109,7 +110,12 @@ class FeatureStore:
                 self._read_metadata(f)
         except FeatureFileError:
             raise
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except OSError as e:
+            if "unable to lock file" in str(e):  # HDF5's lock: another process has it open for writing
+                raise FeatureFileError(path, "being written by another process (it holds the HDF5 file lock)",
+                                       "wait until that process has finished, then retry") from None
+            raise FeatureFileError(path, f"damaged or truncated HDF5 file ({e})", REMAKE_HINT) from None
+        except (KeyError, ValueError, TypeError) as e:
             raise FeatureFileError(path, f"damaged or truncated HDF5 file ({e})", REMAKE_HINT) from None
 
     # -- validation -----------------------------------------------------------------------------
@@ -445,6 +451,7 @@ class FeatureFileWriter:
         self.file.flush()
         g.attrs["rows"] = end
         self.file.flush()
+        check_interrupt()  # a Ctrl-C that h5py swallowed stops the write here
         return end
 
     def append_view(self, name: str, view: int, features: Any) -> int:
@@ -484,35 +491,6 @@ class FeatureFileWriter:
         self.close()
 
 
-def atomic_output(path: PathLike, overwrite: bool = False) -> Path:
-    """Check that ``path`` may be written and return a fresh temporary path in the same folder."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name")
-    # a fresh, unused name (the caller creates the file, e.g. h5py with mode "w-")
-    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-
-
-def atomic_write(path: PathLike, write: Callable[[Path], Any], overwrite: bool = False) -> Path:
-    """``write(tmp)`` a temporary file in ``path``'s folder, then rename it to ``path``.
-
-    The temporary file is removed on any failure, so ``path`` only ever holds a complete file;
-    an existing ``path`` is replaced only with ``overwrite``.
-    """
-    tmp = atomic_output(path, overwrite)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return Path(path)
-
-
 def write_features(
     path: PathLike,
     splits: Mapping[str, tuple],
@@ -547,6 +525,8 @@ def write_features(
         if "train" not in splits:
             raise ValueError("counts not given and no 'train' split to count them from")
         ytr = _to_numpy(splits["train"][1], "int64")
+        if ytr.size and ytr.min() < 0:  # np.bincount would only say "'list' argument must have no negative elements"
+            raise ValueError(f"labels of split 'train' must be class indices >= 0; got {int(ytr.min())}")
         num_classes = int(ytr.max()) + 1 if ytr.size else 0
         if weight is not None:
             num_classes = max(num_classes, _to_numpy(weight).shape[0])

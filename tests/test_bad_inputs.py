@@ -81,6 +81,13 @@ def _replace(key: str, shape: tuple, dtype="float32") -> Callable[[h5py.File], N
     return fn
 
 
+def _bump_count(f: h5py.File) -> None:
+    """One more train image of class 0 in the counts (a file of other train counts)."""
+    counts = f["classes/counts"][...]
+    counts[0] += 1
+    f["classes/counts"][...] = counts
+
+
 def _incomplete(d: Path) -> str:
     a = _arrays()
     path = d / "f.h5"
@@ -153,11 +160,64 @@ def _checkpoint(d: Path, fix: Callable[[dict], None]) -> str:
     return str(path)
 
 
-def _npz(d: Path) -> str:
+def _npz(d: Path, y: np.ndarray | None = None) -> str:
     a = _arrays()
     path = d / "arrays.npz"
-    np.savez(path, x_train=a["train"][0], y_train=a["train"][1])
+    x, labels = a["train"] if y is None else (a["train"][0][: len(y)], y)
+    np.savez(path, x_train=x, y_train=labels)
     return str(path)
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
+def _symlink(target: Path, link: Path) -> str:
+    link.symlink_to(target.name)
+    return str(link)
+
+
+def _hardlink(target: Path, link: Path) -> str:
+    os.link(target, link)
+    return str(link)
+
+
+_LOCKS: list[int] = []  # descriptors holding HDF5-style locks, closed after each case
+
+
+def _locked(path: str) -> str:
+    """Hold the lock that h5py takes when it opens ``path`` for writing (flock, exclusive)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _LOCKS.append(fd)
+    return path
+
+
+def _with_views(good: Path, d: Path) -> str:
+    """The good file with one augmented train view, one value of it NaN."""
+    def fn(f):
+        x = f["splits/train/features"][...]
+        v = f["splits/train"].create_dataset("views", data=x[None])
+        v[0, 5, 1] = np.nan
+    return _edit(good, d, fn)
+
+
+def _demo_with_user_image(d: Path) -> str:
+    """A folder of an earlier demo run (its manifest lists images/train/0/0001.png) plus a user's image."""
+    import json
+
+    from lt_rebalance.demo import MANIFEST, MANIFEST_FORMAT
+
+    pytest.importorskip("sklearn")
+    out = d / "out"
+    (out / "images" / "train" / "0").mkdir(parents=True)
+    (out / "images" / "train" / "0" / "0001.png").write_text("demo")
+    (out / "images" / "train" / "0" / "mine.png").write_text("mine")
+    (out / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": ["images/train/0/0001.png"]}))
+    return str(out)
 
 
 def _no_gpu() -> None:
@@ -208,11 +268,12 @@ CASES = [
                                                                  .__setitem__(0, C + 3))],
          1, ("outside [0, 4)", "re-create it with `ltr extract`")),
     Case("nan-features", lambda d, g: ["ncm", "-f", _edit(g, d, _set("splits/test/features", np.nan))], 1,
-         ("NaN/Inf", "ltr check")),
+         ("1 feature row(s) with NaN values", "ltr check")),
     Case("inf-features", lambda d, g: ["joint", "-f", _edit(g, d, _set("splits/val/features", np.inf))], 1,
-         ("NaN/Inf", "ltr check")),
+         ("1 feature row(s) with Inf values", "ltr check")),
     Case("nan-train-features", lambda d, g: ["crt", "-f", _edit(g, d, _set("splits/train/features", np.nan)),
-                                             "--epochs", "1", "--batch-size", "8"], 1, ("NaN/Inf", "ltr check")),
+                                             "--epochs", "1", "--batch-size", "8"], 1,
+         ("split 'train' has 1 feature row(s) with NaN values", "ltr check")),
     Case("check-nan-features", lambda d, g: ["check", _edit(g, d, _set("splits/test/features", np.nan))], 1,
          ("test: features finite", "1 rows with NaN/Inf"), report=True),
     Case("length-mismatch", lambda d, g: ["joint", "-f", _edit(g, d, _replace("splits/test/labels", (3,), "int64"))],
@@ -254,6 +315,20 @@ CASES = [
          ("not a head file", "ltr crt --save")),
     Case("plot-results-not-json", lambda d, g: ["plot", "compare", "--results", _text(d / "r.json"),
                                                 "--out", str(d / "c.png")], 1, ("not a JSON results file", "ltr compare --out")),
+    # -- evaluation protocols (issue 14) --------------------------------------------------------------
+    Case("test-priors-unknown", lambda d, g: ["joint", "-f", _copy(g, d), "--test-priors", "sideways-3"], 2,
+         ("--test-priors", "forward-R")),
+    Case("seeds-malformed", lambda d, g: ["lws", "-f", _copy(g, d), "--seeds", "0,x"], 2, ("--seeds", "0,1,2")),
+    Case("test-priors-without-test", lambda d, g: ["compare", "-f", _copy(g, d), "--splits", "val",
+                                                   "--test-priors", "uniform", "--batch-size", "8"], 1,
+         ("test split", "--splits")),
+    Case("compare-other-classes", lambda d, g: ["compare", "-f", str(_copy(g, d, "a.h5")), "-f",
+                                                _edit(g, d, _bump_count), "--batch-size", "8"], 1,
+         ("cannot compare", "train rows", "share classes")),
+    Case("compare-file-twice", lambda d, g: ["compare", "-f", str(_copy(g, d)), "-f", str(d / "f.h5")], 2,
+         ("given more than once",)),
+    Case("report-out-exists", lambda d, g: ["report", "-f", _copy(g, d), "--out", _text(d / "r.html")], 1,
+         ("already exists", "--overwrite")),
     # -- import and demo ------------------------------------------------------------------------------
     Case("import-npz-missing", lambda d, g: ["import", "--npz", str(d / "a.npz"), "--out", str(d / "f.h5")], 1,
          ("a.npz: no such file", "numpy.savez")),
@@ -289,6 +364,50 @@ CASES = [
          ("no CUDA GPU", "--device cpu")),
     Case("extract-no-weights", lambda d, g: [a for a in _extract_args(d) if a != "--random-init"], 2,
          ("--checkpoint PATH, --pretrained or --random-init",)),
+    # -- outputs that are inputs (issue 13): refused however spelled, with or without --overwrite ----
+    Case("save-is-features", lambda d, g: ["ncm", "-f", _copy(g, d), "--save", str(d / "f.h5"), "--overwrite"], 1,
+         ("f.h5 is the same file as the input", "choose another output path")),
+    Case("compare-out-is-features-symlink",
+         lambda d, g: ["compare", "-f", _copy(g, d), "--out", _symlink(d / "f.h5", d / "r.json"), "--overwrite"], 1,
+         ("r.json is the same file as the input", "choose another output path")),
+    Case("crt-save-is-features-relative",
+         lambda d, g: ["crt", "-f", _copy(g, d), "--save", str(_mkdir(d / "x") / ".." / "f.h5"), "--epochs", "1"], 1,
+         ("is the same file as the input", "even with --overwrite")),
+    Case("export-out-is-checkpoint", lambda d, g: ["export", "--head", _text(d / "h.pt"), "-f", _copy(g, d),
+                                                   "--checkpoint", _text(d / "model.pth"),
+                                                   "--out", str(d / "model.pth"), "--overwrite"], 1,
+         ("model.pth is the same file as the input", "choose another output path")),
+    Case("export-out-is-features-hardlink",
+         lambda d, g: ["export", "--head", _text(d / "h.pt"), "-f", _copy(g, d), "--checkpoint", _text(d / "m.pth"),
+                       "--out", _hardlink(d / "f.h5", d / "out.pth"), "--overwrite"], 1,
+         ("out.pth is the same file as the input", "choose another output path")),
+    Case("import-out-is-npz", lambda d, g: ["import", "--npz", _npz(d), "--out", str(d / "arrays.npz"), "--overwrite"],
+         1, ("arrays.npz is the same file as the input", "choose another output path")),
+    Case("plot-out-is-results", lambda d, g: ["plot", "compare", "--results", _text(d / "r.json"),
+                                              "--out", str(d / "r.json"), "--overwrite"], 1,
+         ("r.json is the same file as the input", "choose another output path")),
+    Case("plot-norms-out-is-head", lambda d, g: ["plot", "norms", "-f", _copy(g, d), "--head", _text(d / "h.pt"),
+                                                 "--out", str(d / "h.pt"), "--overwrite"], 1,
+         ("h.pt is the same file as the input", "choose another output path")),
+    Case("extract-out-is-checkpoint",
+         lambda d, g: _extract_args(d, "--checkpoint", _text(d / "model.pth"), "--overwrite", out="model.pth"), 1,
+         ("model.pth is the same file as the input", "choose another output path")),
+    Case("demo-overwrite-user-images", lambda d, g: ["demo", "--out", _demo_with_user_image(d), "--quick",
+                                                     "--overwrite"], 1,
+         ("holds files the demo did not write (images/train/0/mine.png)", "move them out")),
+    # -- messages that name the right cause (issue 13) -------------------------------------------------
+    Case("being-written", lambda d, g: ["info", _locked(str(_copy(g, d)))], 1,
+         ("being written by another process", "wait until that process has finished")),
+    Case("nan-head", lambda d, g: ["joint", "-f", _edit(g, d, _set("head/weight", np.nan))], 1,
+         ("stored classifier has 1 class row(s) of /head/weight with NaN values", "ltr check")),
+    Case("nan-head-lws", lambda d, g: ["lws", "-f", _edit(g, d, _set("head/weight", np.nan)), "--epochs", "1",
+                                       "--batch-size", "8"], 1, ("/head/weight with NaN values", "ltr check")),
+    Case("nan-views", lambda d, g: ["crt", "-f", _with_views(g, d), "--views", "1", "--epochs", "1",
+                                    "--batch-size", "8"], 1,
+         ("split 'train' has 1 row(s) of its first 1 augmented views with NaN values", "ltr check")),
+    Case("import-labels-overflow", lambda d, g: ["import", "--npz", _npz(d, y=np.array([0, 1, 2**63], np.uint64)),
+                                                 "--out", str(d / "f.h5")], 1,
+         ("y_train must be a 1-D array of class indices >= 0", "uint64")),
 ]
 
 
@@ -338,7 +457,11 @@ def test_bad_input(case: Case, good: Path, tmp_path: Path):
     d.mkdir()
     args = case.setup(d, good)
     before = snapshot(d)
-    result = CliRunner().invoke(main, args)
+    try:
+        result = CliRunner().invoke(main, args)
+    finally:
+        while _LOCKS:
+            os.close(_LOCKS.pop())
     out = result.output
     assert "Traceback" not in out, out
     assert result.exception is None or isinstance(result.exception, SystemExit), (repr(result.exception), out)
@@ -354,3 +477,10 @@ def test_bad_input(case: Case, good: Path, tmp_path: Path):
     created = sorted(set(after) - set(before))
     assert created == sorted(case.may_create), f"created {created}"
     assert {k: v for k, v in after.items() if k in before} == before, "a file was changed or deleted"
+
+
+def test_write_features_names_negative_labels(tmp_path):
+    """Not numpy's "'list' argument must have no negative elements" (from np.bincount)."""
+    with pytest.raises(ValueError, match="labels of split 'train' must be class indices >= 0; got -1"):
+        write_features(tmp_path / "f.h5", {"train": (np.zeros((3, 2), np.float32), np.array([0, -1, 1]))})
+    assert list(tmp_path.iterdir()) == []

@@ -53,7 +53,7 @@ def test_grid_heads_equal_lone_runs(data, extra, with_views):
     # selection: the best val top-1, ties to the earlier grid entry
     best = [max(e.history_.val) for e in grid.estimators_]
     assert grid.best_index_ == int(np.argmax(best))
-    assert torch.equal(grid.predict(data["X_test"]), grid.best_estimator_.predict(data["X_test"]))
+    assert np.array_equal(grid.predict(data["X_test"]), grid.best_estimator_.predict(data["X_test"]))
 
 
 def test_diverged_member_is_excluded(data):
@@ -135,3 +135,25 @@ def test_cli_grid_errors(files, file, opts, code, message):
     assert r.exit_code == code, r.output
     assert message in r.output and "Traceback" not in r.output
     assert sum(line.startswith("Error:") for line in r.output.splitlines()) == 1
+
+
+@pytest.mark.parametrize("sampler,with_views", [("cb", False), ("sqrt", True)])
+def test_seed_members_equal_lone_runs(data, sampler, with_views):
+    """cRT seeds as members of one batched pass (issue 14): each equals a lone run with its seed."""
+    from lt_rebalance.heads.crt_grid import fit_seeds
+
+    X, y = data["X_train"], data["y_train"]
+    views = None
+    if with_views:
+        rng = np.random.default_rng(1)
+        views = torch.from_numpy((X[None] + 0.3 * rng.normal(size=(2, *X.shape))).astype(np.float32))
+    kw = dict(epochs=2, batch_size=32, device="cpu", sampler=sampler, class_weights="cb", beta=0.99)
+    members = fit_seeds(CRT(**kw), [0, 5, 9], X, y, data["X_val"], data["y_val"], views=views)
+    assert [m.seed for m in members] == [0, 5, 9]
+    for m in members:
+        lone = CRT(seed=m.seed, **kw).fit(X, y, data["X_val"], data["y_val"], views=views)
+        torch.testing.assert_close(m.weight_, lone.weight_, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(m.bias_, lone.bias_, atol=2e-5, rtol=1e-5)
+        assert m.history_.val == lone.history_.val
+        np.testing.assert_allclose(m.history_.loss, lone.history_.loss, rtol=1e-5)
+    assert not torch.allclose(members[0].weight_, members[1].weight_)  # the seeds differ

@@ -69,25 +69,84 @@ def test_existing_out_is_refused(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick"])
     assert r.exit_code == 1 and "exists; pass --overwrite" in r.output and r.output.count("\n") == 1
     r = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick", "--overwrite"])
-    assert r.exit_code == 1 and "did not write (mine.txt)" in r.output
+    assert r.exit_code == 1 and "no .ltr-demo-manifest.json: the demo did not write it" in r.output
     assert (out / "mine.txt").read_text() == "keep me"
 
 
-def test_overwrite_replaces_a_demo_folder(tmp_path):
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@needs_sklearn
+def test_manifest_lists_every_file_the_demo_wrote(demo_run):
+    from lt_rebalance.demo import MANIFEST
+
+    out, _ = demo_run
+    listed = set(json.loads((out / MANIFEST).read_text())["files"])
+    assert set(_files(out)) - {MANIFEST} <= listed
+    assert sum(p.startswith("images/") for p in listed) == sum(p.startswith("images/") for p in _files(out)) > 300
+
+
+@needs_sklearn
+def test_overwrite_keeps_the_users_files(demo_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(demo_run[0], out)
+    (out / "mine.txt").write_text("keep me")
+    (out / "notes").mkdir()
+    (out / "notes" / "crt.pt").write_text("mine too")
+    before = (out / "features.h5").stat().st_mtime_ns
+    r = CliRunner().invoke(main, ["demo", "--out", str(out), "--epochs", "1", "--overwrite", "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    assert (out / "mine.txt").read_text() == "keep me" and (out / "notes" / "crt.pt").read_text() == "mine too"
+    assert (out / "features.h5").stat().st_mtime_ns != before and json.loads(r.stdout)["demo"]["stage1_epochs"] == 1
+
+
+def _previous_run(out, listed):
+    from lt_rebalance.demo import MANIFEST, MANIFEST_FORMAT
+
+    for rel in listed:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("demo")
+    (out / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": listed}))
+
+
+def test_overwrite_deletes_only_listed_files(tmp_path):
+    from lt_rebalance.demo import MANIFEST, prepare_out
+
+    out = tmp_path / "old"
+    _previous_run(out, ["images/train/0/0001.png", "images/val/3/0002.png", "results.json", "stage1.pth"])
+    (out / "mine.txt").write_text("keep me")
+    prepare_out(out, True, ["images/test/1/0005.png", "crt.pt"])
+    assert _files(out) == [MANIFEST, "mine.txt"] and not (out / "images").exists()
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["crt.pt", "images/test/1/0005.png"]
+
+
+@pytest.mark.parametrize("user_file, message", [
+    ("images/train/0/mine.png", "which the extraction would read as images"),
+    ("images/val/7", "which the extraction would read as images"),  # a folder: a class of its own
+])
+def test_overwrite_refuses_user_files_among_the_images(tmp_path, user_file, message):
     from lt_rebalance.demo import prepare_out
 
     out = tmp_path / "old"
-    (out / "images").mkdir(parents=True)
-    (out / "results.json").write_text("{}")
-    prepare_out(out, overwrite=True)
-    assert not out.exists()
+    _previous_run(out, ["images/train/0/0001.png", "results.json"])
+    (out / user_file).parent.mkdir(parents=True, exist_ok=True)
+    (out / user_file).mkdir() if "." not in user_file else (out / user_file).write_text("mine")
+    before = _files(out)
+    with pytest.raises(FileExistsError, match=message):
+        prepare_out(out, True, ["results.json"])
+    assert _files(out) == before
 
 
-def test_missing_sklearn_hint(tmp_path, monkeypatch):
-    from test_plots import block_import
+def test_overwrite_refuses_a_manifest_pointing_outside(tmp_path):
+    from lt_rebalance.demo import MANIFEST, MANIFEST_FORMAT, prepare_out
 
-    block_import(monkeypatch, "sklearn")
-    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d")])
-    assert r.exit_code == 1 and r.output.count("\n") == 1
-    assert r.output.startswith("Error: the demo needs scikit-learn") and 'pip install "lt-rebalance[demo]"' in r.output
-    assert not (tmp_path / "d").exists()
+    (tmp_path / "outside.txt").write_text("keep me")
+    out = tmp_path / "old"
+    _previous_run(out, ["results.json"])
+    (out / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": ["results.json", "../outside.txt"]}))
+    with pytest.raises(FileExistsError, match="not a manifest written by `ltr demo`"):
+        prepare_out(out, True, ["results.json"])
+    assert (tmp_path / "outside.txt").read_text() == "keep me" and (out / "results.json").exists()

@@ -19,7 +19,7 @@ from lt_rebalance.heads import (
     tau_sweep,
 )
 from lt_rebalance.heads.base import NotFittedError
-from lt_rebalance.heads.training import learning_rate, train_sgd
+from lt_rebalance.heads.training import DEFAULT_BATCH_SIZE, effective_batch_size, learning_rate, train_sgd
 from lt_rebalance.samplers import make_sampler
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -94,7 +94,7 @@ def test_joint_head_logits(tau_data):
     d = tau_data
     W = joint_like_weight(d)
     b = np.linspace(-1, 1, 12).astype(np.float32)
-    got = JointHead(W, b).fit().decision_function(d["X_test"]).numpy()
+    got = JointHead(W, b).fit().decision_function(d["X_test"])
     np.testing.assert_allclose(got, d["X_test"].astype(np.float64) @ W.T.astype(np.float64) + b, rtol=1e-5, atol=1e-5)
     no_bias = JointHead(torch.from_numpy(W)).fit().decision_function(torch.from_numpy(d["X_test"])).numpy()
     np.testing.assert_allclose(no_bias, d["X_test"].astype(np.float64) @ W.T, rtol=1e-5, atol=1e-5)
@@ -107,9 +107,9 @@ def test_tau_zero_is_joint_head_without_bias(tau_data):
     tau0 = TauNorm(W, tau=0.0).fit().decision_function(d["X_test"])
     joint_nobias = JointHead(W, None).fit().decision_function(d["X_test"])
     joint_bias = JointHead(W, b).fit().decision_function(d["X_test"])
-    np.testing.assert_allclose(tau0.numpy(), d["X_test"].astype(np.float64) @ W.T, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(tau0, joint_nobias, rtol=0, atol=1e-6)
-    assert not torch.allclose(tau0, joint_bias, atol=1e-3)  # the bias is dropped
+    np.testing.assert_allclose(tau0, d["X_test"].astype(np.float64) @ W.T, rtol=1e-5, atol=1e-5)
+    assert np.allclose(tau0, joint_nobias, rtol=0, atol=1e-6)
+    assert not np.allclose(tau0, joint_bias, atol=1e-3)  # the bias is dropped
 
 
 def test_tau_normalize_formula():
@@ -169,7 +169,7 @@ def test_taunorm_selects_argmax_on_val(tau_data, metric, key):
     assert head.tau_ == pytest.approx(best)
     np.testing.assert_allclose(head.curve_[key].numpy(), val, atol=1e-12)
     # test logits at the selected τ
-    np.testing.assert_allclose(head.decision_function(d["X_test"]).numpy(), np_tau_logits(d["X_test"], W, best),
+    np.testing.assert_allclose(head.decision_function(d["X_test"]), np_tau_logits(d["X_test"], W, best),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -190,7 +190,7 @@ def test_taunorm_fixed_tau_and_errors(tau_data):
     W = joint_like_weight(d)
     head = TauNorm(W, tau=1.3).fit()
     assert head.tau_ == 1.3 and head.curve_ is None
-    np.testing.assert_allclose(head.predict(d["X_test"]).numpy(), np_tau_logits(d["X_test"], W, 1.3).argmax(1))
+    np.testing.assert_allclose(head.predict(d["X_test"]), np_tau_logits(d["X_test"], W, 1.3).argmax(1))
     with pytest.raises(ValueError, match="pass X, y and counts"):
         TauNorm(W).fit()
     # no few-shot class in counts -> selecting on "few" is undefined
@@ -208,7 +208,7 @@ def test_ncm_variant_equals_numpy_formula(lt_data, variant):
     Xtr, Xte = d["X_train"] + 2.0, d["X_test"] + 2.0
     head = NCM(variant).fit(Xtr, d["y_train"])
     expected, cent = np_ncm_scores(Xtr, d["y_train"], Xte, variant)
-    got = head.decision_function(Xte).numpy()
+    got = head.decision_function(Xte)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(head.centroids_.numpy(), cent, rtol=1e-5, atol=1e-6)
     assert min_top2_margin(expected) > 1e-5
@@ -224,15 +224,17 @@ def test_ncm_variants_differ(lt_data):
     for a in NCM_VARIANTS:
         for b in NCM_VARIANTS:
             if a < b:
-                assert not torch.allclose(scores[a], scores[b]), (a, b)
+                assert not np.allclose(scores[a], scores[b]), (a, b)
 
 
 def test_ncm_needs_every_class():
     X = np.eye(3, dtype=np.float32)
     with pytest.raises(ValueError, match=r"none for classes \[1\]"):
-        NCM().fit(X, [0, 2, 2])
+        NCM().fit(X, [0, 2, 2], num_classes=3)
     with pytest.raises(ValueError, match=r"none for classes \[3\]"):
         NCM().fit(X, [0, 1, 2], num_classes=4)
+    # without num_classes the classes are the labels seen: a gap is no missing class
+    np.testing.assert_array_equal(NCM().fit(X, [0, 2, 2]).classes_, [0, 2])
 
 
 # -- LWS -------------------------------------------------------------------------------------------
@@ -244,7 +246,7 @@ def test_lws_with_unit_scales_reproduces_joint_logits(lt_data):
     head = LWS(W, b, epochs=1, lr=1e-30, batch_size=32, device="cpu").fit(d["X_train"], d["y_train"])
     np.testing.assert_array_equal(head.scales_.numpy(), np.ones(6, np.float32))
     joint = d["X_test"].astype(np.float64) @ W.T.astype(np.float64) + b
-    np.testing.assert_allclose(head.decision_function(d["X_test"]).numpy(), joint, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head.decision_function(d["X_test"]), joint, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(head.weight_.numpy(), W)
     np.testing.assert_array_equal(head.bias_.numpy(), b)
 
@@ -260,7 +262,7 @@ def test_lws_folded_head_and_cache_paths(lt_data):
     np.testing.assert_allclose(head.weight_.numpy(), s[:, None] * W, rtol=1e-6)
     np.testing.assert_allclose(head.bias_.numpy(), s * b, rtol=1e-6)
     expected = s * (d["X_test"].astype(np.float64) @ W.T.astype(np.float64) + b)
-    np.testing.assert_allclose(head.decision_function(d["X_test"]).numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(head.decision_function(d["X_test"]), expected, rtol=1e-4, atol=1e-4)
     # logits recomputed per batch (no cache) train the same scales
     nocache = LWS(W, b, max_cache_gb=0.0, **kw).fit(d["X_train"], d["y_train"])
     np.testing.assert_allclose(nocache.scales_.numpy(), head.scales_.numpy(), rtol=1e-4, atol=1e-5)
@@ -280,8 +282,8 @@ def test_crt_raises_few_shot_accuracy_over_instance_balanced(crt_data):
     kw = dict(epochs=8, lr=0.2, batch_size=64, device="cpu", seed=0)
     joint = CRT(sampler="ib", **kw).fit(d["X_train"], d["y_train"])
     crt = CRT(**kw).fit(d["X_train"], d["y_train"])  # class-balanced by default
-    mj = np_group_summary(joint.predict(d["X_test"]).numpy(), d["y_test"], d["counts"])
-    mc = np_group_summary(crt.predict(d["X_test"]).numpy(), d["y_test"], d["counts"])
+    mj = np_group_summary(joint.predict(d["X_test"]), d["y_test"], d["counts"])
+    mc = np_group_summary(crt.predict(d["X_test"]), d["y_test"], d["counts"])
     assert np.isfinite(mj["few"]) and np.isfinite(mj["many"])
     assert mc["few"] > mj["few"] + 0.1, (mj, mc)
     assert mc["mean_class"] > mj["mean_class"]
@@ -291,8 +293,8 @@ def test_lws_raises_few_shot_accuracy_over_joint(crt_data):
     d = crt_data
     joint = CRT(sampler="ib", epochs=8, batch_size=64, device="cpu").fit(d["X_train"], d["y_train"])
     lws = LWS(joint.weight_, joint.bias_, epochs=5, batch_size=64, device="cpu").fit(d["X_train"], d["y_train"])
-    mj = np_group_summary(joint.predict(d["X_test"]).numpy(), d["y_test"], d["counts"])
-    ml = np_group_summary(lws.predict(d["X_test"]).numpy(), d["y_test"], d["counts"])
+    mj = np_group_summary(joint.predict(d["X_test"]), d["y_test"], d["counts"])
+    ml = np_group_summary(lws.predict(d["X_test"]), d["y_test"], d["counts"])
     assert ml["few"] > mj["few"] + 0.05, (mj, ml)
 
 
@@ -416,14 +418,14 @@ def test_crt_keep_best_on_val(crt_data):
     assert len(val) == 6
     best = int(np.argmax(val))
     assert h.history_.best_epoch == best
-    acc = float(np.mean(h.predict(d["X_val"]).numpy() == d["y_val"]))
+    acc = float(np.mean(h.predict(d["X_val"]) == d["y_val"]))
     assert acc == pytest.approx(max(val))
     if best < 5:  # the kept parameters are those of a shorter run (constant schedule, same seed)
         short = CRT(**{**kw, "epochs": best + 1}).fit(X, y)
         assert torch.equal(short.weight_, h.weight_)
     nokeep = CRT(**kw, keep_best=False).fit(X, y, d["X_val"], d["y_val"])
     assert nokeep.history_.best_epoch == 5
-    assert float(np.mean(nokeep.predict(d["X_val"]).numpy() == d["y_val"])) == pytest.approx(val[-1])
+    assert float(np.mean(nokeep.predict(d["X_val"]) == d["y_val"])) == pytest.approx(val[-1])
 
 
 # -- parameters, validation, fitted checks ------------------------------------------------------
@@ -444,11 +446,13 @@ Y4 = np.arange(4)
         (lambda: CRT(loss="focal"), lambda h: h.fit(X4, Y4), r"loss must be one of .*got 'focal'"),
         (lambda: CRT(batch_size=4, device="cpu"), lambda h: h.fit(X4, [0, 1, 2, 7], num_classes=5),
          r"labels must lie in \[0, 5\); got range \[0, 7\]"),
-        (lambda: CRT(batch_size=4, device="cpu"), lambda h: h.fit(X4, [0, 1, -1, 2]), r"labels must lie in \[0, 3\)"),
+        (lambda: CRT(batch_size=4, device="cpu"), lambda h: h.fit(X4, [0, 1, -1, 2], num_classes=3),
+         r"labels must lie in \[0, 3\)"),
+        (lambda: CRT(batch_size=4, device="cpu"), lambda h: h.fit(X4, [0, 1, 0.5, 2]), r"Unknown label type: continuous"),
         (lambda: NCM("cosine"), lambda h: h.fit(X4, Y4), r"NCM: variant must be one of 'cl2n', 'cos', 'l2n', 'un'"),
         (lambda: LWS(W4, epochs=0), lambda h: h.fit(X4, Y4), r"LWS: epochs must be an int in \[1, inf\]; got 0"),
         (lambda: LWS(W4, sampler="x"), lambda h: h.fit(X4, Y4), r"LWS: sampler must be"),
-        (lambda: LWS(W4, device="cpu"), lambda h: h.fit(X4[:, :3], Y4), r"3 dimensions.*fitted on 4"),
+        (lambda: LWS(W4, device="cpu"), lambda h: h.fit(X4[:, :3], Y4), r"X has 3 features, but weight is expecting 4"),
         (lambda: TauNorm("W"), lambda h: h.fit(), r"TauNorm: weight must be an array or tensor"),
         (lambda: JointHead(W4, np.zeros(3)), lambda h: h.fit(), r"bias must be an array or tensor|shape \(4,\)"),
     ],
@@ -460,7 +464,11 @@ def test_parameter_validation_messages(make, fit, pattern):
 
 def test_batch_size_larger_than_train_set():
     with pytest.raises(ValueError, match="batch size must be between 1 and the number of training rows"):
-        CRT(batch_size=512, device="cpu").fit(X4, Y4)
+        CRT(batch_size=8, device="cpu").fit(X4, Y4)
+    # the default batch (512) shrinks to the 4 rows: one full batch per epoch
+    assert effective_batch_size(DEFAULT_BATCH_SIZE, 4) == 4 and effective_batch_size(8, 4) == 8
+    assert effective_batch_size(DEFAULT_BATCH_SIZE, 10**6) == 512
+    assert len(CRT(epochs=3, device="cpu").fit(X4, Y4).history_.loss) == 3
 
 
 def test_features_must_be_finite_and_2d():

@@ -6,11 +6,12 @@ line, exit status 1) or ``click.BadParameter``/``UsageError`` (exit status 2).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import click
 
@@ -73,13 +74,33 @@ def log(message: str, quiet: bool = False) -> None:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's ValueError/FileNotFoundError/FileExistsError into one-line CLI errors."""
+    """Turn the library's ValueError and OS errors (missing, existing, read-only, full, ...) into one-line CLI errors."""
     try:
         yield
     except click.ClickException:
         raise
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. EROFS or ENOSPC outside a writer of lt_rebalance.outputs: name the path
+        if e.strerror is None:
+            raise click.ClickException(str(e)) from None
+        where = f"{e.filename}: " if e.filename else ""
+        raise click.ClickException(f"{where}{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})") from None
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: one ``Error:`` line saying what was (not) changed, exit status 130 (128 + SIGINT)."""
+
+    exit_code = 130
+
+
+@contextmanager
+def interrupts_as_errors() -> Iterator[None]:
+    """Ctrl-C becomes :class:`Interrupted` (its message from the writer that stopped), not click's "Aborted!"."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise Interrupted(str(e) or "interrupted; no output was written") from None
 
 
 def handle_user_errors(f: Callable) -> Callable:
@@ -100,12 +121,13 @@ def open_store(path: str, allow_incomplete: bool = False):
         return FeatureStore(path, allow_incomplete=allow_incomplete)
 
 
-def check_writable(path: Optional[str], overwrite: bool) -> None:
-    """Fail before any work when an output file (--out, --save) cannot be written; None: no output."""
+def check_writable(path: Optional[str], overwrite: bool, inputs: Iterable[Optional[str]] = ()) -> None:
+    """Fail before any work when an output file (--out, --save) cannot be written or is one of the
+    command's ``inputs`` (with or without --overwrite); None: no output."""
     if path:
-        from ..store import atomic_output
+        from ..outputs import check_output
 
-        atomic_output(path, overwrite)
+        check_output(path, overwrite, inputs)
 
 
 def resolve_device(device: str) -> str:
@@ -205,3 +227,56 @@ def training_options(f: Callable) -> Callable:
     ):
         wrapper = opt(wrapper)
     return wrapper
+
+
+def protocol_options(f: Callable) -> Callable:
+    """--test-priors, --bootstrap, --ci-level and --bootstrap-seed; the command gets ``protocol``.
+
+    ``protocol`` is a :class:`lt_rebalance.protocols.Protocol` (shifted test priors, bootstrap).
+    """
+
+    @functools.wraps(f)
+    def wrapper(test_priors: Optional[str], bootstrap: int, ci_level: float, bootstrap_seed: int,
+                **kwargs: Any) -> Any:
+        from ..protocols import Protocol, parse_test_priors
+
+        try:
+            names = parse_test_priors(test_priors) if test_priors is not None else ()
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--test-priors") from None
+        protocol = Protocol(test_priors=names, bootstrap=bootstrap, ci_level=ci_level, bootstrap_seed=bootstrap_seed)
+        return f(protocol=protocol, **kwargs)
+
+    for opt in (
+        click.option("--bootstrap-seed", default=0, show_default=True, type=int,
+                     help="Seed of the bootstrap resamples (the same for every method: paired differences)."),
+        click.option("--ci-level", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True,
+                     max_open=True), help="Confidence level of the bootstrap intervals."),
+        click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(0), metavar="B",
+                     help="Percentile bootstrap with B resamples of the rows, stratified by class (e.g. 1000)."),
+        click.option("--test-priors", default=None, metavar="LIST",
+                     help="Shifted test priors (LADE protocol) on the test split, e.g. "
+                          "forward-50,forward-10,uniform,backward-10,backward-50 (R >= 1 in forward-R, backward-R)."),
+    ):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+def seeds_option(f: Callable) -> Callable:
+    """--seeds 0,1,2: the trained heads run once per seed; the command gets ``seeds`` (list or None)."""
+
+    @functools.wraps(f)
+    def wrapper(seeds: Optional[str], **kwargs: Any) -> Any:
+        if seeds is None:
+            return f(seeds=None, **kwargs)
+        try:
+            values = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            values = []
+        if not values or len(set(values)) != len(values):
+            raise click.BadParameter(f"{seeds!r}: give distinct integer seeds, e.g. 0,1,2,3,4", param_hint="--seeds")
+        return f(seeds=values, **kwargs)
+
+    return click.option("--seeds", default=None, metavar="LIST",
+                        help="Train once per seed (e.g. 0,1,2,3,4) and report mean ± std over seeds; the first "
+                             "seed's head is the one reported in full (and saved). Overrides --seed.")(wrapper)

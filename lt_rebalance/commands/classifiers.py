@@ -11,9 +11,12 @@ from ._common import (
     fmt_acc,
     handle_user_errors,
     log,
+    protocol_options,
     require_split,
     resolve_device,
+    seeds_option,
 )
+from ._protocol_text import with_protocol
 from .methods import (
     FloatList,
     _context,
@@ -40,16 +43,17 @@ from .methods import (
               help="Class-balanced votes: divide by n_c^BALANCE (0: plain, 1: per train image).")
 @device_option
 @splits_option
+@protocol_options
 @handle_user_errors
-def knn(features, as_json, quiet, allow_incomplete, k, temperature, balance, device, splits):
+def knn(features, as_json, quiet, allow_incomplete, k, temperature, balance, device, splits, protocol):
     """Weighted kNN: the k most cosine-similar train rows vote with weight exp(sim / T)."""
     from ..experiments import run_knn
 
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device))
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), protocol=protocol)
     require_split(ctx.store, "train", "for the neighbours")
     result, _ = run_knn(ctx, k=k, temperature=temperature, balance=balance)
     title = f"weighted kNN (k {k}, T {temperature:g}" + (f", votes / n_c^{balance:g}" if balance else "") + "), accuracy %"
-    emit(result, as_json, _human(lambda r: title, ctx.eval_splits))
+    emit(result, as_json, with_protocol(_human(lambda r: title, ctx.eval_splits)))
 
 
 def _probe_human(result: dict) -> str:
@@ -84,9 +88,10 @@ def _probe_human(result: dict) -> str:
 @splits_option
 @save_option
 @overwrite_option
+@protocol_options
 @handle_user_errors
 def linear_probe(features, as_json, quiet, allow_incomplete, C, C_grid, class_weight, max_iter, tol, precision,
-                 device, splits, save, overwrite):
+                 device, splits, save, overwrite, protocol):
     """Logistic regression with full-batch L-BFGS: scikit-learn's LogisticRegression objective."""
     from ..experiments import run_linear_probe
 
@@ -94,8 +99,8 @@ def linear_probe(features, as_json, quiet, allow_incomplete, C, C_grid, class_we
         raise click.UsageError("give --C or --C-grid, not both")
     if C_grid is not None and any(c <= 0 for c in C_grid):
         raise click.BadParameter(f"every C must be positive; got {C_grid}", param_hint="--C-grid")
-    check_writable(save, overwrite)
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device))
+    check_writable(save, overwrite, [features])
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), protocol=protocol)
     require_split(ctx.store, "train", "to fit on")
     if C_grid is not None:
         require_split(ctx.store, "val", "to select C from --C-grid")
@@ -105,7 +110,7 @@ def linear_probe(features, as_json, quiet, allow_incomplete, C, C_grid, class_we
         log(f"warning: L-BFGS stopped after {result['n_iter']} iterations before reaching --tol {tol:g}; "
             "raise --max-iter", quiet)
     _save(save, overwrite, head, result, features, quiet)
-    emit(result, as_json, _probe_human)
+    emit(result, as_json, with_protocol(_probe_human))
 
 
 def _wb_human(result: dict) -> str:
@@ -122,6 +127,8 @@ def _wb_human(result: dict) -> str:
               help="MaxNorm radius = min norm + THRESH x (max norm - min norm) of the stored classifier.")
 @click.option("--beta", default=0.9999, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Class-balanced loss weights (1 - beta) / (1 - beta^n_c).")
+@seeds_option
+@protocol_options
 @handle_user_errors
 def wb(**options):
     """Weight balancing stage 2: fine-tune the stored classifier with weight decay and MaxNorm."""

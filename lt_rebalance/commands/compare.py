@@ -4,26 +4,39 @@ from __future__ import annotations
 import click
 
 from ._common import (
+    allow_incomplete_option,
     check_batch_fits,
     check_writable,
-    common_options,
     device_option,
     emit,
     eval_splits,
     fmt_acc,
     handle_user_errors,
+    json_option,
     log,
     open_store,
+    protocol_options,
+    quiet_option,
     resolve_device,
     seed_option,
+    seeds_option,
     thresholds_options,
     to_json,
     training_options,
 )
+from ._protocol_text import fmt_ci
+
+
+def _by_file(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows grouped by their "features" file, in order of first appearance."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r.get("features"), []).append(r)
+    return list(groups.items())
 
 
 def compare_table(result: dict) -> str:
-    """method x many / medium / few / all per split, plus seconds (accuracy %)."""
+    """method x many / medium / few / all per split, plus seconds (accuracy %); grouped by file."""
     splits = result["eval_splits"]
     groups = ("many", "medium", "few", "all")
     width = max([6] + [len(r["method"]) for r in result["rows"]])
@@ -33,48 +46,172 @@ def compare_table(result: dict) -> str:
     t = result.get("thresholds") or {"many": 100, "few": 20}
     lines = [f"accuracy % per split and shot group (many > {t['many']}, medium {t['few']}-{t['many']}, "
              f"few < {t['few']} train images)", header]
-    for r in result["rows"]:
-        cells = "   ".join(" ".join(f"{fmt_acc((r.get(s) or {}).get(g)):>8}" for g in groups) for s in splits)
-        lines.append(f"{r['method']:<{width}}  {cells}  {r['seconds']:>8.2f}")
+    several = isinstance(result.get("features"), list)
+    for path, rows in _by_file(result["rows"]):
+        if several:
+            lines.append(f"[{path}]")
+        for r in rows:
+            cells = "   ".join(" ".join(f"{fmt_acc((r.get(s) or {}).get(g)):>8}" for g in groups) for s in splits)
+            lines.append(f"{r['method']:<{width}}  {cells}  {r['seconds']:>8.2f}")
     for s in result.get("skipped", []):
-        lines.append(f"(skipped {s['method']}: {s['reason']})")
+        where = f" in {s['features']}" if several and "features" in s else ""
+        lines.append(f"(skipped {s['method']}{where}: {s['reason']})")
+    for section in (_seeds_section(result, width), _ci_section(result, width), _shifted_section(result, width)):
+        if section:
+            lines += ["", section]
     return "\n".join(lines)
 
 
+def _row_label(r: dict, several: bool, width: int) -> str:
+    return f"{r['method']:<{width}}" + (f"  {r['features']}" if several else "")
+
+
+def _seeds_section(result: dict, width: int) -> str:
+    rows = [r for r in result["rows"] if r.get("over_seeds")]
+    if not rows:
+        return ""
+    seeds = ", ".join(map(str, rows[0]["over_seeds"]["seeds"]))
+    lines = [f"trained heads over seeds {seeds}: mean ± std (accuracy %)",
+             f"{'method':<{width}}  " + "  ".join(f"{s + '/all':>14}" for s in result["eval_splits"])]
+    several = isinstance(result.get("features"), list)
+    for r in rows:
+        cells = []
+        for s in result["eval_splits"]:
+            m = (r["over_seeds"].get(s) or {}).get("all")
+            cells.append(f"{100 * m['mean']:7.2f} ± {100 * m['std']:4.2f}" if m else f"{'-':>14}")
+        lines.append(f"{r['method']:<{width}}  " + "  ".join(cells) + (f"  {r['features']}" if several else ""))
+    return "\n".join(lines)
+
+
+def _ci_section(result: dict, width: int) -> str:
+    """Per split: top-1 with its interval, and the paired difference to the best row."""
+    rows = [r for r in result["rows"] if r.get("ci")]
+    if not rows:
+        return ""
+    p = result.get("protocol") or rows[0].get("protocol", {})
+    level = f"{100 * p.get('ci_level', 0.95):g} %"
+    several = isinstance(result.get("features"), list)
+    lines = [f"{level} bootstrap intervals ({p.get('bootstrap')} resamples, stratified by class) and paired "
+             "differences to the best method (same resamples), top-1 accuracy %"]
+    for split in result["eval_splits"]:
+        lines.append(f"{split}: {'method':<{width}}  {'all':>6}  {'interval':>16}  {'- best':>7}  "
+                     f"{'interval of difference':>22}  verdict")
+        for r in rows:
+            if split not in r["ci"]:
+                continue
+            vs = (r.get("vs_best") or {}).get(split)
+            if vs is None:
+                diff, verdict = f"{'':>7}  {'':>22}", ""
+            else:
+                lo, hi = vs["ci"]
+                interval = "-" if lo is None else f"[{100 * lo:+6.2f}, {100 * hi:+6.2f}]"
+                is_best = vs["best"] == r["method"] and vs.get("best_features") == r.get("features")
+                verdict = "best" if is_best else ("differs from best" if vs["differs"] else "not distinguishable")
+                diff = f"{100 * vs['diff']:+7.2f}  {interval:>22}"
+            lines.append(f"{'':>{len(split) + 2}}{_row_label(r, False, width)}  {fmt_acc(r[split]['all'])}  "
+                         f"{fmt_ci(r['ci'][split]['all'])}  {diff}  {verdict}" + (f"  {r['features']}" if several else ""))
+    return "\n".join(lines)
+
+
+def _shifted_section(result: dict, width: int) -> str:
+    """Top-1 on the test split under each shifted prior: plain, known-prior and EM corrected."""
+    rows = [r for r in result["rows"] if r.get("shifted")]
+    if not rows:
+        return ""
+    names = list(rows[0]["shifted"])
+    col = max(8, *(len(n) for n in names))
+    several = isinstance(result.get("features"), list)
+    lines = ["test split under shifted priors (LADE protocol): top-1 %, plain / known prior / EM-estimated prior"]
+    lines.append(f"{'method':<{width}}  {'':<6}" + "".join(f"  {n:>{col}}" for n in names))
+    for r in rows:
+        corrected = r.get("shifted_corrected") or {}
+        variants = [("plain", r["shifted"])]
+        if corrected:
+            variants += [("known", {n: c["known_prior"] for n, c in corrected.items()}),
+                         ("EM", {n: c["em"] for n, c in corrected.items()})]
+        for k, (kind, table) in enumerate(variants):
+            label = (r["method"] if k == 0 else "")
+            cells = "".join(f"  {fmt_acc((table.get(n) or {}).get('all')):>{col}}" for n in names)
+            lines.append(f"{label:<{width}}  {kind:<6}{cells}" + (f"  {r['features']}" if several and k == 0 else ""))
+    return "\n".join(lines)
+
+
+def compare_options(f):
+    """The options of a compare run, shared by ``ltr compare`` and ``ltr report`` (see :func:`run_compare_command`)."""
+    opts = [
+        click.option("--features", "-f", "features", required=True, multiple=True,
+                     type=click.Path(dir_okay=False, path_type=str),
+                     help="Feature file (.h5); repeat for several stage-1 representations of one dataset "
+                          "(same classes and train counts): one table, grouped by file."),
+        json_option,
+        quiet_option,
+        allow_incomplete_option,
+        click.option("--methods", default=None,
+                     help="Comma-separated methods (default: all the file supports but knn and linear_probe, "
+                          "which run when named)."),
+        training_options,
+        thresholds_options,
+        click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test)."),
+        seed_option,
+        seeds_option,
+        protocol_options,
+        device_option,
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 @click.command()
-@common_options
-@click.option("--methods", default=None,
-              help="Comma-separated methods (default: all the file supports but knn and linear_probe, "
-                   "which run when named).")
-@training_options
-@thresholds_options
-@click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test).")
+@compare_options
 @click.option("--out", "out", type=click.Path(dir_okay=False), help="Also write the JSON results to this file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-@seed_option
-@device_option
 @handle_user_errors
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
-            seed, device):
+            seed, seeds, protocol, device):
     """Run joint, NCM, cRT, tau-norm (tau selected on val), LWS and the later methods with defaults; one table.
 
     kNN and the linear probe run only when named in --methods (on ImageNet-LT-sized files each costs
-    more on a CPU than the rest of the study).
+    more on a CPU than the rest of the study). With several --features, every method runs on each
+    file (each file is read once).
     """
-    from ..experiments import Context
-    from ..experiments import compare as run_compare
-
-    check_writable(out, overwrite)  # fail early if --out cannot be written
-    store = open_store(features, allow_incomplete)
-    ctx = Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device), seed=seed,
-                  thresholds=thresholds)
-    check_batch_fits(store, overrides["crt"]["batch_size"])
-    names = [m.strip() for m in methods.split(",")] if methods else None
-    result = run_compare(ctx, names, overrides, log=None if quiet else log)
-    result["features"] = features
+    check_writable(out, overwrite, features)  # fail early if --out cannot be written
+    result, _ = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds,
+                                    protocol, device, quiet)
     if out:
         from ..store import atomic_write
 
         text = to_json(result)
-        atomic_write(out, lambda tmp: tmp.write_text(text), overwrite)
+        atomic_write(out, lambda tmp: tmp.write_text(text), overwrite, features)
     emit(result, as_json, compare_table)
+
+
+def compare_contexts(features, allow_incomplete, thresholds, splits, seed, protocol, device) -> list:
+    """One :class:`Context` per --features file, after the command-line checks."""
+    from ..experiments import Context
+
+    dupes = sorted({f for f in features if features.count(f) > 1})
+    if dupes:
+        raise click.BadParameter(f"{', '.join(dupes)} given more than once", param_hint="--features")
+    contexts = []
+    for path in features:
+        store = open_store(path, allow_incomplete)
+        if protocol.test_priors and "test" not in store.splits:
+            raise click.ClickException(f"{path} has no 'test' split, which --test-priors are evaluated on")
+        contexts.append(Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device),
+                                seed=seed, thresholds=thresholds, protocol=protocol))
+    return contexts
+
+
+def run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds, protocol,
+                        device, quiet, heads=None) -> tuple[dict, list]:
+    """Check the options, run :func:`lt_rebalance.experiments.compare_files`; its result and the contexts."""
+    from ..experiments import compare_files
+
+    contexts = compare_contexts(features, allow_incomplete, thresholds, splits, seed, protocol, device)
+    for ctx in contexts:
+        check_batch_fits(ctx.store, overrides["crt"]["batch_size"])
+    names = [m.strip() for m in methods.split(",")] if methods else None
+    result = compare_files(contexts, list(features), names, overrides, log=None if quiet else log, heads=heads,
+                           seeds=seeds)
+    return result, contexts

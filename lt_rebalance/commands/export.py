@@ -80,7 +80,7 @@ def export(head_path: str, features: str, checkpoint: str, out: str, model_name:
     from ..extract.checkpoints import file_sha256
     from ..head_io import load_head, save_head
 
-    check_writable(out, overwrite)  # fail early if --out cannot be written
+    check_writable(out, overwrite, [head_path, features, checkpoint])  # fail early
     state = load_head(head_path)
     store = open_store(features)
     if (state["num_classes"], state["dim"]) != (store.num_classes, store.dim):

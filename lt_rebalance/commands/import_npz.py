@@ -6,7 +6,7 @@ import zipfile
 
 import click
 
-from ._common import emit, handle_user_errors, json_option, log, quiet_option
+from ._common import check_writable, emit, handle_user_errors, json_option, log, quiet_option
 
 SPLITS = ("train", "val", "test")
 
@@ -19,6 +19,7 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
 
     if not os.path.exists(npz_path):
         raise click.ClickException(f"{npz_path}: no such file (check the path; write one with numpy.savez)")
+    check_writable(out, overwrite, [npz_path])  # before reading a large archive
     try:
         if not zipfile.is_zipfile(npz_path):  # np.load would also take .npy or try to unpickle
             raise click.ClickException(f"{npz_path}: not an .npz archive (write one with numpy.savez)")
@@ -37,12 +38,14 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
             x, y = data[f"x_{s}"], data[f"y_{s}"]
             if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
                 raise click.ClickException(f"{npz_path}: x_{s} has dtype {x.dtype}, expected real numbers")
-            if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)) \
-                    or (y.size and (y.min() < 0 or not np.array_equal(y, np.round(y)))):
+            numeric = np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)
+            with np.errstate(invalid="ignore"):  # NaN, 1e20 or 2**63 do not survive the cast: refused below
+                labels = y.astype(np.int64) if numeric else None
+            if y.ndim != 1 or labels is None or (y.size and (labels.min() < 0 or not np.array_equal(labels, y))):
                 raise click.ClickException(
                     f"{npz_path}: y_{s} must be a 1-D array of class indices >= 0 (dtype {y.dtype}, shape {y.shape})"
                 )
-            splits[s] = (x, y.astype(np.int64))
+            splits[s] = (x, labels)
     if not splits:
         raise click.ClickException(f"{npz_path}: no arrays x_train/y_train, x_val/y_val or x_test/y_test found")
     if "counts" not in keys and "train" not in splits:

@@ -18,11 +18,14 @@ from ._common import (
     log,
     metrics_table,
     open_store,
+    protocol_options,
     require_head,
     require_split,
     resolve_device,
     seed_option,
+    seeds_option,
 )
+from ._protocol_text import with_protocol
 
 splits_option = click.option(
     "--splits", "splits", default=None, help="Comma-separated splits to evaluate (default: val and test)."
@@ -31,11 +34,16 @@ save_option = click.option("--save", type=click.Path(dir_okay=False), help="Save
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --save file.")
 
 
-def _context(features: str, allow_incomplete: bool, splits: Optional[str], device: str = "cpu", seed: int = 0):
+def _context(features: str, allow_incomplete: bool, splits: Optional[str], device: str = "cpu", seed: int = 0,
+             protocol: Any = None):
     from ..experiments import Context
+    from ..protocols import Protocol
 
     store = open_store(features, allow_incomplete)
-    return Context(store, eval_splits=eval_splits(store, splits), device=device, seed=seed)
+    protocol = protocol or Protocol()
+    if protocol.test_priors:
+        require_split(store, "test", "for --test-priors")
+    return Context(store, eval_splits=eval_splits(store, splits), device=device, seed=seed, protocol=protocol)
 
 
 def _splits_table(result: dict, splits) -> str:
@@ -43,7 +51,7 @@ def _splits_table(result: dict, splits) -> str:
 
 
 def _human(title: Callable[[dict], str], splits) -> Callable[[dict], str]:
-    return lambda r: f"{title(r)}\n{_splits_table(r, splits)}"
+    return with_protocol(lambda r: f"{title(r)}\n{_splits_table(r, splits)}")
 
 
 def _save(save: Optional[str], overwrite: bool, head: Any, result: dict, features: str, quiet: bool) -> None:
@@ -58,12 +66,13 @@ def _save(save: Optional[str], overwrite: bool, head: Any, result: dict, feature
 @click.command()
 @common_options
 @splits_option
+@protocol_options
 @handle_user_errors
-def joint(features, as_json, quiet, allow_incomplete, splits):
+def joint(features, as_json, quiet, allow_incomplete, splits, protocol):
     """Evaluate the stored stage-1 (joint) classifier: the baseline every method is compared with."""
     from ..experiments import run_joint
 
-    ctx = _context(features, allow_incomplete, splits)
+    ctx = _context(features, allow_incomplete, splits, protocol=protocol)
     require_head(ctx.store, "joint")
     result, _ = run_joint(ctx)
     emit(result, as_json, _human(lambda r: "joint (stored stage-1 classifier), accuracy %", ctx.eval_splits))
@@ -76,13 +85,14 @@ def joint(features, as_json, quiet, allow_incomplete, splits):
 @splits_option
 @save_option
 @overwrite_option
+@protocol_options
 @handle_user_errors
-def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overwrite):
+def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overwrite, protocol):
     """Nearest class mean on the cached train features (needs no stored classifier)."""
     from ..experiments import run_ncm
 
-    check_writable(save, overwrite)
-    ctx = _context(features, allow_incomplete, splits)
+    check_writable(save, overwrite, [features])
+    ctx = _context(features, allow_incomplete, splits, protocol=protocol)
     require_split(ctx.store, "train", "to compute class means")
     result, head = run_ncm(ctx, variant)
     _save(save, overwrite, head, result, features, quiet)
@@ -92,7 +102,7 @@ def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overw
 SWEEP_TITLES = {"tau_norm": "tau-normalisation", "logit_adjust": "logit adjustment"}
 
 
-def _tau_human(result: dict) -> str:
+def _tau_table(result: dict) -> str:
     curves, taus, sel = result["curves"], result["taus"], result["selected_tau"]
     title = SWEEP_TITLES[result["method"]]
     cols = [(s, g) for s in curves for g in ("many", "medium", "few", "all")]
@@ -108,6 +118,9 @@ def _tau_human(result: dict) -> str:
         lines.append(f"\n{eval_split} at tau = {sel:g}:")
         lines.append(metrics_table([(eval_split, result[eval_split])], keys=("many", "medium", "few", "all", "mean_class")))
     return "\n".join(lines)
+
+
+_tau_human = with_protocol(_tau_table)
 
 
 def sweep_options(f: Callable) -> Callable:
@@ -126,7 +139,7 @@ def sweep_options(f: Callable) -> Callable:
 
 
 def run_sweep_command(command: str, runner: Callable, features: str, as_json: bool, allow_incomplete: bool,
-                      taus: str, select_on: Optional[str], metric: str, eval_split: str) -> None:
+                      taus: str, select_on: Optional[str], metric: str, eval_split: str, protocol: Any) -> None:
     """Parse and check the sweep options, run ``runner`` (run_tau_sweep's signature), print the result."""
     from ..experiments import parse_taus
 
@@ -134,7 +147,10 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
         tau_list = parse_taus(taus)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--taus") from None
-    ctx = _context(features, allow_incomplete, None)
+    if protocol.test_priors and eval_split != "test":
+        raise click.BadParameter("--test-priors are evaluated on the test split; use --eval-split test",
+                                 param_hint="--eval-split")
+    ctx = _context(features, allow_incomplete, None, protocol=protocol)
     require_head(ctx.store, command)
     if select_on is None:
         if "val" not in ctx.store.splits:
@@ -151,13 +167,17 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
 @click.command("tau-sweep")
 @common_options
 @sweep_options
+@protocol_options
 @handle_user_errors
-def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split):
-    """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM."""
+def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split, protocol):
+    """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM.
+
+    --bootstrap and --test-priors are reported at the selected tau.
+    """
     from ..experiments import run_tau_sweep
 
     run_sweep_command("tau-sweep", run_tau_sweep, features, as_json, allow_incomplete, taus, select_on, metric,
-                      eval_split)
+                      eval_split, protocol)
 
 
 class FloatList(click.ParamType):
@@ -243,6 +263,15 @@ def _trained_human(result: dict) -> str:
     return f"{title}\n{_splits_table(result, _metric_splits(result))}"
 
 
+def _run_trained(ctx: Any, method: str, runner: Callable, seeds: Optional[list[int]], **kwargs: Any):
+    """``runner(ctx, **kwargs)``, or once per seed of ``seeds`` (:func:`lt_rebalance.experiments.run_seeds`)."""
+    from ..experiments import run_seeds
+
+    if seeds and len(seeds) > 1:
+        return run_seeds(ctx, method, seeds, **kwargs)
+    return runner(ctx, **kwargs)
+
+
 def _crt_human(result: dict) -> str:
     """The grid (one line per head, the selected one marked) above the selected head's table."""
     if "grid" not in result:
@@ -259,22 +288,24 @@ def _crt_human(result: dict) -> str:
 
 def _train_on_joint(command: str, human: Callable[[dict], str], *, features, as_json, quiet, allow_incomplete,
                     epochs, lr, batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed, device, splits,
-                    save, overwrite, **extra) -> None:
-    """Check the options, train ``run_<command>`` (an experiments runner) from the stored head, print it."""
+                    save, overwrite, seeds, protocol, **extra) -> None:
+    """Check the options, train ``run_<command>`` (an experiments runner) from the stored head (once per
+    --seeds seed), print it."""
     from .. import experiments
 
     sampler = _check_training_args(epochs, batch_size, sampler)
-    check_writable(save, overwrite)
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
+    check_writable(save, overwrite, [features])
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seeds[0] if seeds else seed, protocol)
     require_head(ctx.store, command)
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)
-    result, head = getattr(experiments, f"run_{command}")(
-        ctx, log=None if quiet else log, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-        momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best, **extra,
+    result, head = _run_trained(
+        ctx, command, getattr(experiments, f"run_{command}"), seeds, log=None if quiet else log, epochs=epochs, lr=lr,
+        batch_size=batch_size, weight_decay=weight_decay, momentum=momentum, sampler=sampler, schedule=schedule,
+        keep_best=keep_best, **extra,
     )
     _save(save, overwrite, head, result, features, quiet)
-    emit(result, as_json, human)
+    emit(result, as_json, with_protocol(human))
 
 
 def joint_calibration_command(name: str, help: str) -> click.Command:
@@ -283,6 +314,8 @@ def joint_calibration_command(name: str, help: str) -> click.Command:
     @click.command(name, help=help)
     @common_options
     @sgd_options(5, 0.2, "cb (class-balanced, default), ib, sqrt, pb or a power q.")
+    @seeds_option
+    @protocol_options
     @handle_user_errors
     def command(**options: Any) -> None:
         _train_on_joint(name, _trained_human, **options)
@@ -300,16 +333,18 @@ def joint_calibration_command(name: str, help: str) -> click.Command:
               help="cb: class-balanced loss weights (Cui et al.) with --beta.")
 @click.option("--beta", default=0.9999, show_default=True, type=float)
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float)
+@seeds_option
+@protocol_options
 @handle_user_errors
 def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
         schedule, keep_best, seed, device, splits, save, overwrite, views, loss, class_weights, beta,
-        label_smoothing):
+        label_smoothing, seeds, protocol):
     """Re-train the linear classifier on the cached features (class-balanced sampling by default)."""
     from ..experiments import run_crt
 
     sampler = _check_training_args(epochs, batch_size, sampler)
-    check_writable(save, overwrite)
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seed)
+    check_writable(save, overwrite, [features])
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seeds[0] if seeds else seed, protocol)
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)
     stored = ctx.store.splits["train"].views
@@ -317,13 +352,13 @@ def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weig
         raise click.BadParameter(f"{views} views asked for, but {features} stores {stored} train views",
                                  param_hint="--views")
     grid = None if len(lr) == len(weight_decay) == 1 else (lr, weight_decay)
-    result, head = run_crt(
-        ctx, views=views, log=None if quiet else log, grid=grid, epochs=epochs, lr=lr[0], batch_size=batch_size,
-        weight_decay=weight_decay[0], momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best,
-        loss=loss, class_weights=class_weights, beta=beta, label_smoothing=label_smoothing,
+    result, head = _run_trained(
+        ctx, "crt", run_crt, seeds, views=views, log=None if quiet else log, grid=grid, epochs=epochs, lr=lr[0],
+        batch_size=batch_size, weight_decay=weight_decay[0], momentum=momentum, sampler=sampler, schedule=schedule,
+        keep_best=keep_best, loss=loss, class_weights=class_weights, beta=beta, label_smoothing=label_smoothing,
     )
     _save(save, overwrite, head, result, features, quiet)
-    emit(result, as_json, _crt_human)
+    emit(result, as_json, with_protocol(_crt_human))
 
 
 lws = joint_calibration_command("lws", "Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1).")

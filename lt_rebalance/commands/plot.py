@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import click
 
 from ._common import (
+    check_writable,
     device_option,
     emit,
     features_option,
@@ -85,6 +86,7 @@ def tau_curve(ctx, out: str, overwrite: bool, as_json: bool, quiet: bool) -> Non
     """Accuracy vs tau on val and test, per shot group, the tau selected on val marked."""
     from ..plots import plot_tau_curve
 
+    check_writable(out, overwrite, [ctx.store.path])
     _done("tau-curve", plot_tau_curve(ctx, out, overwrite), as_json, quiet)
 
 
@@ -100,6 +102,7 @@ def norms(ctx, head_path: Optional[str], overrides: dict, out: str, overwrite: b
     from ..head_io import load_head
     from ..plots import plot_norms
 
+    check_writable(out, overwrite, [ctx.store.path, head_path])
     head = load_head(head_path) if head_path else None
     _done("norms", plot_norms(ctx, out, head, overrides, overwrite), as_json, quiet)
 
@@ -116,6 +119,7 @@ def per_class(ctx, methods: str, split: str, overrides: dict, out: str, overwrit
     """Per-class accuracy of each method, classes sorted by training images."""
     from ..plots import plot_per_class
 
+    check_writable(out, overwrite, [ctx.store.path])
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
         raise click.BadParameter("give at least one method", param_hint="--methods")
@@ -132,6 +136,7 @@ def compare(results: str, split: Optional[str], out: str, overwrite: bool, as_js
     """Grouped bars: many / medium / few / all accuracy per method."""
     from ..plots import plot_compare
 
+    check_writable(out, overwrite, [results])
     try:
         result = json.loads(Path(results).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -12,6 +12,7 @@ from ._common import (
     emit,
     handle_user_errors,
     log,
+    protocol_options,
     resolve_device,
     seed_option,
 )
@@ -34,8 +35,9 @@ CALIBRATE_METHODS = {
 @click.command("logit-adjust")
 @common_options
 @sweep_options
+@protocol_options
 @handle_user_errors
-def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split):
+def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split, protocol):
     """Logit adjustment of the stored classifier (z - tau log prior) for every tau in one GEMM.
 
     tau = 1 is PC softmax. The JSON has the shape of `ltr tau-sweep` (method "logit_adjust").
@@ -43,7 +45,7 @@ def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, me
     from ..experiments import run_logit_adjust
 
     run_sweep_command("logit-adjust", run_logit_adjust, features, as_json, allow_incomplete, taus, select_on,
-                      metric, eval_split)
+                      metric, eval_split, protocol)
 
 
 def _num(v: float, fmt: str) -> str:

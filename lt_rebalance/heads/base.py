@@ -1,15 +1,20 @@
-"""scikit-learn style plumbing for heads, without depending on scikit-learn.
+"""scikit-learn estimator plumbing for heads, without depending on scikit-learn.
 
 ``__init__`` only stores its arguments; ``fit`` validates them (``_parameter_constraints``),
-learns state in attributes ending with ``_`` and returns ``self``; ``decision_function`` gives
-(N, C) scores, ``predict`` their argmax. Inputs may be numpy arrays or torch tensors.
+learns state in attributes ending with ``_`` (``classes_``, ``n_features_in_``) and returns
+``self``; ``scores`` gives (N, C) scores, ``predict`` the labels of their argmax. Heads speak
+scikit-learn's protocol (``__sklearn_tags__``, ``score``, ``predict_proba``), importing it only
+inside the hooks it calls. Torch input gives torch output; numpy or any array-like, numpy.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
+import sys
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 
@@ -67,13 +72,29 @@ ARRAY = Is(lambda v: hasattr(v, "shape"), "an array or tensor")
 
 
 class NotFittedError(ValueError, AttributeError):
-    pass
+    """A head used before ``fit``; also a scikit-learn ``NotFittedError`` once scikit-learn is imported."""
+
+
+@functools.cache
+def _not_fitted_error(sklearn_error: Optional[type]) -> type:
+    if sklearn_error is None:
+        return NotFittedError
+    return type("NotFittedError", (NotFittedError, sklearn_error), {"__module__": __name__})
 
 
 class BaseHead:
-    """get_params / set_params / repr / parameter validation / fitted checks."""
+    """The estimator protocol: parameters, validation, fitted checks, prediction in every form.
+
+    A head implements ``fit`` (ending with ``classes_``, ``n_features_in_`` and the attribute
+    named by ``_state``) and ``_scores``: validated float32 (N, D) features on the head's device
+    -> (N, C) scores, column j for ``classes_[j]``, higher = more likely. Everything public
+    derives from it: torch input gives torch output (no copy), anything else numpy.
+    """
 
     _parameter_constraints: dict[str, list] = {}
+    _state = ""  # the fitted attribute that check_is_fitted looks for (and whose device inputs go to)
+    _requires_y = True  # scikit-learn tag: fit needs labels
+    _estimator_type = "classifier"  # for tools predating scikit-learn's tags (< 1.6)
 
     @classmethod
     def _param_names(cls) -> list[str]:
@@ -81,14 +102,29 @@ class BaseHead:
         return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind != p.VAR_KEYWORD]
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._param_names()}
+        """Constructor arguments by name; ``deep`` adds ``name__sub`` for arguments that are estimators."""
+        out: dict[str, Any] = {}
+        for name in self._param_names():
+            value = getattr(self, name)
+            if deep and hasattr(value, "get_params") and not isinstance(value, type):
+                out.update((f"{name}__{k}", v) for k, v in value.get_params().items())
+            out[name] = value
+        return out
 
     def set_params(self, **params: Any) -> BaseHead:
+        """Set constructor arguments (``name__sub`` reaches into an estimator argument); returns self."""
         valid = self._param_names()
-        for k, v in params.items():
-            if k not in valid:
-                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}; valid: {valid}")
-            setattr(self, k, v)
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in params.items():
+            name, delim, sub = key.partition("__")
+            if name not in valid:
+                raise ValueError(f"invalid parameter {name!r} for {type(self).__name__}; valid: {valid}")
+            if delim:
+                nested.setdefault(name, {})[sub] = value
+            else:
+                setattr(self, name, value)
+        for name, sub_params in nested.items():
+            getattr(self, name).set_params(**sub_params)
         return self
 
     def __repr__(self) -> str:
@@ -96,7 +132,7 @@ class BaseHead:
             p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values() if p.name != "self"
         }
         shown = []
-        for k, v in self.get_params().items():
+        for k, v in self.get_params(deep=False).items():
             if hasattr(v, "shape"):
                 shown.append(f"{k}=<{type(v).__name__} {tuple(v.shape)}>")
             elif defaults.get(k, inspect.Parameter.empty) is inspect.Parameter.empty or v != defaults[k]:
@@ -110,29 +146,122 @@ class BaseHead:
                 allowed = " or ".join(str(c) for c in constraints)
                 raise ValueError(f"{type(self).__name__}: {name} must be {allowed}; got {value!r}")
 
+    # -- the scikit-learn protocol (scikit-learn is imported only by the hooks it calls) ----------
+    def __sklearn_tags__(self):
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=self._requires_y),
+            classifier_tags=ClassifierTags(),
+            input_tags=InputTags(),
+        )
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, self._state)
+
     # -- prediction -------------------------------------------------------------------------------
-    def decision_function(self, X: Any) -> torch.Tensor:  # pragma: no cover - abstract
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def predict(self, X: Any) -> torch.Tensor:
-        """Predicted class (N,) int64: argmax of :meth:`decision_function`."""
-        return self.decision_function(X).argmax(dim=1)
+    @property
+    def _device(self) -> torch.device:
+        return getattr(self, self._state).device
+
+    def _forward(self, X: Any) -> torch.Tensor:
+        check_is_fitted(self, self._state)
+        X = check_features(X, n_features=self.n_features_in_, device=self._device, expecting=type(self).__name__)
+        return self._scores(X)
+
+    def scores(self, X: Any) -> Any:
+        """Scores float32 (N, C), column j for ``classes_[j]``, higher = more likely (see each head)."""
+        return _output(self._forward(X), X)
+
+    def decision_function(self, X: Any) -> Any:
+        """:meth:`scores`, except for two classes: the margin s_1 - s_0 (N,), > 0 meaning ``classes_[1]``
+        (scikit-learn's convention for binary classifiers)."""
+        s = self._forward(X)
+        return _output(s[:, 1] - s[:, 0] if s.shape[1] == 2 else s, X)
+
+    def predict_proba(self, X: Any) -> Any:
+        """softmax(:meth:`scores`) float32 (N, C); each head's docstring says whether it is calibrated."""
+        return _output(torch.softmax(self._forward(X), dim=1), X)
+
+    def predict_log_proba(self, X: Any) -> Any:
+        """log_softmax(:meth:`scores`) float32 (N, C)."""
+        return _output(torch.log_softmax(self._forward(X), dim=1), X)
+
+    def predict(self, X: Any) -> Any:
+        """Predicted labels (N,), values of ``classes_``: argmax of :meth:`scores`.
+
+        Torch input gives a tensor (the int64 argmax itself when ``classes_`` is 0..C-1; numpy for
+        string labels); anything else a numpy array of ``classes_``' dtype.
+        """
+        from .labels import decode_labels
+
+        index = self._forward(X).argmax(dim=1)
+        return decode_labels(self.classes_, index, isinstance(X, torch.Tensor))
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Accuracy of :meth:`predict` on (X, y), weighted by ``sample_weight``; a label outside
+        ``classes_`` (a class without rows in this fit, as in a cross-validation fold) counts as a miss."""
+        from .labels import label_array
+
+        pred = self.predict(X)
+        hit = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred) == label_array(y)
+        w = sample_weight.cpu() if isinstance(sample_weight, torch.Tensor) else sample_weight
+        return float(np.average(hit, weights=None if w is None else np.asarray(w, dtype=np.float64)))
 
     def evaluate(self, X: Any, y: Any, counts: Any, **kwargs: Any) -> dict[str, float]:
-        """The metrics of :func:`lt_rebalance.metrics.evaluate` on (X, y)."""
+        """The metrics of :func:`lt_rebalance.metrics.evaluate` on (X, y); ``counts`` in ``classes_`` order."""
         from ..metrics import evaluate
+        from .labels import index_labels
 
-        return evaluate(self.decision_function(X), y, counts, **kwargs)
+        return evaluate(self._forward(X), index_labels(y, self.classes_, self._device), counts, **kwargs)
+
+
+def _output(t: torch.Tensor, like: Any) -> Any:
+    """``t`` for torch input ``like``, else its numpy copy on the CPU."""
+    return t if isinstance(like, torch.Tensor) else t.cpu().numpy()
+
+
+def clone_keeping(head: BaseHead, name: str) -> BaseHead:
+    """scikit-learn's ``clone`` of ``head``, except that parameter ``name`` (a fitted base head, used
+    as-is like data) is shared rather than re-created unfitted. For ``__sklearn_clone__``."""
+    from sklearn.base import clone
+
+    params = head.get_params(deep=False)
+    return type(head)(**{k: v if k == name else clone(v, safe=False) for k, v in params.items()})
 
 
 def check_is_fitted(head: BaseHead, attribute: str) -> None:
     if not hasattr(head, attribute):
-        raise NotFittedError(f"this {type(head).__name__} is not fitted yet; call fit first")
+        # scikit-learn's class only when it is already in use: it is never imported here
+        error = _not_fitted_error(getattr(sys.modules.get("sklearn.exceptions"), "NotFittedError", None))
+        raise error(f"this {type(head).__name__} is not fitted yet; call fit first")
 
 
 def as_tensor(a: Any, dtype: torch.dtype, device: Any = "cpu") -> torch.Tensor:
     t = a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
     return t.to(device=device, dtype=dtype)
+
+
+def as_features(X: Any, device: Any = "cpu") -> torch.Tensor:
+    """X as float32 on ``device``: a tensor is moved/cast (no copy when it already is), array-likes
+    go through numpy (lists, memmaps, object arrays of numbers); sparse and complex input are errors."""
+    if isinstance(X, torch.Tensor):
+        if X.is_complex():
+            raise ValueError("Complex data not supported: features must be real")
+        return X.to(device=device, dtype=torch.float32)
+    if hasattr(X, "tocsr"):
+        raise TypeError("Sparse data was passed for X, but dense data is required. "
+                        "Use '.toarray()' to convert to a dense numpy array.")
+    A = np.asarray(X)
+    if A.dtype.kind == "c":
+        raise ValueError("Complex data not supported: features must be real")
+    if A.dtype != np.float32 or not A.flags.writeable:  # torch wants writeable memory; float64 -> float32
+        A = A.astype(np.float32)
+    return torch.from_numpy(A).to(device)
 
 
 def all_finite(X: torch.Tensor) -> bool:
@@ -148,25 +277,50 @@ def check_features(
     y: Any = None,
     *,
     n_features: Optional[int] = None,
-    num_classes: Optional[int] = None,
+    classes: Optional[np.ndarray] = None,
     device: Any = "cpu",
+    min_samples: int = 0,
+    expecting: str = "the classifier",
 ):
-    """Validate and convert: X to float32 (N, D), y to int64 (N,); returns X or (X, y)."""
-    X = as_tensor(X, torch.float32, device)
+    """Validate and convert: X to float32 (N, D), y to int64 (N,) indices into ``classes`` (a head's
+    ``classes_``, e.g. arange(C)); returns X or (X, y).
+
+    ``min_samples``: the fewest rows accepted (1 when fitting); ``expecting`` names what the
+    width must match in the error message.
+    """
+    X = as_features(X, device)
     if X.ndim != 2:
-        raise ValueError(f"features must be 2-D (N, D); got shape {tuple(X.shape)}")
+        raise ValueError(f"features must be 2-D (N, D); got shape {tuple(X.shape)}. Reshape your data with "
+                         "reshape(1, -1) for a single row or reshape(-1, 1) for a single feature")
+    if X.shape[0] < min_samples:
+        raise ValueError(f"Found array with {X.shape[0]} sample(s) (shape={tuple(X.shape)}) while a minimum of "
+                         f"{min_samples} is required.")
+    if X.shape[1] == 0:
+        raise ValueError(f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while a minimum of 1 is required.")
     if n_features is not None and X.shape[1] != n_features:
-        raise ValueError(f"features have {X.shape[1]} dimensions, but the head was fitted on {n_features}")
+        raise ValueError(f"X has {X.shape[1]} features, but {expecting} is expecting {n_features} features as input")
     if not all_finite(X):
         raise ValueError("features contain NaN or Inf values")
     if y is None:
         return X
-    y = as_tensor(y, torch.int64, device)
+    from .labels import index_labels
+
+    return X, check_rows(X, index_labels(y, classes, device))
+
+
+def check_fit_data(X: Any, y: Any, num_classes: Optional[int], device: Any):
+    """Train data of a head that learns its classes: ``(X float32 (N, D), y int64 indices (N,), classes_)``."""
+    from .labels import encode_labels
+
+    X = check_features(X, device=device, min_samples=1)
+    classes, y = encode_labels(y, num_classes, device)
+    return X, check_rows(X, y), classes
+
+
+def check_rows(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if y.shape != (X.shape[0],):
         raise ValueError(f"labels must have shape ({X.shape[0]},) to match the features; got {tuple(y.shape)}")
-    if num_classes is not None and len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}); got range [{int(y.min())}, {int(y.max())}]")
-    return X, y
+    return y
 
 
 def resolve_device(device: str) -> torch.device:

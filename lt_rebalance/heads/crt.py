@@ -4,12 +4,21 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
-from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_is_fitted, resolve_device
-from .training import ProgressFn, TrainHistory, flush_tiny_gradient, sgd_constraints, train_sgd_members
+from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_fit_data, resolve_device
+from .training import (
+    DEFAULT_BATCH_SIZE,
+    ProgressFn,
+    TrainHistory,
+    effective_batch_size,
+    flush_tiny_gradient,
+    sgd_constraints,
+    train_sgd_members,
+)
 
 LOSSES = ("ce", "balanced-softmax")
 CLASS_WEIGHTS = ("none", "cb")
@@ -35,7 +44,8 @@ class CRT(BaseHead):
 
     Defaults are the reference's: fresh ``nn.Linear`` initialisation, cross-entropy, SGD momentum
     0.9, weight decay 5e-4, lr 0.2, batch 512, 10 epochs (iNaturalist: 30 epochs, wd 1e-4),
-    cosine schedule, the epoch with the best val top-1 kept.
+    cosine schedule, the epoch with the best val top-1 kept. The default batch shrinks to the
+    number of train rows on a smaller set (:func:`~lt_rebalance.heads.training.effective_batch_size`).
 
     Cached-feature caveat: the reference re-trains on freshly augmented images with the backbone
     in train mode (BatchNorm statistics keep moving). On fixed features this cannot be exact; with
@@ -60,8 +70,19 @@ class CRT(BaseHead):
     ----------
     weight_ : float32 (C, D)
     bias_ : float32 (C,)
+        Row j is class ``classes_[j]``.
+    classes_ : ndarray (C,)
+        The sorted train labels, or arange(num_classes) when ``fit`` is given ``num_classes``
+        (classes without train rows keep their row).
     history_ : TrainHistory
         Per-epoch loss, lr, val top-1 and the kept epoch.
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(logits): the head's own cross-entropy model, but trained under
+    ``sampler`` (class-balanced by default), so it estimates p(class | x) for a *balanced*
+    class prior, not the train or test prior. With ``loss="balanced-softmax"`` the same holds
+    by construction. Calibrate on val with :class:`~lt_rebalance.posthoc.TemperatureScaled`.
     """
 
     _parameter_constraints = {
@@ -71,13 +92,14 @@ class CRT(BaseHead):
         "beta": [Interval(float, 0, 1, closed="neither")],
         "label_smoothing": [Interval(float, 0, 1, closed="left")],
     }
+    _state = "weight_"
 
     def __init__(
         self,
         *,
         epochs: int = 10,
         lr: float = 0.2,
-        batch_size: int = 512,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         sampler: Any = "cb",
@@ -117,12 +139,13 @@ class CRT(BaseHead):
         views: Any = None,
         num_classes: Optional[int] = None,
     ) -> CRT:
-        """Train on (X, y), float (N, D) and int (N,).
+        """Train on (X, y), float (N, D) and labels (N,); (X_val, y_val) select the best epoch.
 
         ``views``: optional (K, N, D) augmented train features (any float dtype); each step then
-        draws one of the K views per row. ``num_classes`` defaults to max(y) + 1.
+        draws one of the K views per row. ``num_classes``: the labels are ints in [0, num_classes)
+        (classes_ = arange(num_classes)); by default classes_ are the distinct labels of y.
         """
-        (self.weight_, self.bias_, self.history_), = self._fit_members(
+        self.classes_, [(self.weight_, self.bias_, self.history_)] = self._fit_members(
             X, y, X_val, y_val, views, num_classes, [(self.lr, self.weight_decay)]
         )
         self.n_features_in_ = self.weight_.shape[1]
@@ -137,20 +160,21 @@ class CRT(BaseHead):
         views: Any,
         num_classes: Optional[int],
         grid: Sequence[tuple[float, float]],
-    ) -> list[tuple[torch.Tensor, torch.Tensor, TrainHistory]]:
-        """Train one head per (lr, weight_decay) of ``grid`` in one pass: (weight, bias, history) each.
+        seeds: Optional[Sequence[int]] = None,
+    ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, TrainHistory]]]:
+        """Train one head per (lr, weight_decay) of ``grid`` in one pass: classes_ and (weight, bias, history) each.
 
         Every member starts from the same initialisation and sees the same batches and view draws
         as a lone run with this seed; the G heads form one [G·C, D] layer, so a step is one GEMM.
+        ``seeds`` (one per grid entry): member g instead has the initialisation, batches and view
+        draws of a lone run with seed ``seeds[g]``; a step is then one batched GEMM (G, B, D) x (G, D, C).
         """
         for lr, wd in grid:
             CRT(**{**self.get_params(), "lr": lr, "weight_decay": wd})._validate_params()
         device = resolve_device(self.device)
-        X, y = check_features(X, y, device=device)
+        X, y, classes = check_fit_data(X, y, num_classes, device)
         N, D = X.shape
-        C = int(num_classes if num_classes is not None else y.max().item() + 1)
-        if y.min() < 0 or y.max() >= C:
-            raise ValueError(f"labels must lie in [0, {C}); got range [{int(y.min())}, {int(y.max())}]")
+        C = len(classes)
         counts = torch.bincount(y, minlength=C).to(device)
         if views is not None:
             views = as_tensor(views, views.dtype if isinstance(views, torch.Tensor) else torch.float32, device)
@@ -158,36 +182,50 @@ class CRT(BaseHead):
                 raise ValueError(f"views must have shape (K, {N}, {D}); got {tuple(views.shape)}")
 
         G = len(grid)
-        gen = torch.Generator().manual_seed(self.seed)
-        w0, b0 = default_linear_init(C, D, gen)
-        W = w0.to(device).repeat(G, 1, 1).requires_grad_()  # (G, C, D): every member starts alike
-        b = b0.to(device).repeat(G, 1).requires_grad_()  # (G, C)
+        if seeds is not None and len(seeds) != G:
+            raise ValueError(f"{len(seeds)} seeds for {G} grid entries")
+        gens = [torch.Generator().manual_seed(s) for s in (seeds if seeds is not None else [self.seed])]
+        inits = [default_linear_init(C, D, g) for g in gens]
+        # (G, C, D) and (G, C): one initialisation repeated, or one per seed
+        W = torch.stack([w for w, _ in inits]).to(device).expand(G, -1, -1).contiguous().requires_grad_()
+        b = torch.stack([v for _, v in inits]).to(device).expand(G, -1).contiguous().requires_grad_()
         shift = torch.log(counts.float().clamp_min(1)) if self.loss == "balanced-softmax" else None
         cw = class_balanced_weights(counts, self.beta) if self.class_weights == "cb" else None
-        view_gen = torch.Generator(device=device).manual_seed(self.seed + 1) if views is not None else None
+        view_gens = [torch.Generator(device=device).manual_seed(s + 1) for s in (seeds if seeds is not None
+                                                                                  else [self.seed])]
 
         def logits(x: torch.Tensor) -> torch.Tensor:  # (n, G, C), one GEMM for all members
             return flush_tiny_gradient(torch.addmm(b.view(-1), x, W.view(G * C, D).T)).view(len(x), G, C)
 
-        def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # (G,) mean loss of each member
+        def draw(idx: torch.Tensor) -> torch.Tensor:
+            """Features of rows ``idx`` (B,) or, one row set per member, (G, B): a random stored view each."""
             if views is None:
-                xb = X[idx]
-            else:
-                v = torch.randint(0, views.shape[0], idx.shape, generator=view_gen, device=device)
-                xb = views[v, idx].float()
-            z = logits(xb)
+                return X[idx]
+            if idx.ndim == 1:
+                v = torch.randint(0, views.shape[0], idx.shape, generator=view_gens[0], device=device)
+            else:  # each member's own view stream, as in its lone run
+                v = torch.stack([torch.randint(0, views.shape[0], idx.shape[1:], generator=g, device=device)
+                                 for g in view_gens])
+            return views[v, idx].float()
+
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # (G,) mean loss of each member
+            xb = draw(idx)
+            if idx.ndim == 1:  # shared batch: z (B, G, C)
+                z, yb = logits(xb), y[idx][:, None].expand(-1, G)
+            else:  # a batch per member: one batched GEMM, z (B, G, C)
+                z = flush_tiny_gradient(torch.baddbmm(b[:, None, :], xb, W.transpose(1, 2))).transpose(0, 1)
+                yb = y[idx].T
             if shift is not None:
                 z = z + shift
-            yb = y[idx]
             loss = F.cross_entropy(
-                z.view(-1, C), yb.repeat_interleave(G), weight=cw, label_smoothing=self.label_smoothing,
+                z.reshape(-1, C), yb.reshape(-1), weight=cw, label_smoothing=self.label_smoothing,
                 reduction="none",
             ).view(-1, G)
-            return loss.sum(0) / (len(idx) if cw is None else cw[yb].sum())
+            return loss.sum(0) / (idx.shape[-1] if cw is None else cw[yb].sum(0))
 
         validate = None
         if X_val is not None:
-            Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
+            Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device)
 
             def validate() -> torch.Tensor:
                 return (logits(Xv).argmax(2) == yv[:, None]).float().mean(0)
@@ -198,19 +236,17 @@ class CRT(BaseHead):
             make_sampler(self.sampler, y.cpu(), C),
             epochs=self.epochs,
             lrs=[lr for lr, _ in grid],
-            batch_size=self.batch_size,
+            batch_size=effective_batch_size(self.batch_size, N),
             momentum=self.momentum,
             weight_decays=[wd for _, wd in grid],
             schedule=self.schedule,
-            generator=gen,
+            generator=gens[0] if seeds is None else gens,
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,
         )
-        return [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)]
+        return classes, [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)]
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C)."""
-        check_is_fitted(self, "weight_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.weight_.device)
         return torch.addmm(self.bias_, X, self.weight_.T)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import itertools
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
-from .base import BaseHead, Is, check_is_fitted
+from .base import BaseHead, Is
 from .crt import CRT
 
 _NUMBERS = Is(
@@ -40,6 +41,8 @@ class CRTGrid(BaseHead):
         Best val top-1 of each head (-inf for a head whose training diverged).
     best_index_ : int
     best_estimator_ : CRT
+    classes_ : ndarray (C,)
+        As :class:`CRT`'s.
     """
 
     _parameter_constraints = {
@@ -47,6 +50,7 @@ class CRTGrid(BaseHead):
         "lrs": [_NUMBERS],
         "weight_decays": [_NUMBERS],
     }
+    _state = "best_estimator_"
 
     def __init__(self, estimator: CRT, lrs: Sequence[float], weight_decays: Sequence[float]):
         self.estimator = estimator
@@ -74,12 +78,9 @@ class CRTGrid(BaseHead):
             raise ValueError("a cRT grid selects its head on val data: pass X_val and y_val")
         params = self.estimator.get_params()
         trainer = CRT(**params)
-        members = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
-        self.estimators_ = []
-        for (lr, wd), (W, b, hist) in zip(self.grid, members):
-            est = CRT(**{**params, "lr": lr, "weight_decay": wd})
-            est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
-            self.estimators_.append(est)
+        self.classes_, members = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
+        self.estimators_ = _fitted(params, [{"lr": lr, "weight_decay": wd} for lr, wd in self.grid],
+                                   self.classes_, members)
         self.val_scores_ = torch.tensor(
             [-float("inf") if e.history_.diverged else max(e.history_.val) for e in self.estimators_],
             dtype=torch.float64,
@@ -89,7 +90,46 @@ class CRTGrid(BaseHead):
         self.n_features_in_ = self.best_estimator_.n_features_in_
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    @property
+    def _device(self) -> torch.device:
+        return self.best_estimator_._device
+
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) of the selected head."""
-        check_is_fitted(self, "best_estimator_")
-        return self.best_estimator_.decision_function(X)
+        return self.best_estimator_._scores(X)
+
+
+def fit_seeds(
+    estimator: CRT,
+    seeds: Sequence[int],
+    X: Any,
+    y: Any,
+    X_val: Any = None,
+    y_val: Any = None,
+    *,
+    views: Any = None,
+    num_classes: Optional[int] = None,
+) -> list[CRT]:
+    """One fitted :class:`CRT` per seed (``estimator``'s other settings), trained in one pass.
+
+    Member g has the initialisation, batch stream and view draws of a lone ``CRT(seed=seeds[g])``
+    run, and equals it up to float32 rounding of the batched GEMM; each step is one
+    (G, B, D) x (G, D, C) batched GEMM for all seeds.
+    """
+    params = estimator.get_params()
+    trainer = CRT(**params)
+    trainer._validate_params()
+    grid = [(trainer.lr, trainer.weight_decay)] * len(seeds)
+    classes, members = trainer._fit_members(X, y, X_val, y_val, views, num_classes, grid, seeds=list(seeds))
+    return _fitted(params, [{"seed": seed} for seed in seeds], classes, members)
+
+
+def _fitted(params: dict, settings: Sequence[dict], classes: np.ndarray, members: Sequence[tuple]) -> list[CRT]:
+    """A fitted CRT per member: ``params`` updated by its ``settings``, with ``classes`` and its (weight, bias, history)."""
+    out = []
+    for extra, (W, b, hist) in zip(settings, members):
+        est = CRT(**{**params, **extra})
+        est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
+        est.classes_ = classes
+        out.append(est)
+    return out

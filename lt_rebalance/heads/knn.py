@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .base import BaseHead, Interval, check_features, check_is_fitted
+from .base import BaseHead, Interval, check_fit_data
 
 _FLOOR = 1e-12  # vote share given to classes without votes, so log-scores stay finite
 
@@ -40,8 +40,8 @@ class KNN(BaseHead):
     the class's train count raised to ``balance``: v_c / n_c^p (p = 0: plain DINO, p = 1: votes
     per train image). Scores are log(v_c / Σ_c' v_c'), the log of the vote shares (DINO's
     "probs" normalised), with shares floored at 1e-12 so classes without votes stay finite; the
-    argmax is DINO's prediction (ties: the smaller class index), and the softmax of the scores
-    gives the vote shares.
+    argmax is DINO's prediction (ties: the smaller class index), and ``predict_proba`` (their
+    softmax) gives the vote shares: a vote distribution, not a calibrated posterior.
 
     Computation is blocked over query rows (``query_block``) and train rows (``train_block``),
     with a running top-k merge per query block, so memory stays at query_block × train_block
@@ -63,8 +63,10 @@ class KNN(BaseHead):
     train_labels_ : int64 (N,)
     class_weights_ : float32 (C,)
         1 / n_c^p (0 for classes without train rows).
+    classes_ : ndarray (C,)
     """
 
+    _state = "train_features_"
     _parameter_constraints = {
         "k": [Interval(int, 1, None)],
         "temperature": [Interval(float, 0, None, closed="neither")],
@@ -91,25 +93,20 @@ class KNN(BaseHead):
         self.device = device
 
     def fit(self, X: Any, y: Any, num_classes: Optional[int] = None) -> KNN:
-        """Store the normalised train rows. X float (N, D), y int (N,); C defaults to max(y) + 1."""
+        """Store the normalised train rows. X float (N, D), labels (N,); ``num_classes``: the labels are
+        ints in [0, num_classes) (classes_ = arange(num_classes)), else classes_ = the distinct labels."""
         self._validate_params()
-        X, y = check_features(X, y, device=self.device)
-        if len(y) == 0:
-            raise ValueError("kNN needs at least one train row")
-        C = int(num_classes if num_classes is not None else y.max().item() + 1)
-        if y.min() < 0 or y.max() >= C:
-            raise ValueError(f"labels must lie in [0, {C}); got range [{int(y.min())}, {int(y.max())}]")
-        counts = torch.bincount(y, minlength=C).float()
+        X, y, classes = check_fit_data(X, y, num_classes, self.device)
+        counts = torch.bincount(y, minlength=len(classes)).float()
         self.class_weights_ = torch.where(counts > 0, counts.clamp_min(1).pow(-self.balance), 0.0)
         self.train_features_ = F.normalize(X, dim=1)
         self.train_labels_ = y
         self.n_features_in_ = X.shape[1]
+        self.classes_ = classes
         return self
 
-    def vote_shares(self, X: Any) -> torch.Tensor:
-        """v_c / Σ_c' v_c', float32 (N, C): each class's share of the query's weighted votes."""
-        check_is_fitted(self, "train_features_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.device)
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
+        """Log vote shares float32 (N, C), floored at 1e-12: log(v_c / Σ_c' v_c')."""
         T, labels = self.train_features_, self.train_labels_
         out = X.new_zeros(X.shape[0], len(self.class_weights_))
         for start in range(0, X.shape[0], self.query_block):
@@ -119,8 +116,4 @@ class KNN(BaseHead):
             # neither overflowing nor underflowing to all-zero votes at small T
             out[rows].scatter_add_(1, labels[idx], (sim - sim[:, :1]).div_(self.temperature).exp_())
         out.mul_(self.class_weights_)
-        return out.div_(out.sum(1, keepdim=True))
-
-    def decision_function(self, X: Any) -> torch.Tensor:
-        """Scores float32 (N, C): log of the vote shares, floored at 1e-12; argmax = kNN prediction."""
-        return self.vote_shares(X).clamp_min_(_FLOOR).log_()
+        return out.div_(out.sum(1, keepdim=True)).clamp_min_(_FLOOR).log_()

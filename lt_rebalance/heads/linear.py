@@ -3,18 +3,19 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
-from .base import ARRAY, NONE, BaseHead, as_tensor, check_features, check_is_fitted
+from .base import ARRAY, NONE, BaseHead, as_tensor
 
 
 class LinearDecision:
-    """``decision_function`` of a head whose fitted state is a linear layer ``weight_`` (C, D), ``bias_`` (C,)."""
+    """Scores of a head whose fitted state is a linear layer ``weight_`` (C, D), ``bias_`` (C,)."""
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    _state = "weight_"
+
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) = X weight_ᵀ + bias_."""
-        check_is_fitted(self, "weight_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.weight_.device)
         return torch.addmm(self.bias_, X, self.weight_.T)
 
 
@@ -30,9 +31,17 @@ class JointHead(LinearDecision, BaseHead):
     ----------
     weight_ : float32 (C, D)
     bias_ : float32 (C,) (zeros when no bias)
+    classes_ : ndarray (C,)
+        arange(C): row j of ``weight`` is class j.
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(logits) of the stage-1 model, trained on the instance-balanced
+    (long-tailed) train distribution: it carries that prior and the usual overconfidence.
     """
 
     _parameter_constraints = {"weight": [ARRAY], "bias": [ARRAY, NONE]}
+    _requires_y = False
 
     def __init__(self, weight: Any, bias: Optional[Any] = None, *, device: str = "cpu"):
         self.weight = weight
@@ -50,4 +59,5 @@ class JointHead(LinearDecision, BaseHead):
         if self.bias_.shape != (C,):
             raise ValueError(f"bias must have shape ({C},); got {tuple(self.bias_.shape)}")
         self.n_features_in_ = self.weight_.shape[1]
+        self.classes_ = np.arange(C)
         return self

@@ -19,18 +19,23 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .base import BaseHead, Interval, StrOptions, check_features, resolve_device
+from .base import BaseHead, Interval, Is, StrOptions, check_fit_data, resolve_device
 from .linear import LinearDecision
 
 CLASS_WEIGHTS = ("balanced", "none")
 PRECISIONS = ("float32", "float64")
 
 
-def sample_weights(y: torch.Tensor, num_classes: int, class_weight: str) -> torch.Tensor:
-    """sᵢ: 1, or ``class_weight="balanced"``: N / (K · n_yᵢ) with K the classes present in y (scikit-learn's)."""
+def sample_weights(y: torch.Tensor, classes: np.ndarray, class_weight: Any) -> torch.Tensor:
+    """sᵢ (float64, (N,)) for class indices y: 1 (``"none"``); ``"balanced"``: N / (K · n_yᵢ) with K the
+    classes present in y (scikit-learn's); a dict: ``class_weight[classes_[yᵢ]]`` (1 for classes it omits)."""
+    if isinstance(class_weight, dict):
+        w = torch.tensor([float(class_weight.get(c.item() if hasattr(c, "item") else c, 1.0)) for c in classes],
+                         dtype=torch.float64, device=y.device)
+        return w[y]
     if class_weight == "none":
         return torch.ones(len(y), dtype=torch.float64, device=y.device)
-    counts = torch.bincount(y, minlength=num_classes).to(torch.float64)
+    counts = torch.bincount(y, minlength=len(classes)).to(torch.float64)
     return (len(y) / (int((counts > 0).sum()) * counts))[y]
 
 
@@ -83,8 +88,9 @@ class LinearProbe(LinearDecision, BaseHead):
     ----------
     C : float, default=1.0
         Inverse regularisation strength, as in scikit-learn.
-    class_weight : {"balanced", "none"}, default="balanced"
-        "balanced": sᵢ = N / (K · n_yᵢ) (scikit-learn's ``class_weight="balanced"``).
+    class_weight : {"balanced", "none"} or dict, default="balanced"
+        "balanced": sᵢ = N / (K · n_yᵢ) (scikit-learn's ``class_weight="balanced"``); a dict
+        {class label: weight} as scikit-learn's (classes it omits weigh 1).
     max_iter : int, default=100
     tol : float, default=1e-4
         scikit-learn's: stop when max |projected gradient of f| ≤ tol.
@@ -103,13 +109,19 @@ class LinearProbe(LinearDecision, BaseHead):
         Evaluations of f and ∇f (each two GEMMs over the train rows).
     converged_ : bool
         False when ``max_iter`` was reached before the tolerance.
+    classes_ : ndarray (K,)
     objective_ : float
         f at the solution.
+
+    Notes
+    -----
+    ``predict_proba`` is the fitted multinomial model; with ``class_weight="balanced"`` it estimates
+    the posterior for a balanced prior.
     """
 
     _parameter_constraints = {
         "C": [Interval(float, 0, None, closed="neither")],
-        "class_weight": [StrOptions(set(CLASS_WEIGHTS))],
+        "class_weight": [StrOptions(set(CLASS_WEIGHTS)), Is(lambda v: isinstance(v, dict), "a dict {class: weight}")],
         "max_iter": [Interval(int, 1, None)],
         "tol": [Interval(float, 0, None)],
         "precision": [StrOptions(set(PRECISIONS))],
@@ -137,21 +149,21 @@ class LinearProbe(LinearDecision, BaseHead):
 
     def fit(self, X: Any, y: Any, num_classes: Optional[int] = None, *, init: Optional[LinearProbe] = None
             ) -> LinearProbe:
-        """Fit on X float (N, D), y int (N,); K defaults to max(y) + 1. ``init``: a fitted probe to start from."""
+        """Fit on X float (N, D), labels (N,). ``num_classes``: the labels are ints in [0, num_classes)
+        (classes_ = arange(num_classes)), else classes_ = the distinct labels. ``init``: a fitted probe
+        (same classes) to start from."""
         from scipy.optimize import minimize
 
         self._validate_params()
         device = resolve_device(self.device)
-        X, y = check_features(X, y, device=device)
-        K = int(num_classes if num_classes is not None else y.max().item() + 1)
-        if len(y) == 0 or y.min() < 0 or y.max() >= K:
-            raise ValueError(f"labels must be non-empty and lie in [0, {K})")
+        X, y, classes = check_fit_data(X, y, num_classes, device)
+        K = len(classes)
         present = int((torch.bincount(y, minlength=K) > 0).sum())
         if present < 2:
-            raise ValueError(f"logistic regression needs train rows of at least 2 classes; got {present}")
+            raise ValueError(f"logistic regression needs train rows of at least 2 classes; got {present} class")
         C = self.C / 2 if present == 2 else self.C
         dtype = torch.float64 if self.precision == "float64" else torch.float32
-        obj = _Objective(X, y, sample_weights(y, K, self.class_weight), K, C, dtype, self.chunk)
+        obj = _Objective(X, y, sample_weights(y, classes, self.class_weight), K, C, dtype, self.chunk)
         D = X.shape[1]
         theta0 = np.zeros(K * (D + 1))
         if init is not None:
@@ -165,6 +177,7 @@ class LinearProbe(LinearDecision, BaseHead):
         self.converged_ = bool(res.status == 0)  # 1: max_iter reached, 2: line search failed
         self.objective_ = float(res.fun)
         self.n_features_in_ = D
+        self.classes_ = classes
         return self
 
 
@@ -176,11 +189,10 @@ def fit_C_grid(
 
     Returns (the selected probe, one ``{"C", "val_top1", "n_iter", "converged"}`` per C in ascending order).
     """
-    Xv, yv = check_features(X_val, y_val)
     best, best_acc, rows, prev = None, -1.0, [], None
     for C in sorted(Cs):
-        head = LinearProbe(**{**probe.get_params(), "C": float(C)}).fit(X, y, num_classes, init=prev)
-        acc = (head.predict(Xv).cpu() == yv).double().mean().item()
+        head = LinearProbe(**{**probe.get_params(deep=False), "C": float(C)}).fit(X, y, num_classes, init=prev)
+        acc = head.score(X_val, y_val)
         rows.append({"C": float(C), "val_top1": acc, "n_iter": head.n_iter_, "converged": head.converged_})
         if acc > best_acc:
             best, best_acc = head, acc

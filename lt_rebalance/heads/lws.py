@@ -7,13 +7,21 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
 from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, resolve_device
 from .linear import LinearDecision
-from .training import ProgressFn, flush_tiny_gradient, sgd_constraints, train_sgd
+from .training import (
+    DEFAULT_BATCH_SIZE,
+    ProgressFn,
+    effective_batch_size,
+    flush_tiny_gradient,
+    sgd_constraints,
+    train_sgd,
+)
 
 
 class JointLogitCalibration(LinearDecision, BaseHead):
@@ -42,7 +50,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         *,
         epochs: int = 5,
         lr: float = 0.2,
-        batch_size: int = 512,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         sampler: Any = "cb",
@@ -84,7 +92,8 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         W = as_tensor(self.weight, torch.float32, device)
         C, D = W.shape
         b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device)
-        X, y = check_features(X, y, n_features=D, num_classes=C, device=device)
+        classes = np.arange(C)
+        X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
         cache = X.shape[0] * C * 4 <= self.max_cache_gb * 2**30
 
         def joint_logits(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +109,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
 
         validate = None
         if X_val is not None:
-            Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
+            Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
             with torch.no_grad():
                 Zv = joint_logits(Xv)
 
@@ -114,7 +123,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
             make_sampler(self.sampler, y.cpu(), C),
             epochs=self.epochs,
             lr=self.lr,
-            batch_size=self.batch_size,
+            batch_size=effective_batch_size(self.batch_size, X.shape[0]),
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             schedule=self.schedule,
@@ -125,6 +134,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         )
         self._fold(W, b, [p.detach() for p in params])
         self.n_features_in_ = D
+        self.classes_ = classes
         return self
 
 
@@ -143,8 +153,9 @@ class LWS(JointLogitCalibration):
     weight, bias : float (C, D), (C,) or None
         The joint classifier (frozen).
     epochs, lr, batch_size, momentum, weight_decay, sampler, schedule, seed
-        Reference defaults: 5 epochs, lr 0.2 (Places-LT: 0.1), batch 512, momentum 0.9,
-        weight decay 5e-4 on s, class-balanced sampling, cosine schedule.
+        Reference defaults: 5 epochs, lr 0.2 (Places-LT: 0.1), batch 512 (shrunk to the train
+        rows on a smaller set), momentum 0.9, weight decay 5e-4 on s, class-balanced sampling,
+        cosine schedule.
     keep_best : bool, default=True
         Keep the epoch with the best val top-1 when val data is given to ``fit``.
 
@@ -153,7 +164,15 @@ class LWS(JointLogitCalibration):
     scales_ : float32 (C,)
     weight_, bias_ : float32 (C, D), (C,)
         The folded head s·W, s·b (a plain linear layer).
+    classes_ : ndarray (C,)
+        arange(C): row j of ``weight`` is class j, and labels must be ints in [0, C).
     history_ : TrainHistory
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(s ⊙ joint logits): trained by cross-entropy under class-balanced
+    sampling, so it estimates p(class | x) for a balanced prior; only s is learnt, so it is no
+    better calibrated than the joint head. Use :class:`~lt_rebalance.posthoc.TemperatureScaled`.
     """
 
     def _init_params(self, W: torch.Tensor) -> list[torch.Tensor]:

@@ -27,7 +27,13 @@ class MARC(JointLogitCalibration):
         ‖w_j‖₂ of the joint classifier.
     weight_, bias_ : float32 (C, D), (C,)
         The folded head ω·W, ω·b + β·‖w‖ (a plain linear layer).
+    classes_ : ndarray (C,)
     history_ : TrainHistory
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(z'): trained by cross-entropy under class-balanced sampling, so it
+    estimates the posterior for a balanced prior.
 
     References
     ----------

@@ -5,7 +5,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .base import BaseHead, StrOptions, check_features, check_is_fitted
+from .base import BaseHead, StrOptions, check_fit_data
 
 NCM_VARIANTS = ("cl2n", "l2n", "un", "cos")
 
@@ -27,8 +27,17 @@ class NCM(BaseHead):
     mean_ : float32 (D,)
         Train mean subtracted by cl2n/cos (zeros otherwise).
     centroids_ : float32 (C, D)
-        Mean of each class's transformed train features (not renormalised).
+        Mean of each class's transformed train features (not renormalised), row j for ``classes_[j]``.
+    classes_ : ndarray (C,)
+        The sorted train labels, or arange(num_classes) when ``fit`` is given ``num_classes``.
     n_features_in_ : int
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(-squared distance) (``cos``: of the scaled dot product). It ranks
+    classes as ``predict`` does but is not calibrated: cl2n distances lie in [0, 4], so the
+    probabilities are nearly uniform. Fit :class:`~lt_rebalance.posthoc.TemperatureScaled` on
+    val data for usable probabilities.
 
     Examples
     --------
@@ -36,6 +45,7 @@ class NCM(BaseHead):
     """
 
     _parameter_constraints = {"variant": [StrOptions(set(NCM_VARIANTS))]}
+    _state = "centroids_"
 
     def __init__(self, variant: str = "cl2n", *, device: str = "cpu"):
         self.variant = variant
@@ -49,12 +59,15 @@ class NCM(BaseHead):
         return D, torch.linalg.vector_norm(D, dim=1, keepdim=True).clamp_min_(_EPS)
 
     def fit(self, X: Any, y: Any, num_classes: int | None = None) -> NCM:
-        """Compute the train mean and class centroids. X float (N, D), y int (N,)."""
+        """Compute the train mean and class centroids. X float (N, D), y (N,) labels.
+
+        ``num_classes``: the labels are ints in [0, num_classes) and every class needs train rows.
+        """
         self._validate_params()
-        X, y = check_features(X, y, device=self.device)
+        X, y, classes = check_fit_data(X, y, num_classes, self.device)
         self.n_features_in_ = X.shape[1]
         self.mean_ = X.mean(0) if self.variant in ("cl2n", "cos") else X.new_zeros(X.shape[1])
-        counts = torch.bincount(y, minlength=num_classes or 0)
+        counts = torch.bincount(y, minlength=len(classes))
         if (counts == 0).any():
             missing = counts.eq(0).nonzero().flatten().tolist()
             raise ValueError(f"NCM needs train rows for every class; none for classes {missing[:10]}")
@@ -62,17 +75,16 @@ class NCM(BaseHead):
         for rows in _row_chunks(X.shape[0]):  # cache-sized chunks: the transformed rows never exist at once
             Z, norms = self._centred_norms(X[rows])
             sums.index_add_(0, y[rows], Z if norms is None else Z.div_(norms))
+        self.classes_ = classes
         self.centroids_ = sums / counts[:, None]
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Scores float32 (N, C): -squared distance to each centroid (``cos``: scaled dot product).
 
         With z = d / |d| (d the centred row): z·c = (d·c) / |d|, so one GEMM of the centred rows
         with the centroids gives every score; ||z - c||^2 = ||z||^2 - 2 z·c + ||c||^2.
         """
-        check_is_fitted(self, "centroids_")
-        X = check_features(X, n_features=self.n_features_in_, device=self.device)
         C = self.centroids_
         out = X.new_empty(X.shape[0], C.shape[0])
         c_sq = C.square().sum(1)[None, :]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..metrics import accuracy_summary
@@ -14,7 +15,6 @@ from .base import (
     StrOptions,
     as_tensor,
     check_features,
-    check_is_fitted,
     chunked_matmul,
 )
 
@@ -78,7 +78,7 @@ def sweep_inputs(
     """The inputs of a one-GEMM sweep on ``weight``'s device: W float32 (C, D), X float32 (N, D)
     (checked), y int64 (N,), taus float32 (T,)."""
     W = as_tensor(weight, torch.float32, getattr(weight, "device", "cpu"))
-    X = check_features(X, n_features=W.shape[1], device=W.device)
+    X = check_features(X, n_features=W.shape[1], device=W.device, expecting="weight")
     y = as_tensor(y, torch.int64, W.device)
     return W, X, y, torch.as_tensor(list(taus), dtype=torch.float32, device=W.device)
 
@@ -162,6 +162,14 @@ class TauNorm(BaseHead):
         Accuracies per tau on the selection split (None for a fixed tau).
     weight_ : float32 (C, D)
         The normalised weight.
+    classes_ : ndarray (C,)
+        arange(C): row j of ``weight`` is class j, and labels must be ints in [0, C).
+
+    Notes
+    -----
+    ``predict_proba`` is softmax(X w̃ᵀ). Dividing the rows by ||w_j||^τ changes the logits'
+    scale with τ, so these are rankings, not calibrated probabilities (at τ = 1 they are cosine
+    similarities times ||x||). Fit :class:`~lt_rebalance.posthoc.TemperatureScaled` on val.
     """
 
     _parameter_constraints = {
@@ -169,6 +177,7 @@ class TauNorm(BaseHead):
         "tau": [NONE, Interval(float, None, None)],
         "metric": [StrOptions(set(SELECT_METRICS))],
     }
+    _state = "weight_"
 
     def __init__(
         self,
@@ -189,18 +198,20 @@ class TauNorm(BaseHead):
         """Select tau on (X, y) (the val split) unless ``tau`` is fixed; ``counts`` are train counts."""
         self._validate_params()
         W = as_tensor(self.weight, torch.float32, self.device)
+        classes = np.arange(W.shape[0])
         if self.tau is None:
             if X is None or y is None or counts is None:
                 raise ValueError("TauNorm with tau=None selects tau on data: pass X, y and counts to fit")
+            X, y = check_features(X, y, n_features=W.shape[1], classes=classes, device=W.device, expecting="weight")
             self.curve_ = tau_sweep(X, y, W, counts, self.taus)
             self.tau_ = select_tau(self.curve_, self.taus, self.metric)
         else:
             self.curve_, self.tau_ = None, float(self.tau)
         self.weight_ = tau_normalize(W, self.tau_)
         self.n_features_in_ = W.shape[1]
+        self.classes_ = classes
         return self
 
-    def decision_function(self, X: Any) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) = X w̃ᵀ (no bias)."""
-        check_is_fitted(self, "weight_")
-        return check_features(X, n_features=self.n_features_in_, device=self.device) @ self.weight_.T
+        return X @ self.weight_.T

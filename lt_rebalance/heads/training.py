@@ -18,6 +18,13 @@ import torch
 from ..samplers import SAMPLERS, BaseSampler
 
 SCHEDULES = ("cosine", "cosine-reference", "constant")
+DEFAULT_BATCH_SIZE = 512  # the reference's batch for cRT and LWS
+
+
+def effective_batch_size(batch_size: int, n_rows: int) -> int:
+    """The batch a run uses: the default (512) shrinks to ``n_rows`` on a smaller train set; any
+    other value is kept as given (the sampler rejects one larger than the data)."""
+    return min(batch_size, n_rows) if batch_size == DEFAULT_BATCH_SIZE else batch_size
 
 # progress(epoch, num_epochs, mean_loss, val_score_or_None)
 ProgressFn = Callable[[int, int, float, Optional[float]], None]
@@ -132,7 +139,7 @@ def train_sgd_members(
     momentum: float,
     weight_decays: Sequence[float],
     schedule: str,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     validate: Optional[Callable[[], torch.Tensor]] = None,
     keep_best: bool = True,
     progress: Optional[ProgressFn] = None,
@@ -146,6 +153,8 @@ def train_sgd_members(
     ``weight_decays[g]`` and momentum buffer, so its updates are those of a lone run.
     ``batch_loss(idx)`` returns the (G,) mean losses (their sum is minimised: members do not
     interact); ``validate()`` returns (G,) scores, and each member keeps its own best epoch.
+    ``generator`` may also be a sequence of G generators (members of different seeds): each member
+    then draws its own batches, and ``batch_loss`` receives (G, batch_size) indices.
     A member whose loss stops being finite is marked ``diverged`` and frozen out of the selection;
     when every member has diverged, training stops with a ValueError. ``progress`` sees the mean
     loss of the live members and their best val score. ``after_step`` as in :func:`train_sgd`.
@@ -183,7 +192,11 @@ def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weigh
         for h, lr_e in zip(hists, epoch_lrs):
             h.lr.append(lr_e)
         lr_t = torch.tensor(epoch_lrs, dtype=params[0].dtype, device=device)
-        batches = sampler.epoch(epoch, epochs, batch_size, generator).to(device, non_blocking=True)
+        if isinstance(generator, torch.Generator):
+            batches = sampler.epoch(epoch, epochs, batch_size, generator).to(device, non_blocking=True)
+        else:  # one batch stream per member: (batches, G, batch_size)
+            batches = torch.stack([sampler.epoch(epoch, epochs, batch_size, g) for g in generator], dim=1)
+            batches = batches.to(device, non_blocking=True)
         total = torch.zeros(G, device=device)
         for idx in batches:
             loss = batch_loss(idx)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -81,6 +82,8 @@ class WeightBalancing(LinearDecision, BaseHead):
         The MaxNorm radius r.
     norms_ : float32 (C,)
         ‖w_j‖ after training (each at most r).
+    classes_ : ndarray (C,)
+        arange(C): row j of ``weight`` is class j.
     history_ : TrainHistory
 
     References
@@ -139,7 +142,8 @@ class WeightBalancing(LinearDecision, BaseHead):
         W = as_tensor(self.weight, torch.float32, device).clone()
         C, D = W.shape
         b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device).clone()
-        X, y = check_features(X, y, n_features=D, num_classes=C, device=device)
+        classes = np.arange(C)
+        X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
         cw = class_balanced_weights(torch.bincount(y, minlength=C), self.beta)
         radius = max_norm_radius(W, self.thresh)
         W.requires_grad_()
@@ -150,7 +154,7 @@ class WeightBalancing(LinearDecision, BaseHead):
 
         validate = None
         if X_val is not None:
-            Xv, yv = check_features(X_val, y_val, n_features=D, num_classes=C, device=device)
+            Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
 
             def validate() -> float:
                 return (torch.addmm(b, Xv, W.T).argmax(1) == yv).float().mean().item()
@@ -175,4 +179,5 @@ class WeightBalancing(LinearDecision, BaseHead):
         self.radius_ = radius.item()
         self.norms_ = torch.linalg.vector_norm(self.weight_, dim=1)
         self.n_features_in_ = D
+        self.classes_ = classes
         return self

@@ -1,0 +1,167 @@
+"""--test-priors, --bootstrap, --seeds and several --features on the command line (issue 14).
+
+Numbers are checked against numpy re-computations from the arrays written into the file.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_protocols import notebook_mask, notebook_shift_counts
+
+from lt_rebalance.cli import main
+from lt_rebalance.store import write_features
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+C, D = 6, 8
+COUNTS = np.array([120, 80, 40, 25, 12, 6])
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(C, D)) * 1.5
+
+    def draw(per_class):
+        y = np.repeat(np.arange(C), per_class)
+        p = rng.permutation(len(y))
+        return (means[y] + rng.normal(size=(len(y), D)))[p].astype(np.float32), y[p]
+
+    a = {}
+    for split, n in (("train", COUNTS), ("val", np.full(C, 6)), ("test", np.array([12, 11, 10, 10, 9, 9]))):
+        a[f"x_{split}"], a[f"y_{split}"] = draw(n)
+    a["weight"] = (means * (0.5 + COUNTS[:, None] / 100)).astype(np.float32)
+    a["bias"] = (0.1 * np.log(COUNTS)).astype(np.float32)
+    return a
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("protocol_files")
+    a, b = _arrays(0), _arrays(1)
+    paths = {"a": root / "a.h5", "b": root / "b.h5", "other": root / "other.h5"}
+    for name, arr in (("a", a), ("b", b)):
+        write_features(paths[name], {s: (arr[f"x_{s}"], arr[f"y_{s}"]) for s in ("train", "val", "test")},
+                       weight=arr["weight"], bias=arr["bias"])
+    y_other = np.concatenate([a["y_train"], [0]])  # one more train row of class 0
+    x_other = np.concatenate([a["x_train"], a["x_train"][:1]])
+    write_features(paths["other"], {"train": (x_other, y_other), "val": (a["x_val"], a["y_val"]),
+                                    "test": (a["x_test"], a["y_test"])}, weight=a["weight"], bias=a["bias"])
+    return {k: str(v) for k, v in paths.items()}, a
+
+
+def run_json(args):
+    res = CliRunner().invoke(main, [*args, "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_joint_shifted_priors_match_numpy(files):
+    paths, a = files
+    doc = run_json(["joint", "-f", paths["a"], "--test-priors", "forward-10,uniform,backward-4"])
+    logits = a["x_test"].astype(np.float64) @ a["weight"].T.astype(np.float64) + a["bias"]
+    y = a["y_test"]
+    train_prior = COUNTS / COUNTS.sum()
+    for name in ("forward-10", "uniform", "backward-4"):
+        keep = notebook_shift_counts(COUNTS, np.bincount(y).min(), name)
+        mask = notebook_mask(y, keep)
+        got = doc["shifted"][name]
+        assert got["n"] == mask.sum() == keep.sum()
+        assert got["all"] == pytest.approx(np.mean(logits[mask].argmax(1) == y[mask]))
+        with np.errstate(divide="ignore"):  # a class keeping no row has target prior 0
+            fixed = (logits[mask] + np.log(keep / keep.sum()) - np.log(train_prior)).argmax(1)
+        assert doc["shifted_corrected"][name]["known_prior"]["all"] == pytest.approx(np.mean(fixed == y[mask]))
+        assert set(doc["shifted_corrected"][name]["em"]) >= {"all", "many", "medium", "few", "n", "em_iterations"}
+    assert doc["protocol"]["test_priors"] == ["forward-10", "uniform", "backward-4"]
+
+
+def test_bootstrap_ci_keys_and_containment(files):
+    paths, _ = files
+    doc = run_json(["ncm", "-f", paths["a"], "--bootstrap", "200", "--ci-level", "0.9"])
+    assert set(doc["ci"]) == {"val", "test"}
+    for split in ("val", "test"):
+        assert set(doc["ci"][split]) == {"all", "many", "medium", "few", "mean_class"}
+        lo, hi = doc["ci"][split]["all"]
+        assert lo <= doc[split]["all"] <= hi
+    again = run_json(["ncm", "-f", paths["a"], "--bootstrap", "200", "--ci-level", "0.9"])
+    assert again["ci"] == doc["ci"]  # seeded
+
+
+def test_tau_sweep_protocol_at_selected_tau(files):
+    paths, _ = files
+    doc = run_json(["tau-sweep", "-f", paths["a"], "--test-priors", "uniform", "--bootstrap", "50"])
+    # uniform keeps M rows of every class; its "all" is the plain accuracy on those rows at the selected tau
+    assert doc["shifted"]["uniform"]["n"] == 9 * C
+    assert set(doc["ci"]) == {"test"}
+    cmp = run_json(["compare", "-f", paths["a"], "--methods", "tau_norm", "--batch-size", "32",
+                    "--test-priors", "uniform"])
+    assert cmp["rows"][0]["shifted"] == doc["shifted"]
+
+
+def test_compare_several_files(files):
+    paths, _ = files
+    doc = run_json(["compare", "-f", paths["a"], "-f", paths["b"], "--methods", "joint,ncm,tau_norm",
+                    "--batch-size", "32", "--bootstrap", "100", "-q"])
+    assert doc["features"] == [paths["a"], paths["b"]]
+    assert [(r["features"], r["method"]) for r in doc["rows"]] == [
+        (p, m) for p in (paths["a"], paths["b"]) for m in ("joint", "ncm", "tau_norm")]
+    single = run_json(["compare", "-f", paths["b"], "--methods", "joint,ncm,tau_norm", "--batch-size", "32", "-q"])
+    assert single["features"] == paths["b"]
+    for r, s in zip(doc["rows"][3:], single["rows"]):
+        assert r["test"] == s["test"] and s["features"] == paths["b"]
+    # different test rows: each file's rows are compared with that file's best row
+    for part in (doc["rows"][:3], doc["rows"][3:]):
+        best = max(part, key=lambda r: r["test"]["all"])
+        assert all(r["vs_best"]["test"]["best"] == best["method"] for r in part)
+        assert all(r["vs_best"]["test"]["best_features"] == best["features"] for r in part)
+    table = CliRunner().invoke(main, ["compare", "-f", paths["a"], "-f", paths["b"], "--methods", "joint",
+                                      "--batch-size", "32", "-q"]).stdout
+    assert f"[{paths['a']}]" in table and f"[{paths['b']}]" in table
+
+
+def test_compare_refuses_files_of_other_classes(files):
+    paths, _ = files
+    res = CliRunner().invoke(main, ["compare", "-f", paths["a"], "-f", paths["other"], "--batch-size", "32"])
+    assert res.exit_code == 1
+    assert "class 0 has 121 train rows vs 120" in res.output and "Traceback" not in res.output
+
+
+def test_seeds_mean_and_std(files):
+    paths, _ = files
+    args = ["crt", "-f", paths["a"], "--epochs", "2", "--batch-size", "32", "-q"]
+    doc = run_json([*args, "--seeds", "3,4"])
+    runs = [run_json([*args, "--seed", s])["test"]["all"] for s in ("3", "4")]
+    stats = doc["over_seeds"]["test"]["all"]
+    assert doc["over_seeds"]["seeds"] == [3, 4]
+    assert stats["mean"] == pytest.approx(np.mean(runs))
+    assert stats["std"] == pytest.approx(np.std(runs, ddof=1))
+    assert doc["test"]["all"] == pytest.approx(runs[0])  # the first seed is the reported head
+
+
+@pytest.mark.parametrize("args,option", [
+    (["joint", "--test-priors", "forward-0.5"], "--test-priors"),
+    (["joint", "--test-priors", "left-3"], "--test-priors"),
+    (["joint", "--bootstrap", "-1"], "--bootstrap"),
+    (["joint", "--ci-level", "1.5"], "--ci-level"),
+    (["crt", "--seeds", "a,b"], "--seeds"),
+    (["lws", "--seeds", "1,1"], "--seeds"),
+])
+def test_protocol_usage_errors(files, args, option):
+    paths, _ = files
+    res = CliRunner().invoke(main, [args[0], "-f", paths["a"], *args[1:]])
+    assert res.exit_code == 2 and option in res.output, res.output
+
+
+def test_each_file_is_read_once(files, monkeypatch):
+    from lt_rebalance.store import FeatureStore
+
+    paths, _ = files
+    reads = []
+    load, head = FeatureStore.load, FeatureStore.head
+    monkeypatch.setattr(FeatureStore, "load", lambda self, split, *a, **k: reads.append((self.path, split))
+                        or load(self, split, *a, **k))
+    monkeypatch.setattr(FeatureStore, "head", lambda self: reads.append((self.path, "head")) or head(self))
+    run_json(["compare", "-f", paths["a"], "-f", paths["b"], "--methods", "joint,crt,tau_norm,lws",
+              "--crt-epochs", "1", "--lws-epochs", "1", "--batch-size", "32", "--seeds", "0,1", "-q"])
+    assert len(reads) == len(set(reads)) == 2 * 4  # train, val, test and the head of each file, once
