@@ -20,7 +20,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 COUNTS_FILE = REPO.parent / "shared" / "data" / "class_counts.json"
-DATA_VERSION = 1  # bump when the generator changes (invalidates cached files)
+DATA_VERSION = 2  # bump when the generator changes (invalidates cached files); 2: files carry checksums
 
 
 @dataclass(frozen=True)

@@ -324,6 +324,66 @@ def store_read_op(b: Bench) -> Result:
     )
 
 
+def checksum_write_op(b: Bench) -> Result:
+    """Writing the train split through the store (finite check + SHA-256 as written) vs bare h5py."""
+    import h5py
+
+    from lt_rebalance.store import write_features
+
+    X, y = b.store.features("train").numpy().astype(b.store.splits["train"].dtype), b.store.labels("train").numpy()
+    tmp = Path(tempfile.mkdtemp(dir=b.workdir))
+
+    def op():
+        out = tmp / "w.h5"
+        out.unlink(missing_ok=True)
+        write_features(out, {"train": (X, y)}, dtype=str(X.dtype))
+
+    def floor():
+        out = tmp / "bare.h5"
+        out.unlink(missing_ok=True)
+        with h5py.File(out, "w") as f:
+            f.create_dataset("features", data=X)
+            f.create_dataset("labels", data=y)
+
+    try:
+        return b.time(
+            "checksum_write", f"write_features of train ({X.shape[0]} x {X.shape[1]} {X.dtype}) with checksums",
+            op, floor, floor="bare h5py create_dataset", kind="time", goal=3.0,
+            note="page cache; op adds the finite check, the SHA-256 of every dataset and the atomic rename",
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checksum_verify_op(b: Bench) -> Result:
+    """``ltr check``'s checksum pass over the whole file vs reading every dataset and hashing its bytes."""
+    import hashlib
+
+    import h5py
+
+    from lt_rebalance.integrity import verify_checksums
+
+    def op():
+        with h5py.File(b.path, "r") as f:
+            report = verify_checksums(f)
+        if report.mismatched or not report.verified:
+            raise RuntimeError(f"checksums of {b.path}: {report}")
+
+    def floor():
+        with h5py.File(b.path, "r") as f:
+            found = []
+            f.visititems(lambda _, o: found.append(o) if isinstance(o, h5py.Dataset) and o.dtype.kind != "O" else None)
+            for ds in found:
+                hashlib.sha256(memoryview(np.ascontiguousarray(ds[...])).cast("B")).hexdigest()
+
+    size = sum(i.capacity * b.store.dim * (2 if i.dtype == "float16" else 4) for i in b.store.splits.values())
+    return b.time(
+        "checksum_verify", f"verify every recorded SHA-256 ({size / 2**20:.0f} MiB of features)", op, floor,
+        floor="bare h5py ds[...] + hashlib.sha256 of each dataset", kind="time", goal=1.3,
+        note="page cache; the normal read path hashes nothing (store_read)",
+    )
+
+
 # -- extraction -----------------------------------------------------------------------------------
 def extraction_op(b: Bench, images: Optional[int] = None, size: Optional[int] = None) -> Result:
     import torch
@@ -443,6 +503,8 @@ OPERATIONS: dict[str, Callable[[Bench], Result]] = {
     "marc": marc_op,
     "wb_epoch": wb_epoch_op,
     "store_read": store_read_op,
+    "checksum_write": checksum_write_op,
+    "checksum_verify": checksum_verify_op,
     "extraction": extraction_op,
     "startup": startup_op,
     "bootstrap": bootstrap_op,

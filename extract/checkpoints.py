@@ -93,14 +93,18 @@ def check_state_dict(sd: Mapping[str, Any], model: nn.Module) -> None:
 
 def read_checkpoint(path: str | os.PathLike, head_prefix: str = "fc") -> tuple[dict, Optional[Tensor]]:
     """``torch.load`` of ``path`` (weights only) -> (flat state dict, LWS scales or None); ValueError if unreadable."""
-    import pickle
-
     import torch
 
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"cannot read checkpoint {path}: the file is empty; give the .pth file saved by training")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, not a torch file: all unreadable
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first} (a truncated or damaged "
+                         "file, or not a torch checkpoint); give the .pth file saved by training") from None
     return to_state_dict(obj, head_prefix)
 
 

@@ -104,7 +104,7 @@ def merge_shards(shards: list[Path], out: Path, offsets: dict[str, np.ndarray], 
                 dst.attrs["view_rows"] = np.full(views, total, dtype=np.int64)
             w.mark_complete(name)
         w.close()
-        FeatureStore(partial)
+        FeatureStore(partial).close()
         publish(partial, out, overwrite)
     for p in shards:
         p.unlink()

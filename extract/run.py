@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from lt_rebalance.outputs import (
     WriteInterrupted,
@@ -26,7 +27,7 @@ from lt_rebalance.outputs import (
     quietly,
     write_failure,
 )
-from lt_rebalance.store import FeatureFileWriter, FeatureStore
+from lt_rebalance.store import FeatureFileWriter, FeatureStore, NonFiniteFeaturesError
 
 from .datasets import ImageSource, TransformConfig, eval_transform, train_transform
 from .output import (
@@ -101,7 +102,7 @@ class _Items:
         label = int(self.source.labels[i])
         try:
             img = self.source.load(i)
-        except (OSError, ValueError, SyntaxError):  # missing, truncated, not an image
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # missing, truncated, not an image
             return torch.zeros(3, self.size, self.size), label, i, False
         if self.seed is None:
             return self.transform(img), label, i, True
@@ -213,7 +214,8 @@ class _Runner:
                     f = self.features_fn(x)
             else:
                 f = self.features_fn(x.to(self.device))
-            return f.to(getattr(torch, self.cfg.dtype)).cpu()
+            # cast to the stored dtype by the writer, which refuses rows beyond its range (float16: 65,504)
+            return f.cpu()
 
     def _batches(self, source: ImageSource, indices: np.ndarray, view: Optional[int]):
         from torch.utils.data import DataLoader
@@ -337,8 +339,12 @@ def extract_features(
                 except BaseException:
                     quietly(partial.unlink)
                     raise
-            rows, bad = _extract_into(runner, partial, sources)
-            FeatureStore(partial)  # validate before publishing
+            try:
+                rows, bad = _extract_into(runner, partial, sources)
+            except NonFiniteFeaturesError as e:  # the same settings can never finish this file
+                quietly(partial.unlink)
+                raise NonFiniteFeaturesError(f"{e}; nothing was published ({partial.name} removed)") from None
+            FeatureStore(partial).close()  # validate before publishing
             _publish(partial, out, cfg.overwrite)
     except WriteInterrupted:
         raise

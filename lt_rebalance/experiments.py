@@ -110,6 +110,10 @@ class Context:
             raise ValueError(f"{self.store.path} has no 'train' split, which this method trains on")
         return self.load("train")
 
+    def has_rows(self, split: str) -> bool:
+        """Whether the file has ``split`` with at least one row."""
+        return split in self.store.splits and self.store.splits[split].rows > 0
+
     def val(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         return self.load("val") if "val" in self.store.splits else (None, None)
 
@@ -206,6 +210,9 @@ def _sweep_report(
     for s in (select_on, eval_split):
         if s is not None and s not in ctx.store.splits:
             raise ValueError(f"{ctx.store.path} has no split {s!r}; available: {', '.join(ctx.store.splits)}")
+    if select_on is not None and not ctx.has_rows(select_on):
+        raise ValueError(f"split {select_on!r} of {ctx.store.path} has no rows, so tau cannot be selected on it; "
+                         "pass --select-on test (reported as such) or --select-on none (curves only)")
     if eval_split not in curve_splits:
         curve_splits.append(eval_split)
     curves = {}
@@ -408,8 +415,8 @@ def run_linear_probe(
 
 def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
     """tau-norm with tau selected on val (as in ``compare``), reported on every eval split."""
-    if "val" not in ctx.store.splits:
-        raise ValueError("tau-norm needs a 'val' split to select tau on (see `ltr tau-sweep --select-on`)")
+    if not ctx.has_rows("val"):
+        raise ValueError("tau-norm needs a 'val' split with rows to select tau on (see `ltr tau-sweep --select-on`)")
     W, _ = ctx.head()
     Xv, yv = ctx.load("val")
     head = TauNorm(W).fit(Xv, yv, ctx.counts)
@@ -418,8 +425,9 @@ def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
 
 def run_logit_adjust_selected(ctx: Context) -> tuple[dict, LogitAdjustment]:
     """Logit adjustment of the stored classifier, tau selected on val (as in ``compare``)."""
-    if "val" not in ctx.store.splits:
-        raise ValueError("logit adjustment needs a 'val' split to select tau on (see `ltr logit-adjust --select-on`)")
+    if not ctx.has_rows("val"):
+        raise ValueError("logit adjustment needs a 'val' split with rows to select tau on "
+                         "(see `ltr logit-adjust --select-on`)")
     head = LogitAdjustment(_joint_head(ctx), ctx.counts).fit(*ctx.load("val"))
     return {"method": "logit_adjust", "selected_tau": head.tau_, "selected_on": "val", **ctx.report(head)}, head
 
@@ -444,7 +452,7 @@ METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
     "knn": (run_knn, False),
     "linear_probe": (run_linear_probe, False),
 }
-SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val split
+SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val rows
 TRAINED = ("crt", "lws", "marc", "wb")  # runners that take ``log`` (per-epoch progress) and a seed
 # run by ``compare`` only when named: each costs more than the rest of the study on ImageNet-LT-sized
 # files on a CPU (kNN: one eval x train similarity GEMM; the probe: up to max_iter passes of two GEMMs)
@@ -550,7 +558,7 @@ def compare(
             else:
                 row, head = runner(replace(ctx, seed=seeds[0]) if seeds and name in TRAINED else ctx, **kwargs)
         except ValueError as e:
-            if name in SELECTED_ON_VAL and "val" not in ctx.store.splits:
+            if name in SELECTED_ON_VAL and not ctx.has_rows("val"):
                 skipped.append({"method": name, "reason": str(e)})
                 continue
             raise

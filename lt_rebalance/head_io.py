@@ -42,8 +42,54 @@ def save_head(path: str | os.PathLike, state: dict, overwrite: bool = False) -> 
     return atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite)
 
 
+RESAVE_HINT = "save it again with `ltr crt|lws|ncm --save`"
+# tensors of each kind of head: name -> shape in terms of (C, D)
+_TENSORS = {"linear": {"weight": ("C", "D"), "bias": ("C",)}, "ncm": {"mean": ("D",), "centroids": ("C", "D")}}
+
+
+def check_head_state(state: dict, path: str | os.PathLike) -> None:
+    """ValueError unless ``state`` is a complete head: its metadata, tensor types, shapes (against its own
+    ``num_classes`` and ``dim``) and finite values."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{path}: {problem}; {RESAVE_HINT}")
+
+    sizes = {}
+    for key, letter in (("num_classes", "C"), ("dim", "D")):
+        v = state.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(f"{key} is {v!r}, expected a positive integer")
+        sizes[letter] = v
+    if not isinstance(state.get("method"), str):
+        raise bad(f"method is {state.get('method')!r}, expected a name")
+    kind = "linear" if "weight" in state else "ncm" if "centroids" in state else None
+    if kind is None:
+        raise bad("it holds neither a weight matrix (a linear head) nor centroids (an NCM head)")
+    for key, dims in _TENSORS[kind].items():
+        t = state.get(key)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise bad(f"{key} is {'missing' if t is None else type(t).__name__}, expected a float tensor "
+                      f"of shape ({', '.join(dims)})")
+        expected = tuple(sizes[d] for d in dims)
+        if tuple(t.shape) != expected:
+            raise bad(f"{key} has shape {tuple(t.shape)}, but the head says {' x '.join(dims)} = {expected}")
+        if not torch.isfinite(t).all():
+            raise bad(f"{key} has {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
+    if kind == "ncm" and not isinstance(state.get("variant"), str):
+        raise bad(f"an NCM head needs a variant name, got {state.get('variant')!r}")
+
+
+def check_head_fits(state: dict, path: str | os.PathLike, store: Any) -> None:
+    """ValueError unless the head has the feature file's class count and feature dimension."""
+    if (state["num_classes"], state["dim"]) != (store.num_classes, store.dim):
+        raise ValueError(
+            f"{path} has {state['num_classes']} classes x {state['dim']} dims, but {store.path} has "
+            f"{store.num_classes} x {store.dim}; give the head fitted on this feature file"
+        )
+
+
 def load_head(path: str | os.PathLike) -> dict:
-    """Read a head saved by :func:`save_head`; a clear ValueError for anything else."""
+    """Read a head saved by :func:`save_head`, checked by :func:`check_head_state`; a clear ValueError
+    for anything else."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such head file")
@@ -54,4 +100,5 @@ def load_head(path: str | os.PathLike) -> dict:
                          "`ltr crt --save` writes one") from None
     if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
         raise ValueError(f"{path}: not a head file saved by lt-rebalance (`ltr crt --save` writes one)")
+    check_head_state(state, path)
     return state

@@ -64,7 +64,8 @@ def accuracy_summary(pred: torch.Tensor, labels: torch.Tensor, counts: Any, **th
     labels = _tensor(labels, torch.int64).to(pred.device)
     num_classes = len(counts)
     out = group_accuracies(per_class_accuracy(pred, labels, num_classes), counts, **thresholds)
-    all_ = (pred == labels).to(torch.float64).mean(dim=-1) if len(labels) else torch.tensor(float("nan"))
+    all_ = ((pred == labels).to(torch.float64).mean(dim=-1) if len(labels)
+            else torch.full(pred.shape[:-1], float("nan"), dtype=torch.float64, device=pred.device))
     out["all"] = all_.item() if all_.ndim == 0 else all_
     return out
 

@@ -183,6 +183,34 @@ def plot_per_class(ctx: Context, out: str | os.PathLike, methods: Sequence[str],
     return _save(per_class_figure(ctx, heads, split), out, overwrite)
 
 
+RESULTS_SHAPE = ('{"rows": [{"method": str, <split>: {"many", "medium", "few", "all": number or null}}], '
+                 '"eval_splits": [str]}')
+
+
+def _compare_rows(result: Any, split: Optional[str]) -> tuple[str, list[str], list[dict]]:
+    """(split, eval splits, rows evaluated on the split) of a results document; ValueError for another shape."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"the results are not what `ltr compare --out` writes ({problem}; expected {RESULTS_SHAPE}); "
+                          "write one with `ltr compare --out results.json`")
+
+    if not isinstance(result, dict):
+        raise bad(f"the document is a {type(result).__name__}")
+    splits, rows = result.get("eval_splits") or [], result.get("rows", [])
+    if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+        raise bad("eval_splits is not a list of split names")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise bad("rows is not a list of objects")
+    split = split or ("test" if "test" in splits else (splits or ["test"])[-1])
+    rows = [r for r in rows if r.get(split)]
+    for r in rows:
+        m = r[split]
+        if not isinstance(r.get("method"), str) or not isinstance(m, dict) or not all(
+                m.get(g) is None or (isinstance(m[g], (int, float)) and not isinstance(m[g], bool))
+                for g in (*GROUPS, "all")):
+            raise bad(f"row {r.get('method')!r} has no method name or no numbers under {split!r}")
+    return split, splits, rows
+
+
 def plot_compare(result: dict, out: str | os.PathLike, split: Optional[str] = None, overwrite: bool = False) -> Path:
     """:func:`compare_figure` written to ``out``."""
     return _save(compare_figure(result, split), out, overwrite)
@@ -190,9 +218,7 @@ def plot_compare(result: dict, out: str | os.PathLike, split: Optional[str] = No
 
 def compare_figure(result: dict, split: Optional[str] = None) -> Figure:
     """Grouped bars: many / medium / few / all accuracy per method (``ltr compare --out`` or demo results)."""
-    splits = result.get("eval_splits") or []
-    split = split or ("test" if "test" in splits else (splits or ["test"])[-1])
-    rows = [r for r in result.get("rows", []) if r.get(split)]
+    split, splits, rows = _compare_rows(result, split)
     if not rows:
         raise ValueError(f"the results hold no method evaluated on {split!r} (splits: {', '.join(splits) or 'none'})")
     groups = (*GROUPS, "all")

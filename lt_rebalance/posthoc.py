@@ -89,6 +89,9 @@ def logit_adjust_sweep(
     W, X, y, taus_t = sweep_inputs(X, y, weight, taus)
     b = torch.zeros(W.shape[0], device=W.device) if bias is None else as_tensor(bias, torch.float32, W.device)
     offsets = b[None, :] - taus_t[:, None] * log_prior(counts).to(W.device)[None, :]  # (T, C)
+    if not torch.isfinite(offsets).all():
+        limit = torch.finfo(torch.float32).max / 2 / float(log_prior(counts).abs().max().clamp_min(1))
+        raise ValueError(f"tau * log prior overflows float32 for some tau; use --taus within |tau| <= {limit:.3g}")
     return accuracy_summary(_offset_argmax(X, W, offsets, chunk), y, counts, **thresholds)
 
 

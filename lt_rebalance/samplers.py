@@ -23,10 +23,14 @@ import torch
 
 
 def class_probabilities(counts: Any, q: float) -> torch.Tensor:
-    """p_j ∝ n_j^q over classes (float64, sums to 1); classes with n_j = 0 get 0."""
+    """p_j ∝ n_j^q over classes (float64, sums to 1); classes with n_j = 0 get 0.
+
+    Computed in log space (a softmax of q log n_j), so any finite q works: n^q of a 1,280-image class
+    overflows float64 from q ≈ 100, and large q then concentrates on the largest classes, as it should.
+    """
     n = torch.as_tensor(counts, dtype=torch.float64)
-    w = torch.where(n > 0, n.pow(q), torch.zeros_like(n))
-    return w / w.sum()
+    logw = torch.where(n > 0, q * n.clamp_min(1).log(), torch.full_like(n, -torch.inf))
+    return torch.softmax(logw, 0)
 
 
 def progressive_probabilities(counts: Any, epoch: int, num_epochs: int) -> torch.Tensor:

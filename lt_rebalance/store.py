@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
 
 import h5py
 import numpy as np
 
+from .integrity import StreamDigest, record_checksums
 from .outputs import atomic_output, atomic_write, check_interrupt  # noqa: F401 (atomic_output: public API)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,6 +28,9 @@ FEATURE_DTYPES = ("float16", "float32")
 
 PathLike = Union[str, os.PathLike]
 
+
+# what h5py raises on damaged metadata or data (e.g. RuntimeError: unable to offset into local heap)
+DAMAGE_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
 
 REMAKE_HINT = "re-create it with `ltr extract` or `ltr import` (`ltr check` lists every problem)"
 
@@ -41,6 +46,10 @@ class FeatureFileError(ValueError):
         super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else ""))
 
 
+class NonFiniteFeaturesError(ValueError):
+    """Features that are NaN/Inf once stored (NaN input, or values beyond the stored dtype's range)."""
+
+
 @dataclass(frozen=True)
 class SplitInfo:
     """What a split holds, read from metadata only (no feature reads)."""
@@ -52,10 +61,16 @@ class SplitInfo:
     dtype: str
     views: int  # K augmented views (0 when absent)
     has_paths: bool
+    view_rows: tuple[int, ...] = ()  # rows written of each view (all rows when not recorded)
 
 
 def _str_attr(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar attribute as the Python value (np.int64 -> int, np.bool_ -> bool)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _to_numpy(a: Any, dtype: Optional[str] = None) -> np.ndarray:
@@ -67,6 +82,9 @@ def _to_numpy(a: Any, dtype: Optional[str] = None) -> np.ndarray:
 
 class FeatureStore:
     """Read-only view of a feature file, validated on opening.
+
+    The file stays open (one HDF5 handle, bound to the file's inode) until :meth:`close`, so every
+    read of a run comes from the same file even if the path is replaced meanwhile.
 
     Parameters
     ----------
@@ -105,18 +123,42 @@ class FeatureStore:
             raise FeatureFileError(path, f"cannot be read ({e.strerror or e})", "check the file's permissions") from None
         if not is_hdf5:
             raise FeatureFileError(path, "not an HDF5 file (create one with `ltr extract` or `ltr import`)")
+        self.file: Optional[h5py.File] = None
         try:
-            with h5py.File(self.path, "r") as f:
-                self._read_metadata(f)
-        except FeatureFileError:
-            raise
-        except OSError as e:
-            if "unable to lock file" in str(e):  # HDF5's lock: another process has it open for writing
+            self.file = h5py.File(self.path, "r")
+            self._read_metadata(self.file)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, FeatureFileError) or not isinstance(e, DAMAGE_ERRORS):
+                raise
+            if isinstance(e, OSError) and "unable to lock file" in str(e):  # HDF5's lock: open for writing
                 raise FeatureFileError(path, "being written by another process (it holds the HDF5 file lock)",
                                        "wait until that process has finished, then retry") from None
             raise FeatureFileError(path, f"damaged or truncated HDF5 file ({e})", REMAKE_HINT) from None
-        except (KeyError, ValueError, TypeError) as e:
-            raise FeatureFileError(path, f"damaged or truncated HDF5 file ({e})", REMAKE_HINT) from None
+
+    def close(self) -> None:
+        """Close the file (reads fail afterwards)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[h5py.File]:
+        """The open file; HDF5 errors while reading (damaged metadata or data) become FeatureFileError."""
+        if self.file is None:
+            raise self._fail("is closed")
+        try:
+            yield self.file
+        except FeatureFileError:
+            raise
+        except DAMAGE_ERRORS as e:
+            raise self._damaged(f"damaged HDF5 file, reading failed ({e})") from None
 
     # -- validation -----------------------------------------------------------------------------
     def _fail(self, problem: str) -> FeatureFileError:
@@ -187,14 +229,13 @@ class FeatureStore:
         if str(feats.dtype) not in FEATURE_DTYPES:
             raise self._damaged(f"{where}/features has dtype {feats.dtype}, expected float16 or float32")
         capacity = feats.shape[0]
+        if feats.shape[1] == 0:
+            raise self._damaged(f"{where}/features has shape {feats.shape}: no feature columns (D = 0)")
         if labels.shape != (capacity,):
             raise self._damaged(
                 f"{where}: features have {capacity} rows but labels have shape {labels.shape} (length mismatch)"
             )
-        rows = int(g.attrs.get("rows", capacity))
-        complete = bool(g.attrs.get("complete", True))
-        if not 0 <= rows <= capacity:
-            raise self._damaged(f"{where}: attribute rows={rows} outside [0, {capacity}]")
+        rows, complete = self._split_attrs(where, g, capacity)
         if not complete and not self.allow_incomplete:
             raise self._fail(
                 f"split {name!r} is incomplete ({rows}/{capacity} rows written); finish it with "
@@ -206,13 +247,42 @@ class FeatureStore:
             raise self._damaged(
                 f"{where}/labels has {len(bad)} value(s) outside [0, {self.num_classes}) (e.g. {int(bad[0])})"
             )
-        views = 0
+        views, view_rows = 0, ()
         if "views" in g:
             vshape = g["views"].shape
             if len(vshape) != 3 or vshape[1:] != feats.shape:
                 raise self._damaged(f"{where}/views has shape {vshape}, expected [K, {capacity}, {feats.shape[1]}]")
             views = vshape[0]
-        return SplitInfo(name, rows, capacity, complete, str(feats.dtype), views, "paths" in g)
+            view_rows = self._view_rows(where, g, views, capacity, complete)
+        return SplitInfo(name, rows, capacity, complete, str(feats.dtype), views, "paths" in g, view_rows)
+
+    def _split_attrs(self, where: str, g: h5py.Group, capacity: int) -> tuple[int, bool]:
+        """``rows`` and ``complete`` of a split, checked against each other, their types and ``capacity``."""
+        rows, complete = (_plain(g.attrs.get(k, default)) for k, default in (("rows", capacity), ("complete", True)))
+        if isinstance(rows, bool) or not isinstance(rows, int):
+            raise self._damaged(f"{where}: attribute rows={rows!r} is a {type(rows).__name__}, expected an integer")
+        if not isinstance(complete, bool):
+            raise self._damaged(
+                f"{where}: attribute complete={complete!r} is a {type(complete).__name__}, expected a boolean"
+            )
+        rows, complete = int(rows), bool(complete)
+        if not 0 <= rows <= capacity:
+            raise self._damaged(f"{where}: attribute rows={rows} outside [0, {capacity}]")
+        if complete and rows != capacity:
+            raise self._damaged(f"{where}: marked complete but attribute rows={rows} of {capacity} rows")
+        return rows, complete
+
+    def _view_rows(self, where: str, g: h5py.Group, views: int, capacity: int, complete: bool) -> tuple[int, ...]:
+        """``view_rows`` (rows written of each view), checked like ``rows``; all rows when not recorded."""
+        if "view_rows" not in g.attrs:
+            return (capacity,) * views
+        vr = np.asarray(g.attrs["view_rows"])
+        if vr.shape != (views,) or not np.issubdtype(vr.dtype, np.integer):
+            raise self._damaged(f"{where}: attribute view_rows={vr.tolist()!r} is not {views} integers (one per view)")
+        if ((vr < 0) | (vr > capacity)).any() or (complete and (vr != capacity).any()):
+            state = "marked complete but " if complete else ""
+            raise self._damaged(f"{where}: {state}attribute view_rows={vr.tolist()} for {capacity} rows")
+        return tuple(int(r) for r in vr)
 
     # -- reading --------------------------------------------------------------------------------
     def _split(self, split: str) -> SplitInfo:
@@ -223,7 +293,7 @@ class FeatureStore:
     def features(self, split: str) -> torch.Tensor:
         """Features of ``split`` as float32, shape (N, D) (float16 on disk is upcast)."""
         info = self._split(split)
-        with h5py.File(self.path, "r") as f:
+        with self._reading() as f:
             return _read_rows_float32(f[f"splits/{split}/features"], info.rows)
 
     def labels(self, split: str) -> torch.Tensor:
@@ -231,7 +301,7 @@ class FeatureStore:
         import torch
 
         info = self._split(split)
-        with h5py.File(self.path, "r") as f:
+        with self._reading() as f:
             return torch.from_numpy(np.asarray(f[f"splits/{split}/labels"][: info.rows], dtype=np.int64))
 
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +321,15 @@ class FeatureStore:
         k = info.views if k is None else k
         if not 1 <= k <= info.views:
             raise self._fail(f"asked for {k} views of split {split!r}, but only {info.views} are stored")
-        with h5py.File(self.path, "r") as f:
+        short = [v for v in range(k) if info.view_rows[v] < info.rows]
+        if short:
+            full = sum(r >= info.rows for r in info.view_rows)
+            use = f"use the {full} fully written view(s) (--views {full})" if full else "train without --views"
+            raise self._fail(
+                f"split {split!r}: augmented view(s) {short} have fewer rows written than the split's {info.rows} "
+                f"(view rows {list(info.view_rows)}); finish the file with `ltr extract --resume`, or {use}"
+            )
+        with self._reading() as f:
             arr = f[f"splits/{split}/views"][:k, : info.rows]
         t = torch.from_numpy(arr)
         return t if dtype == "stored" else t.to(getattr(torch, dtype))
@@ -260,7 +338,7 @@ class FeatureStore:
         info = self._split(split)
         if not info.has_paths:
             return None
-        with h5py.File(self.path, "r") as f:
+        with self._reading() as f:
             return [_str_attr(p) for p in f[f"splits/{split}/paths"][: info.rows]]
 
     def head(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -272,7 +350,7 @@ class FeatureStore:
                 "has no stored classifier (/head/weight); methods that need one (joint, tau-sweep, lws) "
                 "cannot run, while ncm and crt work without it"
             )
-        with h5py.File(self.path, "r") as f:
+        with self._reading() as f:
             w = torch.from_numpy(np.asarray(f["head/weight"][...], dtype=np.float32))
             b = torch.from_numpy(np.asarray(f["head/bias"][...], dtype=np.float32)) if self.has_bias else None
         return w, b
@@ -330,13 +408,22 @@ class FeatureFileWriter:
     """Incremental writer of a feature file: create splits, append row batches, mark complete.
 
     Every append writes the rows, flushes, then bumps the split's ``rows`` attribute, so a process
-    killed at any point leaves a file whose ``rows`` counts only rows that are on disk.
+    killed at any point leaves a file whose ``rows`` counts only rows that are on disk. Rows that
+    would not be finite once stored (NaN/Inf, or beyond float16's range) are refused before they are
+    written (:class:`NonFiniteFeaturesError`). Checksums (:mod:`lt_rebalance.integrity`) are recorded
+    for ``/classes`` and ``/head`` when written and for a split's datasets by :meth:`mark_complete`;
+    rows appended in order are hashed as they are written, anything else is hashed from disk then.
 
     Use :meth:`create` for a new file and :meth:`open_existing` to resume one.
     """
 
     def __init__(self, file: h5py.File):
         self.file = file
+        self._digests: dict[str, StreamDigest] = {}  # dataset name -> digest of the rows written in order
+
+    def _feed(self, ds: h5py.Dataset, position: int, values: Any) -> None:
+        if ds.name in self._digests:
+            self._digests[ds.name].feed(position, values)
 
     @classmethod
     def create(
@@ -371,6 +458,7 @@ class FeatureFileWriter:
                 if len(class_names) != len(counts):
                     raise ValueError(f"{len(class_names)} class names for {len(counts)} classes")
                 f.create_dataset("classes/names", data=list(class_names), dtype=h5py.string_dtype())
+            record_checksums(f["classes"])
             f.create_group("splits")
         except BaseException:
             f.close()
@@ -391,15 +479,22 @@ class FeatureFileWriter:
         w = _to_numpy(weight, "float32")
         if w.ndim != 2 or w.shape[0] != self.num_classes:
             raise ValueError(f"head weight must have shape (C={self.num_classes}, D), got {w.shape}")
+        b = None if bias is None else _to_numpy(bias, "float32")
+        if b is not None and b.shape != (self.num_classes,):
+            raise ValueError(f"head bias must have shape ({self.num_classes},), got {b.shape}")
+        for name, a in (("weight", w), ("bias", b)):
+            if a is not None and not np.isfinite(a).all():
+                raise NonFiniteFeaturesError(
+                    f"head {name} has {int((~np.isfinite(a)).sum())} NaN/Inf value(s) (as float32); "
+                    "a classifier with non-finite weights cannot be stored"
+                )
         for key in ("head/weight", "head/bias"):
             if key in self.file:
                 del self.file[key]
         self.file.create_dataset("head/weight", data=w)
-        if bias is not None:
-            b = _to_numpy(bias, "float32")
-            if b.shape != (self.num_classes,):
-                raise ValueError(f"head bias must have shape ({self.num_classes},), got {b.shape}")
+        if b is not None:
             self.file.create_dataset("head/bias", data=b)
+        record_checksums(self.file["head"])
 
     def create_split(
         self,
@@ -415,13 +510,14 @@ class FeatureFileWriter:
         if dtype not in FEATURE_DTYPES:
             raise ValueError(f"dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
         g = self.file.require_group("splits").create_group(name)
-        g.create_dataset("features", shape=(num_rows, dim), dtype=dtype)
-        g.create_dataset("labels", shape=(num_rows,), dtype="int64")
+        created = [g.create_dataset("features", shape=(num_rows, dim), dtype=dtype),
+                   g.create_dataset("labels", shape=(num_rows,), dtype="int64")]
         if with_paths:
-            g.create_dataset("paths", shape=(num_rows,), dtype=h5py.string_dtype())
+            created.append(g.create_dataset("paths", shape=(num_rows,), dtype=h5py.string_dtype()))
         if views:
-            g.create_dataset("views", shape=(views, num_rows, dim), dtype=dtype)
+            created.append(g.create_dataset("views", shape=(views, num_rows, dim), dtype=dtype))
             g.attrs["view_rows"] = np.zeros(views, dtype=np.int64)
+        self._digests.update({ds.name: StreamDigest(ds.dtype) for ds in created})
         g.attrs["rows"] = 0
         g.attrs["complete"] = num_rows == 0 and views == 0
 
@@ -444,10 +540,14 @@ class FeatureFileWriter:
         if end > g["features"].shape[0]:
             raise ValueError(f"split {name!r} has room for {g['features'].shape[0]} rows, got row {end}")
         if len(x):
-            g["features"][start:end] = x.astype(g["features"].dtype, copy=False)
+            stored = _finite_rows(x, g["features"].dtype, f"split {name!r}", start)
+            g["features"][start:end] = stored
             g["labels"][start:end] = y
+            self._feed(g["features"], start, stored)
+            self._feed(g["labels"], start, y)
             if paths is not None:
                 g["paths"][start:end] = list(paths)
+                self._feed(g["paths"], start, list(paths))
         self.file.flush()
         g.attrs["rows"] = end
         self.file.flush()
@@ -463,7 +563,9 @@ class FeatureFileWriter:
         end = start + len(x)
         if end > g["views"].shape[1]:
             raise ValueError(f"view {view} of split {name!r} has room for {g['views'].shape[1]} rows")
-        g["views"][view, start:end] = x.astype(g["views"].dtype, copy=False)
+        stored = _finite_rows(x, g["views"].dtype, f"view {view} of split {name!r}", start)
+        g["views"][view, start:end] = stored
+        self._feed(g["views"], view * g["views"].shape[1] + start, stored)
         self.file.flush()
         view_rows[view] = end
         g.attrs["view_rows"] = view_rows
@@ -471,10 +573,17 @@ class FeatureFileWriter:
         return end
 
     def mark_complete(self, name: str) -> None:
+        """Record the checksums of the split's datasets, then mark it complete."""
         g = self.file[f"splits/{name}"]
         n = g["features"].shape[0]
         if int(g.attrs["rows"]) != n or any(int(r) != n for r in g.attrs.get("view_rows", [])):
             raise ValueError(f"split {name!r} cannot be marked complete: not all rows are written")
+        known = {}
+        for key, digest in self._digests.items():
+            if key.startswith(g.name + "/") and key in self.file:
+                ds = self.file[key]
+                known[key] = digest.hexdigest(int(np.prod(ds.shape[:-1])) if ds.ndim > 1 else ds.shape[0])
+        record_checksums(g, {k: v for k, v in known.items() if v})
         g.attrs["complete"] = True
         self.file.flush()
 
@@ -489,6 +598,49 @@ class FeatureFileWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# IEEE floats by size: (unsigned view, mask of everything but the sign, exponent all ones = NaN/Inf)
+_FLOAT_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000),
+               8: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+
+
+def _all_finite(a: np.ndarray, block: int = 1 << 22) -> bool:
+    """``np.isfinite(a).all()`` for a float array, ~10x faster for float16: the largest |bit pattern|
+    is compared with the NaN/Inf exponent, in cache-sized blocks."""
+    if a.dtype.kind != "f" or a.dtype.itemsize not in _FLOAT_BITS or not a.flags.c_contiguous:
+        return bool(np.isfinite(a).all())
+    uint, mask, inf = _FLOAT_BITS[a.dtype.itemsize]
+    flat = a.reshape(-1).view(uint)
+    buf = np.empty(min(block, flat.size), dtype=uint)
+    for s in range(0, flat.size, block):
+        part = buf[: min(block, flat.size - s)]
+        np.bitwise_and(flat[s : s + len(part)], mask, out=part)
+        if part.max() >= inf:
+            return False
+    return True
+
+
+def _finite_rows(x: np.ndarray, dtype: np.dtype, where: str, start: int) -> np.ndarray:
+    """``x`` cast to the stored ``dtype``; NonFiniteFeaturesError naming the rows that are not finite then."""
+    with np.errstate(over="ignore"):  # overflow is reported below, by row
+        stored = x.astype(dtype, copy=False)
+    if _all_finite(stored):
+        return stored
+    bad = np.flatnonzero(~np.isfinite(stored.reshape(len(stored), -1)).all(axis=1))
+    rows = ", ".join(str(start + int(i)) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    source_finite = np.isfinite(x[bad]).all()
+    if source_finite:  # finite values beyond the stored dtype's range
+        limit = float(np.finfo(dtype).max)
+        fix = "store them as float32 (--dtype float32)" if dtype == np.float16 else "rescale them"
+        raise NonFiniteFeaturesError(
+            f"{where}: {len(bad)} feature row(s) (rows {rows}) have values beyond {np.dtype(dtype).name}'s range "
+            f"(largest |value| {float(np.abs(x[bad]).max()):.6g} > {limit:.6g}); {fix}"
+        )
+    raise NonFiniteFeaturesError(
+        f"{where}: {len(bad)} feature row(s) (rows {rows}) hold NaN/Inf values; fix them at their source "
+        "(a backbone or checkpoint producing NaN, or the arrays given)"
+    )
 
 
 def write_features(
@@ -548,7 +700,7 @@ def write_features(
                 w.mark_complete(name)
         # validate before publishing, so a bad file never reaches the final path
         try:
-            FeatureStore(tmp)
+            FeatureStore(tmp).close()
         except FeatureFileError as e:  # name the file the caller asked for, not the temporary one
             raise FeatureFileError(path, e.problem) from None
 

@@ -27,6 +27,7 @@ import pytest
 from click.testing import CliRunner
 
 from lt_rebalance.cli import main
+from lt_rebalance.integrity import record_checksums
 from lt_rebalance.store import FeatureFileWriter, write_features
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -63,10 +64,14 @@ def _copy(good: Path, d: Path, name: str = "f.h5") -> Path:
     return dst
 
 
-def _edit(good: Path, d: Path, fn: Callable[[h5py.File], None]) -> str:
+def _edit(good: Path, d: Path, fn: Callable[[h5py.File], None], reseal: bool = True) -> str:
+    """A copy of ``good`` changed by ``fn``; ``reseal`` records the checksums again, as if a writer had
+    written it so (the case then tests its own problem alone; without: a damaged file)."""
     path = _copy(good, d)
     with h5py.File(path, "r+") as f:
         fn(f)
+        if reseal:
+            record_checksums(f)
     return str(path)
 
 
@@ -160,10 +165,14 @@ def _checkpoint(d: Path, fix: Callable[[dict], None]) -> str:
     return str(path)
 
 
-def _npz(d: Path, y: np.ndarray | None = None) -> str:
+def _npz(d: Path, value: float | None = None, y: np.ndarray | None = None) -> str:
+    """x_train/y_train of the battery's arrays; ``value`` replaces x_train[2, 1]; ``y`` the labels (x cut to fit)."""
     a = _arrays()
-    path = d / "arrays.npz"
     x, labels = a["train"] if y is None else (a["train"][0][: len(y)], y)
+    x = x.copy()
+    if value is not None:
+        x[2, 1] = value
+    path = d / "arrays.npz"
     np.savez(path, x_train=x, y_train=labels)
     return str(path)
 
@@ -283,6 +292,33 @@ CASES = [
          ("no split 'holdout'", "available: test, train, val")),
     Case("head-wrong-shape", lambda d, g: ["tau-sweep", "-f", _edit(g, d, _replace("head/weight", (C, D + 1)))],
          1, ("/head/weight has shape (4, 7)", "ltr extract")),
+    # -- damage and attributes that disagree (issue 13) -----------------------------------------------
+    Case("check-flipped-feature-byte", lambda d, g: ["check", _flip(g, d, "splits/train/features")], 1,
+         ("checksums", "/splits/train/features", "the file is damaged"), report=True),
+    Case("check-flipped-head-byte", lambda d, g: ["check", _flip(g, d, "head/weight")], 1,
+         ("checksums", "/head/weight", "the file is damaged"), report=True),
+    Case("metadata-flip", lambda d, g: ["joint", "-f", _flip_signature(g, d)], 1,
+         ("damaged or truncated HDF5 file", "bad local heap signature", "ltr extract")),
+    Case("check-metadata-flip", lambda d, g: ["check", _flip_signature(g, d)], 1,
+         ("schema", "damaged or truncated HDF5 file"), report=True),
+    Case("complete-is-a-string", lambda d, g: ["joint", "-f", _edit(g, d, _attr("splits/test", "complete", "False"))],
+         1, ("complete='False' is a str, expected a boolean", "ltr extract")),
+    Case("rows-short-but-complete", lambda d, g: ["joint", "-f", _edit(g, d, _attr("splits/test", "rows", 10))], 1,
+         ("marked complete but attribute rows=10 of 20 rows", "ltr extract")),
+    Case("check-zero-width", lambda d, g: ["check", _edit(g, d, _replace("splits/test/features", (20, 0)))], 1,
+         ("schema", "no feature columns (D = 0)"), report=True),
+    Case("views-unwritten-rows", lambda d, g: ["crt", "-f", _edit(g, d, _half_view), "--allow-incomplete", "--views", "1",
+                                               "--epochs", "1", "--batch-size", "8"], 1,
+         ("view(s) [0] have fewer rows written", "ltr extract --resume")),
+    Case("empty-val-tau-sweep", lambda d, g: ["tau-sweep", "-f", _edit(g, d, _empty_val)], 1,
+         ("split 'val'", "has no rows", "--select-on test")),
+    Case("empty-val-logit-adjust", lambda d, g: ["logit-adjust", "-f", _edit(g, d, _empty_val)], 1,
+         ("split 'val'", "has no rows", "--select-on none")),
+    Case("taus-beyond-float32", lambda d, g: ["tau-sweep", "-f", _copy(g, d), "--taus", "0,1000"], 1,
+         ("tau = 1000 cannot be applied", "use --taus within |tau| <=")),
+    Case("many-20-digits", lambda d, g: ["compare", "-f", _copy(g, d), "--many", "9" * 20], 2,
+         ("--many", "not in the range")),
+    Case("seed-20-digits", lambda d, g: ["crt", "-f", _copy(g, d), "--seed", "9" * 20], 2, ("--seed", "not in the range")),
     # -- options of the head commands ---------------------------------------------------------------
     Case("taus-malformed", lambda d, g: ["tau-sweep", "-f", _copy(g, d), "--taus", "0:x:3"], 2, ("--taus",)),
     Case("taus-empty", lambda d, g: ["logit-adjust", "-f", _copy(g, d), "--taus", ""], 2, ("--taus",)),
@@ -315,6 +351,21 @@ CASES = [
          ("not a head file", "ltr crt --save")),
     Case("plot-results-not-json", lambda d, g: ["plot", "compare", "--results", _text(d / "r.json"),
                                                 "--out", str(d / "c.png")], 1, ("not a JSON results file", "ltr compare --out")),
+    Case("plot-results-wrong-shape", lambda d, g: ["plot", "compare", "--results", _json(d / "r.json", {"rows": 5}),
+                                                   "--out", str(d / "c.png")], 1,
+         ("rows is not a list of objects", "ltr compare --out")),
+    Case("plot-head-missing-keys", lambda d, g: ["plot", "norms", "-f", _copy(g, d), "--head",
+                                                 _head_file(d, weight=None), "--out", str(d / "n.png")], 1,
+         ("neither a weight matrix", "--save")),
+    Case("plot-head-wrong-classes", lambda d, g: ["plot", "norms", "-f", _copy(g, d), "--head",
+                                                  _head_file(d, C + 1), "--out", str(d / "n.png")], 1,
+         ("has 5 classes x 6 dims, but", "fitted on this feature file")),
+    Case("export-head-list-weights", lambda d, g: _export(d, g, weight=[[0.0] * D] * C), 1,
+         ("weight is list, expected a float tensor", "--save")),
+    Case("export-head-nan", lambda d, g: _export(d, g, bias=torch_full(C, float("nan"))), 1,
+         ("bias has 4 NaN/Inf value(s)", "--save")),
+    Case("export-head-disagrees-with-itself", lambda d, g: _export(d, g, dim=D + 1), 1,
+         ("weight has shape (4, 6), but the head says C x D = (4, 7)", "--save")),
     # -- evaluation protocols (issue 14) --------------------------------------------------------------
     Case("test-priors-unknown", lambda d, g: ["joint", "-f", _copy(g, d), "--test-priors", "sideways-3"], 2,
          ("--test-priors", "forward-R")),
@@ -334,6 +385,11 @@ CASES = [
          ("a.npz: no such file", "numpy.savez")),
     Case("import-out-exists", lambda d, g: ["import", "--npz", _npz(d), "--out", _copy(g, d)], 1,
          ("already exists", "--overwrite")),
+    Case("import-nan", lambda d, g: ["import", "--npz", _npz(d, np.nan), "--out", str(d / "f.h5")], 1,
+         ("split 'train': 1 feature row(s) (rows 2) hold NaN/Inf", "fix them at their source")),
+    Case("import-float16-overflow", lambda d, g: ["import", "--npz", _npz(d, 1e5), "--out", str(d / "f.h5"),
+                                                  "--dtype", "float16"], 1,
+         ("split 'train': 1 feature row(s) (rows 2) have values beyond float16's range", "--dtype float32")),
     Case("demo-out-exists", lambda d, g: ["demo", "--out", str(_text(d / "mine.txt", d / "out")), "--quick"], 1,
          ("exists", "--overwrite")),
     # -- extraction ----------------------------------------------------------------------------------
@@ -364,6 +420,13 @@ CASES = [
          ("no CUDA GPU", "--device cpu")),
     Case("extract-no-weights", lambda d, g: [a for a in _extract_args(d) if a != "--random-init"], 2,
          ("--checkpoint PATH, --pretrained or --random-init",)),
+    Case("extract-ckpt-empty", lambda d, g: _extract_args(d, "--checkpoint", _touch_str(d / "model.pth")), 1,
+         ("model.pth: the file is empty", "give the .pth file saved by training")),
+    Case("extract-ckpt-truncated",
+         lambda d, g: _extract_args(d, "--checkpoint", _truncate(_checkpoint(d, lambda sd: None))), 1,
+         ("cannot read checkpoint", "truncated or damaged")),
+    Case("extract-negative-seed", lambda d, g: _extract_args(d, "--seed", "-1", "--train-views", "1"), 2,
+         ("--seed", "-1 is not in the range")),
     # -- outputs that are inputs (issue 13): refused however spelled, with or without --overwrite ----
     Case("save-is-features", lambda d, g: ["ncm", "-f", _copy(g, d), "--save", str(d / "f.h5"), "--overwrite"], 1,
          ("f.h5 is the same file as the input", "choose another output path")),
@@ -414,6 +477,89 @@ CASES = [
 def _touch(p: Path) -> Path:
     p.touch()
     return p
+
+
+def _touch_str(p: Path) -> str:
+    return str(_touch(p))
+
+
+def _truncate(path: str) -> str:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _json(p: Path, doc) -> str:
+    import json
+
+    p.write_text(json.dumps(doc))
+    return str(p)
+
+
+def _flip(good: Path, d: Path, key: str) -> str:
+    """A copy of ``good`` with the lowest mantissa bit of the first value of ``key`` flipped (still finite)."""
+    path = _copy(good, d)
+    with h5py.File(path, "r") as f:
+        offset = f[key].id.get_offset()
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([b ^ 1]))
+    return str(path)
+
+
+def _flip_signature(good: Path, d: Path) -> str:
+    """A copy of ``good`` with one bit of a group's local-heap signature flipped (damaged HDF5 metadata)."""
+    data = bytearray(good.read_bytes())
+    data[data.rindex(b"HEAP")] ^= 1
+    (d / "f.h5").write_bytes(bytes(data))
+    return str(d / "f.h5")
+
+
+def _attr(group: str, key: str, value) -> Callable[[h5py.File], None]:
+    return lambda f: f[group].attrs.__setitem__(key, value)
+
+
+def _half_view(f: h5py.File) -> None:
+    """One augmented view of train with only 10 of its 71 rows written (extraction stopped there)."""
+    g = f["splits/train"]
+    g.create_dataset("views", data=np.zeros((1, *g["features"].shape), np.float32))
+    g.attrs["view_rows"] = np.array([10])
+    g.attrs["complete"] = False
+
+
+def _empty_val(f: h5py.File) -> None:
+    for key, shape in (("features", (0, D)), ("labels", (0,))):
+        del f[f"splits/val/{key}"]
+        f.create_dataset(f"splits/val/{key}", shape=shape, dtype="float32" if key == "features" else "int64")
+    f["splits/val"].attrs["rows"] = 0
+
+
+def torch_full(n: int, value: float):
+    import torch
+
+    return torch.full((n,), value)
+
+
+def _head_file(d: Path, classes: int = C, dim: int = D, **change) -> str:
+    """A head file saved as `ltr crt --save` does, with ``change`` applied to its state (None: key removed)."""
+    import torch
+
+    from lt_rebalance.head_io import head_state, save_head
+    from lt_rebalance.heads import JointHead
+
+    state = head_state(JointHead(torch.zeros(classes, D), torch.zeros(classes)).fit(), "crt")
+    state.update(change, dim=dim)
+    for k in [k for k, v in change.items() if v is None]:
+        del state[k]
+    save_head(d / "h.pt", state)
+    return str(d / "h.pt")
+
+
+def _export(d: Path, good: Path, **change) -> list[str]:
+    return ["export", "--head", _head_file(d, **change), "-f", _copy(good, d), "--checkpoint", _text(d / "m.pth"),
+            "--out", str(d / "o.pth")]
 
 
 def _text(p: Path, folder: Path | None = None) -> str:

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from lt_rebalance.cli import main
+from lt_rebalance.integrity import record_checksums
 from lt_rebalance.store import write_features
 
 
@@ -51,6 +52,7 @@ def test_good_file_passes(good_file):
 def test_each_problem_is_reported(good_file, corrupt, failed):
     with h5py.File(good_file, "r+") as f:
         corrupt(f)
+        record_checksums(f)  # as if written so: each problem alone (a changed byte is tests/test_integrity.py's)
     before = good_file.read_bytes()
     code, doc = _check(good_file)
     assert code == 1 and not doc["ok"]

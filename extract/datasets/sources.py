@@ -21,6 +21,16 @@ class ImageSource(Protocol):
     def name(self, i: int) -> str: ...
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB; 16- and 32-bit integer grayscale (16-bit PNGs open as I;16 or I) is scaled
+    from 0..65535 to 0..255 (``convert("RGB")`` would clip every value above 255 to white)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        a = np.clip(a, 0, 65535) * (255 / 65535)
+        return Image.fromarray(np.rint(a).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def _labels(labels: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
     if len(y) != n:
@@ -44,7 +54,7 @@ class FileSource:
 
     def load(self, i: int) -> Image.Image:
         with Image.open(os.path.join(self.root, self.paths[i])) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
 
     def missing(self) -> list[str]:
         """Relative paths with no file under ``root``."""

@@ -31,7 +31,10 @@ allow_incomplete_option = click.option(
 device_option = click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (auto = cuda when available)."
 )
-seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+# integers that reach torch/numpy as int64: larger values are refused up front (exit 2), not deep inside a run
+INT64_MAX = 2**63 - 1
+SEED_RANGE = click.IntRange(0, INT64_MAX)
+seed_option = click.option("--seed", default=0, show_default=True, type=SEED_RANGE, help="Random seed (0 to 2^63 - 1).")
 
 
 def common_options(f: Callable) -> Callable:
@@ -198,9 +201,9 @@ def thresholds_options(f: Callable) -> Callable:
             raise click.BadParameter(f"--few {few} leaves no room under --many {many}", param_hint="--few")
         return f(thresholds={"many": many, "few": few}, **kwargs)
 
-    wrapper = click.option("--few", default=20, show_default=True, type=click.IntRange(0),
+    wrapper = click.option("--few", default=20, show_default=True, type=click.IntRange(0, INT64_MAX),
                            help="few-shot classes: < FEW train images.")(wrapper)
-    return click.option("--many", default=100, show_default=True, type=click.IntRange(0),
+    return click.option("--many", default=100, show_default=True, type=click.IntRange(0, INT64_MAX),
                         help="many-shot classes: > MANY train images.")(wrapper)
 
 

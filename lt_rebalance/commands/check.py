@@ -21,9 +21,9 @@ def _human(result: dict) -> str:
 @click.pass_context
 def check(ctx, features, as_json):
     """Verify FEATURES in full: schema, dtypes, completeness, labels, counts, NaN/Inf, views."""
-    from ..checks import verify
+    from ..checks import verify_isolated
 
-    checks = verify(features)
+    checks = verify_isolated(features)
     result = {"path": features, "ok": all(c.ok for c in checks), "checks": [c.to_dict() for c in checks]}
     emit(result, as_json, _human)
     if not result["ok"]:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from ._common import emit, handle_user_errors, json_option, log, quiet_option
+from ._common import SEED_RANGE, emit, handle_user_errors, json_option, log, quiet_option
 
 
 def _human(result: dict) -> str:
@@ -26,7 +26,8 @@ def _human(result: dict) -> str:
 @click.option("--out", default="ltr-demo", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (refused when it exists, unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder written by the demo.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed (split, training, methods).")
+@click.option("--seed", default=0, show_default=True, type=SEED_RANGE,
+              help="Random seed (split, training, methods; 0 to 2^63 - 1).")
 @click.option("--quick", is_flag=True, help="Reduced setting (3 epochs per training stage) for tests.")
 @click.option("--epochs", type=click.IntRange(1), default=None,
               help="Epochs of stage 1, cRT and LWS (reduced setting; overrides --quick).")

@@ -78,16 +78,12 @@ def export(head_path: str, features: str, checkpoint: str, out: str, model_name:
            as_json: bool, quiet: bool):
     """Write a timm checkpoint whose classifier is the re-balanced head (loads strictly in timm)."""
     from ..extract.checkpoints import file_sha256
-    from ..head_io import load_head, save_head
+    from ..head_io import check_head_fits, load_head, save_head
 
     check_writable(out, overwrite, [head_path, features, checkpoint])  # fail early
     state = load_head(head_path)
     store = open_store(features)
-    if (state["num_classes"], state["dim"]) != (store.num_classes, store.dim):
-        raise click.ClickException(
-            f"{head_path} has {state['num_classes']} classes x {state['dim']} dims, but {features} has "
-            f"{store.num_classes} x {store.dim}"
-        )
+    check_head_fits(state, head_path, store)
     model_name = model_name or store.attrs.get("model") or None
     if not model_name:
         raise click.ClickException(f"{features} does not name its model; pass --model (an alias or a timm name)")

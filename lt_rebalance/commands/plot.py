@@ -99,11 +99,13 @@ def tau_curve(ctx, out: str, overwrite: bool, as_json: bool, quiet: bool) -> Non
 def norms(ctx, head_path: Optional[str], overrides: dict, out: str, overwrite: bool, as_json: bool,
           quiet: bool) -> None:
     """Per-class weight norm vs training images (log x): joint vs re-balanced heads."""
-    from ..head_io import load_head
+    from ..head_io import check_head_fits, load_head
     from ..plots import plot_norms
 
     check_writable(out, overwrite, [ctx.store.path, head_path])
     head = load_head(head_path) if head_path else None
+    if head is not None:
+        check_head_fits(head, head_path, ctx.store)
     _done("norms", plot_norms(ctx, out, head, overrides, overwrite), as_json, quiet)
 
 

@@ -25,9 +25,13 @@ CLASS_WEIGHTS = ("none", "cb")
 
 
 def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
-    """Cui et al. (CVPR 2019): w_j ∝ (1 - beta) / (1 - beta^n_j), normalised to sum to C."""
+    """Cui et al. (CVPR 2019): w_j ∝ (1 - beta) / (1 - beta^n_j), normalised to sum to C.
+
+    1 - beta^n is computed as -expm1(n log beta), exact for beta next to 1 (where 1 - beta^n
+    cancels) and for large n; the common factor 1 - beta cancels in the normalisation.
+    """
     n = counts.to(torch.float64).clamp_min(1)
-    w = (1 - beta) / (1 - torch.pow(beta, n))
+    w = 1 / -torch.expm1(n * math.log(beta))
     return (w / w.sum() * len(counts)).to(torch.float32)
 
 

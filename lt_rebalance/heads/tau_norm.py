@@ -1,6 +1,7 @@
 """tau-normalisation (REFERENCE.md, "τ-normalisation"): w_j / ||w_j||^tau, bias dropped."""
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -22,10 +23,55 @@ DEFAULT_TAUS = tuple(round(0.1 * i, 10) for i in range(21))  # linspace(0, 2, 21
 SELECT_METRICS = {"top1": "all", "mean_class": "mean_class", "few": "few"}
 
 
+# float32 holds magnitudes up to e^88.7; products of scales and logits need room on both sides
+_LOG_RANGE = 69.0  # |ln| of 1e30
+
+
+def _log_norms(W: torch.Tensor) -> torch.Tensor:
+    """ln ||w_j|| in float64 (C,); -inf for all-zero rows."""
+    return W.double().norm(dim=1).log()
+
+
 def tau_normalize(weight: Any, tau: float) -> torch.Tensor:
-    """w_j / ||w_j||_2^tau for every class row of ``weight`` float (C, D)."""
+    """w_j / ||w_j||_2^tau for every class row of ``weight`` float (C, D), computed in float64.
+
+    ValueError when a normalised row would leave float32's range (``tau`` far from 1 with norms far
+    from 1): the message gives the range of tau that works for this classifier.
+    """
     W = as_tensor(weight, torch.float32, getattr(weight, "device", "cpu"))
-    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
+    logn = _log_norms(W)
+    big = float(logn[torch.isfinite(logn)].abs().max()) if torch.isfinite(logn).any() else 0.0
+    if abs(1 - tau) * big > _LOG_RANGE:  # the normalised rows have norms ||w||^(1 - tau)
+        lo, hi = 1 - _LOG_RANGE / big, 1 + _LOG_RANGE / big
+        raise ValueError(
+            f"tau = {tau:g} puts this classifier's normalised rows outside float32's range (row norms "
+            f"{math.exp(-big):.3g}..{math.exp(big):.3g} to the power 1 - tau); use tau in [{lo:.4g}, {hi:.4g}]"
+        )
+    return (W.double() / W.double().norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)).float()
+
+
+def tau_scales(weight: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    """||w_j||^-tau float32 (T, C), each tau's row divided by its largest value (argmax unchanged).
+
+    Computed in log space, so any tau whose scales fit float32 side by side works; ValueError naming
+    the range of |tau| that does when some tau spreads them further (all-zero rows, whose logits are 0
+    whatever their scale, get 1).
+    """
+    logn = _log_norms(weight)
+    nz = torch.isfinite(logn)
+    if not nz.any():
+        return torch.ones(len(taus), len(logn), device=weight.device)
+    spread = float(logn[nz].max() - logn[nz].min())
+    worst = float(taus.abs().max()) if len(taus) else 0.0
+    if worst * spread > _LOG_RANGE:
+        raise ValueError(
+            f"tau = {worst:g} cannot be applied to this classifier: its row norms differ by a factor "
+            f"{math.exp(spread):.4g}, so ||w||^tau spans more than float32 can compare; use --taus within "
+            f"|tau| <= {_LOG_RANGE / spread:.4g}"
+        )
+    a = -taus.double()[:, None] * torch.where(nz, logn, 0.0)[None, :]
+    a = a - a[:, nz].amax(1, keepdim=True)
+    return torch.where(nz, a, 0.0).exp().float()
 
 
 def select_tau(curve: dict[str, Any], taus: Sequence[float], metric: str = "top1") -> float:
@@ -48,8 +94,8 @@ def tau_sweep(
 ) -> dict[str, torch.Tensor]:
     """Accuracy of tau-normalised classifiers for every tau, from ONE matmul of X with W.
 
-    logits(tau) = (X Wᵀ) scaled column-wise by ||w_j||^-tau, so X Wᵀ is computed once (in row
-    chunks of ``chunk``) and only the argmax is taken per tau. The argmax over all classes is
+    logits(tau) = (X Wᵀ) scaled column-wise by ||w_j||^-tau (:func:`tau_scales`, rescaled per tau), so
+    X Wᵀ is computed once (in row chunks of ``chunk``) and only the argmax is taken per tau. The argmax over all classes is
     not repeated for every tau: a bound over the whole tau range keeps, per row, only the classes
     that can win at some tau (usually a handful), and the per-tau argmax runs over those; the
     predictions are exactly those of ``argmax(logits * ||w||^-tau)`` (see :func:`_sweep_argmax`).
@@ -59,7 +105,7 @@ def tau_sweep(
     dict of float64 (T,) tensors: ``all``, ``mean_class``, ``many``, ``medium``, ``few``.
     """
     W, X, y, taus_t = sweep_inputs(X, y, weight, taus)
-    scale = W.norm(dim=1).clamp_min(1e-12)[None, :].pow(-taus_t[:, None])  # (T, C)
+    scale = tau_scales(W, taus_t)  # (T, C)
     pred = torch.empty(len(taus_t), X.shape[0], dtype=torch.int64, device=W.device)
     bounds = _scale_bounds(scale) if torch.isfinite(W).all() else None
 
