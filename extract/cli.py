@@ -152,7 +152,7 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
         total = total // env.world
     kwargs = dict(counts=data.counts, transform=transform, config=config, head=head, class_names=data.class_names,
                   meta=meta)
-    with click.progressbar(length=total, file=sys.stderr, label="extracting") if not quiet else _NoBar() as bar:
+    with _progress(total, quiet) as bar:
         if env is None:
             result = extract_features(model, data.sources, opts["out"], progress=bar.update, **kwargs)
         else:
@@ -161,6 +161,17 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
             result = extract_sharded(model, data.sources, opts["out"], env, progress=bar.update, **kwargs)
     return {"out": str(result.path), "rows": result.rows, "bad": result.bad, "images": result.images,
             "seconds": result.seconds, "images_per_second": result.images_per_second}
+
+
+def _progress(total: int, quiet: bool) -> Any:
+    """click's bar on a terminal; periodic log lines (images, rate, ETA) when stderr is not one."""
+    from .progress import LogProgress
+
+    if quiet:
+        return _NoBar()
+    if sys.stderr.isatty():
+        return click.progressbar(length=total, file=sys.stderr, label="extracting")
+    return LogProgress(total, lambda line: click.echo(line, err=True))
 
 
 class _NoBar:

@@ -175,7 +175,7 @@ def _create(
         path, counts=counts, transform=transform.to_attr(), class_names=class_names, extra_attrs=extra, **known
     )
     if head is not None:
-        w.set_head(*head)
+        w.set_head(*head, random_init=meta.get("weights") == "random-init")
     for name, src in sources.items():
         views = cfg.train_views if name == "train" else 0
         w.create_split(name, len(src), dim, dtype=cfg.dtype, views=views, with_paths=src.paths is not None)

@@ -5,7 +5,7 @@
    ``OUT/images/{train,val,test}/<digit>/``.
 2. Stage 1: a small CNN (``tiny_cnn``) trained jointly with instance-balanced sampling -> ``OUT/stage1.pth``.
 3. Extraction with ``ltr extract`` itself (imagefolder route) -> ``OUT/features.h5``.
-4. Every default method of ``compare`` (:data:`lt_rebalance.experiments.DEFAULT_METHODS`) on the features, and the plots.
+4. Every default method of ``compare`` (:data:`lt_rebalance.names.DEFAULT_METHODS`) on the features, and the plots.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -45,9 +45,9 @@ class DemoConfig:
     image_size: int = 16  # crop side given to `ltr extract --image-size`
     stage1_epochs: int = 40
     stage1_lr: float = 0.05
-    batch_size: int = 32  # stage 1, cRT and LWS (the 512 of the paper exceeds the demo's train set)
-    crt_epochs: int = 30
-    lws_epochs: int = 10
+    batch_size: int = 32  # stage 1 (cRT and LWS use the library's "auto" rule: batch = train rows here)
+    crt_epochs: int | str = "auto"  # "auto": at least 500 optimiser steps (heads/training.py)
+    lws_epochs: int | str = "auto"
 
     def quick(self, epochs: int) -> DemoConfig:
         return DemoConfig(**{**asdict(self), "stage1_epochs": epochs, "crt_epochs": epochs, "lws_epochs": epochs})
@@ -258,36 +258,25 @@ def reproduce_commands(out: Path, cfg: DemoConfig) -> list[str]:
     """``ltr`` commands that redo the extraction, the comparison and the plots by hand."""
     f = shlex.quote(str(out / "features.h5"))
     groups = f"--many {cfg.many} --few {cfg.few} --seed {cfg.seed}"
-    training = f"--crt-epochs {cfg.crt_epochs} --lws-epochs {cfg.lws_epochs} --batch-size {cfg.batch_size}"
+    epochs = {"--crt-epochs": cfg.crt_epochs, "--lws-epochs": cfg.lws_epochs}
+    training = "".join(f" {k} {v}" for k, v in epochs.items() if v != "auto")
+    crt_epochs = "" if cfg.crt_epochs == "auto" else f" --epochs {cfg.crt_epochs}"
     return [
         "ltr extract " + shlex.join(extract_args(out, cfg)) + " --overwrite",
-        f"ltr compare --features {f} {groups} {training} --out {shlex.quote(str(out / 'results.json'))} --overwrite",
-        f"ltr crt --features {f} --epochs {cfg.crt_epochs} --batch-size {cfg.batch_size} --seed {cfg.seed} "
-        f"--save {shlex.quote(str(out / 'crt.pt'))} --overwrite",
+        f"ltr compare --features {f} {groups}{training} --out {shlex.quote(str(out / 'results.json'))} --overwrite",
+        f"ltr crt --features {f} {groups}{crt_epochs} --save {shlex.quote(str(out / 'crt.pt'))} --overwrite",
         f"ltr plot tau-curve --features {f} {groups} --out tau-curve.png",
-        f"ltr plot norms --features {f} --head {shlex.quote(str(out / 'crt.pt'))} {groups} {training} --out norms.png",
-        f"ltr plot per-class --features {f} --methods joint,crt,tau {groups} {training} --out per-class.png",
+        f"ltr plot norms --features {f} --head {shlex.quote(str(out / 'crt.pt'))} {groups}{training} --out norms.png",
+        f"ltr plot per-class --features {f} --methods joint,crt,tau_norm {groups}{training} --out per-class.png",
         f"ltr plot compare --results {shlex.quote(str(out / 'results.json'))} --out compare.png",
     ]
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """One intra-op torch thread: the demo's tensors are tiny, and more threads only contend (10x slower under load)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = False, quiet: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """Run the four steps into ``out``; returns (and writes) ``out/results.json``."""
     from .commands._common import Interrupted
+    from .heads.training import one_thread
     from .outputs import WriteInterrupted
 
     with one_thread():
@@ -330,11 +319,12 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
 
     log(f"4/4 every default method of compare ({', '.join(DEFAULT_METHODS)}) on the cached features")
     ctx = Context(FeatureStore(out / "features.h5"), seed=cfg.seed, thresholds=cfg.thresholds)
-    overrides = training_overrides(cfg.crt_epochs, cfg.lws_epochs, cfg.batch_size)
+    overrides = training_overrides(cfg.crt_epochs, cfg.lws_epochs)
     heads: dict = {}
     result = compare(ctx, None, overrides, log=None if quiet else log, heads=heads)
     # compare's cRT head, saved for `ltr plot norms --head`
-    crt_state = head_state(heads["crt"], "crt", overrides["crt"], str(out / "features.h5"))
+    crt_params = next(r["params"] for r in result["rows"] if r["method"] == "crt")
+    crt_state = head_state(heads["crt"], "crt", crt_params, str(out / "features.h5"))
     save_head(out / "crt.pt", crt_state)
     plots = draw_plots(ctx, result, out, crt_state, overrides, log)
     result.update(

@@ -23,6 +23,7 @@ from .heads.crt_grid import CRTGrid, fit_seeds
 from .heads.linear_probe import fit_C_grid
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY, evaluate
+from .names import DEFAULT_METHODS, HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS, canonical_method
 from .posthoc import (
     LogitAdjustment,
     TemperatureScaled,
@@ -32,7 +33,7 @@ from .posthoc import (
     select_tau,
 )
 from .protocols import Protocol, implied_prior, paired_differences, protocol_report, seed_summary
-from .store import FeatureStore
+from .store import RANDOM_HEAD_NOTE, FeatureStore
 
 CURVE_KEYS = ("all", "many", "medium", "few", "mean_class")
 
@@ -268,11 +269,17 @@ def run_logit_adjust(
     )
 
 
+MAX_EPOCH_LINES = 20  # per-epoch progress lines of a run (many short epochs are logged every k-th)
+
+
 def _epoch_logger(method: str, log: Optional[Callable[[str], None]]):
     if log is None:
         return None
 
     def progress(epoch: int, epochs: int, loss: float, val: Optional[float]) -> None:
+        every = math.ceil(epochs / MAX_EPOCH_LINES)
+        if epoch % every and epoch + 1 != epochs:
+            return
         v = "" if val is None else f"  val top-1 {100 * val:.2f}%"
         log(f"{method} epoch {epoch + 1}/{epochs}  loss {loss:.4f}{v}")
 
@@ -281,6 +288,18 @@ def _epoch_logger(method: str, log: Optional[Callable[[str], None]]):
 
 def _history(h) -> dict:
     return {"loss": h.loss, "lr": h.lr, "val_top1": h.val, "best_epoch": h.best_epoch}
+
+
+def _trained_params(head: Any, drop: Sequence[str]) -> dict:
+    """``params`` of a cRT/LWS result: its settings, with the epochs and batch size actually run.
+
+    ``auto`` lists the settings that were "auto" (:func:`~lt_rebalance.heads.training.plan_schedule`),
+    ``steps`` the optimiser steps.
+    """
+    plan = head.schedule_
+    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", *drop)}
+    return {**shown, "epochs": plan.epochs, "batch_size": plan.batch_size, "steps": plan.steps,
+            "auto": list(plan.auto)}
 
 
 def run_crt(
@@ -339,13 +358,12 @@ def run_crt(
             "index": search.best_index_, "lr": head.lr, "weight_decay": head.weight_decay,
             "selected_on": "val", "metric": "top1", "val_top1": search.val_scores_[search.best_index_].item(),
         }
-    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device")}
     reported = ctx.report(head)
     if others is not None:
         extra["over_seeds"] = {"seeds": list(seeds), **seed_summary([reported, *others], ctx.eval_splits)}
     return {
         "method": "crt",
-        "params": {**shown, "views": views},
+        "params": {**_trained_params(head, ()), "views": views},
         "history": _history(head.history_),
         **reported,
         **extra,
@@ -360,8 +378,8 @@ def _run_on_joint(ctx: Context, method: str, cls: type, log: Optional[Callable[[
     Xv, yv = ctx.val()
     params = {"seed": ctx.seed, **params}
     head = cls(W, b, device=ctx.device, progress=_epoch_logger(method, log), **params).fit(X, y, Xv, yv)
-    shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", "weight", "bias")}
-    return {"method": method, "params": shown, "history": _history(head.history_), **ctx.report(head)}, head
+    return {"method": method, "params": _trained_params(head, ("weight", "bias")), "history": _history(head.history_),
+            **ctx.report(head)}, head
 
 
 def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, LWS]:
@@ -438,38 +456,37 @@ def run_pc_softmax(ctx: Context) -> tuple[dict, LogitAdjustment]:
     return {"method": "pc_softmax", "tau": 1.0, **ctx.report(head)}, head
 
 
-# name -> (runner, needs a stored head); ``compare`` runs them in this order
+_RUNNERS: dict[str, Callable[..., tuple[dict, Any]]] = {
+    "joint": run_joint,
+    "ncm": run_ncm,
+    "crt": run_crt,
+    "tau_norm": run_tau_selected,
+    "lws": run_lws,
+    "logit_adjust": run_logit_adjust_selected,
+    "pc_softmax": run_pc_softmax,
+    "marc": run_marc,
+    "wb": run_wb,
+    "knn": run_knn,
+    "linear_probe": run_linear_probe,
+}
+# name -> (runner, needs a stored head), in the order ``compare`` runs them (names: lt_rebalance.names)
 METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
-    "joint": (run_joint, True),
-    "ncm": (run_ncm, False),
-    "crt": (run_crt, False),
-    "tau_norm": (run_tau_selected, True),
-    "lws": (run_lws, True),
-    "logit_adjust": (run_logit_adjust_selected, True),
-    "pc_softmax": (run_pc_softmax, True),
-    "marc": (run_marc, True),
-    "wb": (run_wb, True),
-    "knn": (run_knn, False),
-    "linear_probe": (run_linear_probe, False),
+    name: (_RUNNERS[name], name in HEAD_METHODS) for name in METHOD_NAMES
 }
 SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val rows
-TRAINED = ("crt", "lws", "marc", "wb")  # runners that take ``log`` (per-epoch progress) and a seed
-# run by ``compare`` only when named: each costs more than the rest of the study on ImageNet-LT-sized
-# files on a CPU (kNN: one eval x train similarity GEMM; the probe: up to max_iter passes of two GEMMs)
-OPT_IN = ("knn", "linear_probe")
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in OPT_IN)
 
 
 def run_seeds(ctx: Context, method: str, seeds: Sequence[int], **kwargs: Any) -> tuple[dict, Any]:
-    """Train ``method`` (a :data:`TRAINED` name) once per seed; the first seed's result and head.
+    """Train ``method`` (crt, lws, marc, wb: :data:`~lt_rebalance.names.TRAINED_METHODS`) once per seed; the first
+    seed's result and head.
 
     cRT trains its seeds as members of one batched run (:func:`run_crt`); LWS, MARC and WB run them in turn.
 
     The result gains ``"over_seeds": {"seeds": [...], <split>: {metric: {"mean", "std"}}}`` (sample
     std); the protocol (bootstrap, shifted priors) is computed for the first seed's head only.
     """
-    if method not in TRAINED:
-        raise ValueError(f"--seeds applies to the trained heads ({', '.join(TRAINED)}); got {method!r}")
+    if method not in TRAINED_METHODS:
+        raise ValueError(f"--seeds applies to the trained heads ({', '.join(TRAINED_METHODS)}); got {method!r}")
     if method == "crt" and kwargs.get("grid") is None:
         return run_crt(ctx, seeds=seeds, **kwargs)  # the seeds as members of one batched run
     runner = METHODS[method][0]
@@ -492,8 +509,7 @@ def run_calibrate(
     and per shot group: ``{"method": "calibrate", "base_method", "temperature", "fit_on": "val",
     "eval_split", "before": {all|many|medium|few: {nll, ece, n}}, "after": {...}}``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    method = canonical_method(method)
     for split in ("val", eval_split):
         if split not in ctx.store.splits:
             raise ValueError(
@@ -503,7 +519,7 @@ def run_calibrate(
     runner, needs_head = METHODS[method]
     if needs_head and not ctx.store.has_head:
         raise ValueError(f"{ctx.store.path} has no stored classifier, which {method} needs")
-    _, head = runner(ctx, **({"log": log} if method in TRAINED else {}), **params)
+    _, head = runner(ctx, **({"log": log} if method in TRAINED_METHODS else {}), **params)
     scaled = TemperatureScaled(head).fit(*ctx.load("val"))
     X, y = ctx.load(eval_split)
     before, after = (
@@ -537,26 +553,30 @@ def compare(
     each row gains ``"ci"`` and ``"vs_best"`` (paired differences against the best row, same
     resamples); ``samples``, when given, receives each row's bootstrap samples (for pooling files).
     Returns ``{"rows": [{"method", <split>: metrics, "seconds", ...}], "skipped": [...]}``.
+    A random-init stored classifier (``/head`` attribute ``random_init``) is no stage-1 classifier:
+    by default the methods built on it are skipped; named in ``methods``, they run and their row
+    has ``"note"`` saying so.
     """
-    names = list(methods or DEFAULT_METHODS)
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    names = [canonical_method(m) for m in methods] if methods else list(DEFAULT_METHODS)
     rows, skipped, row_samples = [], [], []
     for name in names:
         runner, needs_head = METHODS[name]
         if needs_head and not ctx.store.has_head:
             skipped.append({"method": name, "reason": "the file has no stored classifier"})
             continue
+        note = RANDOM_HEAD_NOTE if needs_head and ctx.store.head_random_init else None
+        if note and not methods:
+            skipped.append({"method": name, "reason": note})
+            continue
         kwargs = dict((overrides or {}).get(name, {}))
-        if name in TRAINED:
+        if name in TRAINED_METHODS:
             kwargs["log"] = log
         t0 = time.perf_counter()
         try:
-            if seeds and len(seeds) > 1 and name in TRAINED:
+            if seeds and len(seeds) > 1 and name in TRAINED_METHODS:
                 row, head = run_seeds(ctx, name, seeds, **kwargs)
             else:
-                row, head = runner(replace(ctx, seed=seeds[0]) if seeds and name in TRAINED else ctx, **kwargs)
+                row, head = runner(replace(ctx, seed=seeds[0]) if seeds and name in TRAINED_METHODS else ctx, **kwargs)
         except ValueError as e:
             if name in SELECTED_ON_VAL and not ctx.has_rows("val"):
                 skipped.append({"method": name, "reason": str(e)})
@@ -565,11 +585,15 @@ def compare(
         if heads is not None:
             heads[name] = head
         row.pop("history", None)
+        if note:
+            row["note"] = note
         row["seconds"] = round(time.perf_counter() - t0, 4)
         rows.append(row)
         row_samples.append(dict(ctx.samples))
         if log:
-            log(f"{name}: {row['seconds']:.2f} s")
+            p = row.get("params", {})
+            steps = f" ({p['epochs']} epochs x batch {p['batch_size']} = {p['steps']} steps)" if "steps" in p else ""
+            log(f"{name}: {row['seconds']:.2f} s{steps}")
     if ctx.protocol.bootstrap and samples is None:
         paired_differences(rows, row_samples, ctx.protocol.ci_level)
     if samples is not None:

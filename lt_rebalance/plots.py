@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 
 from .metrics import GROUPS, per_class_accuracy
+from .names import canonical_method
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -20,7 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FIGSIZE, DPI = (9.0, 5.5), 100
 MATPLOTLIB_HINT = 'plots need matplotlib: pip install "lt-rebalance[plot]" (or pip install matplotlib)'
-METHOD_ALIASES = {"tau": "tau_norm", "tau-norm": "tau_norm"}
 GROUP_COLORS = {"all": "black", "many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 
 
@@ -64,9 +64,7 @@ def _require_split(ctx: Context, split: str) -> None:
 def _fit(ctx: Context, name: str, overrides: Optional[dict]) -> tuple[dict, Any]:
     from .experiments import METHODS
 
-    name = METHOD_ALIASES.get(name, name)
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (or tau)")
+    name = canonical_method(name)
     runner, needs_head = METHODS[name]
     if needs_head and not ctx.store.has_head:
         raise ValueError(f"{name} needs the stored classifier, which {ctx.store.path} lacks")
@@ -179,7 +177,7 @@ def plot_per_class(ctx: Context, out: str | os.PathLike, methods: Sequence[str],
                    overrides: Optional[dict] = None, overwrite: bool = False) -> Path:
     """Per-class accuracy on ``split`` for each method, classes sorted by train count (largest first)."""
     _require_split(ctx, split)
-    heads = {METHOD_ALIASES.get(name, name): _fit(ctx, name, overrides)[1] for name in methods}
+    heads = {canonical_method(name): _fit(ctx, name, overrides)[1] for name in methods}
     return _save(per_class_figure(ctx, heads, split), out, overwrite)
 
 

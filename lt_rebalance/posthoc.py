@@ -23,6 +23,8 @@ from .heads.base import (
     Is,
     StrOptions,
     as_tensor,
+    check_bias,
+    check_counts,
     check_features,
     check_is_fitted,
     chunked_matmul,
@@ -86,8 +88,8 @@ def logit_adjust_sweep(
     -------
     dict of float64 (T,) tensors: ``all``, ``mean_class``, ``many``, ``medium``, ``few``.
     """
-    W, X, y, taus_t = sweep_inputs(X, y, weight, taus)
-    b = torch.zeros(W.shape[0], device=W.device) if bias is None else as_tensor(bias, torch.float32, W.device)
+    W, X, y, taus_t = sweep_inputs(X, y, weight, counts, taus)
+    b = check_bias(bias, W.shape[0], W.device)
     offsets = b[None, :] - taus_t[:, None] * log_prior(counts).to(W.device)[None, :]  # (T, C)
     if not torch.isfinite(offsets).all():
         limit = torch.finfo(torch.float32).max / 2 / float(log_prior(counts).abs().max().clamp_min(1))
@@ -161,8 +163,7 @@ class LogitAdjustment(BaseHead):
         """Select τ on (X, y) (the val split) unless ``tau`` is fixed."""
         self._validate_params()
         W, b = _linear(self.head)
-        if len(self.counts) != W.shape[0]:
-            raise ValueError(f"counts have {len(self.counts)} classes but the head has {W.shape[0]}")
+        check_counts(self.counts, W.shape[0])
         classes = _classes(self.head, W.shape[0])
         if self.tau is None:
             if X is None or y is None:

@@ -80,6 +80,24 @@ def _to_numpy(a: Any, dtype: Optional[str] = None) -> np.ndarray:
     return a.astype(dtype, copy=False) if dtype is not None else a
 
 
+RANDOM_HEAD_NOTE = ("the stored classifier is a random initialisation (ltr extract --random-init), "
+                    "not a trained stage-1 classifier")
+
+
+def _class_indices(labels: Any, split: str) -> np.ndarray:
+    """Labels as int64 class indices; fractional or negative values are an error, never truncated."""
+    y = _to_numpy(labels)
+    if y.dtype.kind not in "biuf":
+        raise ValueError(f"labels of split {split!r} must be integer class indices; got dtype {y.dtype}")
+    if y.dtype.kind == "f" and y.size and not np.array_equal(y, np.round(y)):
+        bad = y[y != np.round(y)][0]
+        raise ValueError(f"labels of split {split!r} must be whole class indices; got {bad}")
+    y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise ValueError(f"labels of split {split!r} must be class indices >= 0; got {int(y.min())}")
+    return y
+
+
 class FeatureStore:
     """Read-only view of a feature file, validated on opening.
 
@@ -218,6 +236,11 @@ class FeatureStore:
                 )
         if self.has_bias and tuple(f["head/bias"].shape) != (self.num_classes,):
             raise self._damaged(f"/head/bias has shape {tuple(f['head/bias'].shape)}, expected ({self.num_classes},)")
+        # a random initialisation is not a stage-1 classifier; files written before the /head
+        # attribute existed record it only in the root attribute weights (ltr extract --random-init)
+        self.head_random_init = self.has_head and (
+            bool(f["head"].attrs.get("random_init", False)) or self.attrs.get("weights") == "random-init"
+        )
 
     def _read_split(self, name: str, g: h5py.Group) -> SplitInfo:
         where = f"/splits/{name}"
@@ -474,8 +497,12 @@ class FeatureFileWriter:
     def num_classes(self) -> int:
         return int(self.file["classes/counts"].shape[0])
 
-    def set_head(self, weight: Any, bias: Any = None) -> None:
-        """Store the stage-1 classifier: weight (C, D), bias (C,) or None."""
+    def set_head(self, weight: Any, bias: Any = None, *, random_init: bool = False) -> None:
+        """Store the stage-1 classifier: weight (C, D), bias (C,) or None.
+
+        ``random_init``: the weights are a random initialisation, not a trained classifier
+        (``/head`` attribute ``random_init``; head-based methods then skip or mark it).
+        """
         w = _to_numpy(weight, "float32")
         if w.ndim != 2 or w.shape[0] != self.num_classes:
             raise ValueError(f"head weight must have shape (C={self.num_classes}, D), got {w.shape}")
@@ -494,6 +521,7 @@ class FeatureFileWriter:
         self.file.create_dataset("head/weight", data=w)
         if b is not None:
             self.file.create_dataset("head/bias", data=b)
+        self.file["head"].attrs["random_init"] = bool(random_init)
         record_checksums(self.file["head"])
 
     def create_split(
@@ -532,7 +560,7 @@ class FeatureFileWriter:
         """Write a batch after the rows already written; returns the new row count."""
         g = self.file[f"splits/{name}"]
         x = _to_numpy(features)
-        y = _to_numpy(labels, "int64")
+        y = _class_indices(labels, name)
         start = int(g.attrs["rows"])
         end = start + len(x)
         if len(y) != len(x):
@@ -655,6 +683,7 @@ def write_features(
     model: str = "",
     dataset: str = "",
     overwrite: bool = False,
+    head_random_init: bool = False,
     **attrs: Any,
 ) -> Path:
     """Write a complete feature file atomically (temporary file in the same folder, then rename).
@@ -667,6 +696,8 @@ def write_features(
         Training images per class; computed from the ``train`` labels when omitted.
     weight, bias : arrays (C, D) and (C,), optional
         The stage-1 classifier.
+    head_random_init : bool, default=False
+        ``weight``/``bias`` are a random initialisation, not a trained classifier (``/head`` attribute).
 
     Examples
     --------
@@ -676,9 +707,7 @@ def write_features(
     if counts is None:
         if "train" not in splits:
             raise ValueError("counts not given and no 'train' split to count them from")
-        ytr = _to_numpy(splits["train"][1], "int64")
-        if ytr.size and ytr.min() < 0:  # np.bincount would only say "'list' argument must have no negative elements"
-            raise ValueError(f"labels of split 'train' must be class indices >= 0; got {int(ytr.min())}")
+        ytr = _class_indices(splits["train"][1], "train")
         num_classes = int(ytr.max()) + 1 if ytr.size else 0
         if weight is not None:
             num_classes = max(num_classes, _to_numpy(weight).shape[0])
@@ -689,7 +718,7 @@ def write_features(
             tmp, counts=counts, model=model, dataset=dataset, class_names=class_names, **_root_kwargs(attrs)
         ) as w:
             if weight is not None:
-                w.set_head(weight, bias)
+                w.set_head(weight, bias, random_init=head_random_init)
             for name, arrays in splits.items():
                 x = _to_numpy(arrays[0])
                 if x.ndim != 2:

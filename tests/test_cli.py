@@ -414,12 +414,14 @@ def test_compare_human_table(files):
 ])
 def test_quiet_silences_progress(files, args):
     loud = run([args[0], "-f", files["full"], *args[1:]])
-    assert loud.stderr.strip()
+    assert "epoch" in loud.stderr
     quiet = run([args[0], "-f", files["full"], *args[1:], "--quiet"])
-    assert quiet.stderr == ""
+    # only warnings remain (these settings are too few optimiser steps): no progress
+    assert all(line.startswith("warning: ") for line in quiet.stderr.splitlines()), quiet.stderr
+    assert "optimiser steps" in quiet.stderr
     assert quiet.stdout.strip()
     doc, err = run_json([args[0], "-f", files["full"], *args[1:], "-q"])
-    assert err == "" and doc
+    assert all(line.startswith("warning: ") for line in err.splitlines()) and doc
 
 
 # -- import ----------------------------------------------------------------------------------------
@@ -557,7 +559,7 @@ def test_training_usage_errors(files, command, args, option):
 @pytest.mark.parametrize("args,code,match", [
     (["--crt-epochs", "0"], 2, "--crt-epochs"),
     (["--lws-epochs", "-1"], 2, "--lws-epochs"),
-    (["--methods", "nope"], 1, "nope"),
+    (["--methods", "nope"], 2, "nope"),
 ])
 def test_compare_errors(files, args, code, match):
     user_error(["compare", "-f", files["full"], *args], code=code, match=match)

@@ -96,7 +96,7 @@ def test_cli_grid_json(data, files):
     r = CliRunner().invoke(main, ["crt", "-f", files["full"], "--lr", "0.05,0.3", "--weight-decay", "1e-4,5e-3",
                                   "--json", "--save", head, *ARGS])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert [(g["lr"], g["weight_decay"]) for g in out["grid"]] == [(0.05, 1e-4), (0.05, 5e-3), (0.3, 1e-4), (0.3, 5e-3)]
     sel = out["selected"]
     vals = [g["val"]["all"] for g in out["grid"]]
@@ -116,7 +116,7 @@ def test_cli_grid_json(data, files):
 def test_cli_single_value_keeps_contract(files):
     r = CliRunner().invoke(main, ["crt", "-f", files["full"], "--lr", "0.3", "--json", *ARGS])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert set(out) == {"method", "params", "history", "val", "test"} and out["params"]["lr"] == 0.3
 
 
@@ -126,7 +126,7 @@ def test_cli_single_value_keeps_contract(files):
         ("full", ["--lr", "0.1,abc"], 2, "--lr"),
         ("full", ["--weight-decay", "1e-4,1e-4"], 2, "distinct"),
         ("full", ["--lr", "0.1,nan"], 2, "finite"),
-        ("full", ["--lr", "0.1,-2"], 1, "lr must be"),
+        ("full", ["--lr", "0.1,-2"], 2, "every value must be > 0"),
         ("noval", ["--lr", "0.1,0.2"], 1, "no 'val' split"),
     ],
 )

@@ -150,3 +150,26 @@ def test_overwrite_refuses_a_manifest_pointing_outside(tmp_path):
     with pytest.raises(FileExistsError, match="not a manifest written by `ltr demo`"):
         prepare_out(out, True, ["results.json"])
     assert (tmp_path / "outside.txt").read_text() == "keep me" and (out / "results.json").exists()
+
+
+@needs_sklearn
+def test_reproduce_commands_give_the_demo_numbers(demo_run, tmp_path):
+    """The printed `ltr crt` and `ltr compare` commands use the demo's shot groups and settings."""
+    import shlex
+
+    out, result = demo_run
+    rows = {r["method"]: r for r in result["rows"]}
+    by_name = {c.split()[1]: shlex.split(c)[1:] for c in result["reproduce"]}
+    crt = by_name["crt"]
+    crt[crt.index("--save") + 1] = str(tmp_path / "crt.pt")
+    r = CliRunner().invoke(main, [*crt, "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    for split in ("val", "test"):
+        assert doc[split] == rows["crt"][split], split  # same thresholds (40/10), seed and schedule
+    cmp = by_name["compare"]
+    cmp[cmp.index("--out") + 1] = str(tmp_path / "results.json")
+    r = CliRunner().invoke(main, [*cmp, "--methods", "joint,ncm", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["thresholds"] == {"many": 40, "few": 10}
+    assert [row["test"] for row in json.loads(r.stdout)["rows"]] == [rows["joint"]["test"], rows["ncm"]["test"]]

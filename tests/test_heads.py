@@ -19,7 +19,7 @@ from lt_rebalance.heads import (
     tau_sweep,
 )
 from lt_rebalance.heads.base import NotFittedError
-from lt_rebalance.heads.training import DEFAULT_BATCH_SIZE, effective_batch_size, learning_rate, train_sgd
+from lt_rebalance.heads.training import learning_rate, train_sgd
 from lt_rebalance.samplers import make_sampler
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -437,7 +437,7 @@ Y4 = np.arange(4)
 @pytest.mark.parametrize(
     "make,fit,pattern",
     [
-        (lambda: CRT(epochs=0), lambda h: h.fit(X4, Y4), r"CRT: epochs must be an int in \[1, inf\]; got 0"),
+        (lambda: CRT(epochs=0), lambda h: h.fit(X4, Y4), r"CRT: epochs must be an int in \[1, inf\] or one of 'auto'; got 0"),
         (lambda: CRT(epochs=2.5), lambda h: h.fit(X4, Y4), r"epochs must be an int.*got 2.5"),
         (lambda: CRT(lr=0), lambda h: h.fit(X4, Y4), r"CRT: lr must be a number in \(0, inf\); got 0"),
         (lambda: CRT(sampler="balanced"), lambda h: h.fit(X4, Y4), r"sampler must be 'ib', 'cb'.*got 'balanced'"),
@@ -450,7 +450,7 @@ Y4 = np.arange(4)
          r"labels must lie in \[0, 3\)"),
         (lambda: CRT(batch_size=4, device="cpu"), lambda h: h.fit(X4, [0, 1, 0.5, 2]), r"Unknown label type: continuous"),
         (lambda: NCM("cosine"), lambda h: h.fit(X4, Y4), r"NCM: variant must be one of 'cl2n', 'cos', 'l2n', 'un'"),
-        (lambda: LWS(W4, epochs=0), lambda h: h.fit(X4, Y4), r"LWS: epochs must be an int in \[1, inf\]; got 0"),
+        (lambda: LWS(W4, epochs=0), lambda h: h.fit(X4, Y4), r"LWS: epochs must be an int in \[1, inf\] or one of 'auto'; got 0"),
         (lambda: LWS(W4, sampler="x"), lambda h: h.fit(X4, Y4), r"LWS: sampler must be"),
         (lambda: LWS(W4, device="cpu"), lambda h: h.fit(X4[:, :3], Y4), r"X has 3 features, but weight is expecting 4"),
         (lambda: TauNorm("W"), lambda h: h.fit(), r"TauNorm: weight must be an array or tensor"),
@@ -463,12 +463,12 @@ def test_parameter_validation_messages(make, fit, pattern):
 
 
 def test_batch_size_larger_than_train_set():
-    with pytest.raises(ValueError, match="batch size must be between 1 and the number of training rows"):
+    with pytest.raises(ValueError, match=r"batch_size=8 is larger than the 4 train rows"):
         CRT(batch_size=8, device="cpu").fit(X4, Y4)
-    # the default batch (512) shrinks to the 4 rows: one full batch per epoch
-    assert effective_batch_size(DEFAULT_BATCH_SIZE, 4) == 4 and effective_batch_size(8, 4) == 8
-    assert effective_batch_size(DEFAULT_BATCH_SIZE, 10**6) == 512
-    assert len(CRT(epochs=3, device="cpu").fit(X4, Y4).history_.loss) == 3
+    # the default batch ("auto", 512) shrinks on the 4 rows: to max(1, 4 // 8) = 1, 4 batches an epoch
+    with pytest.warns(UserWarning, match="only 12 optimiser steps"):
+        h = CRT(epochs=3, device="cpu").fit(X4, Y4)
+    assert len(h.history_.loss) == 3 and (h.schedule_.batch_size, h.schedule_.batches_per_epoch) == (1, 4)
 
 
 def test_features_must_be_finite_and_2d():
@@ -485,7 +485,7 @@ def test_features_must_be_finite_and_2d():
 def test_get_and_set_params():
     h = CRT()
     p = h.get_params()
-    assert p["epochs"] == 10 and p["lr"] == 0.2 and p["batch_size"] == 512 and p["momentum"] == 0.9
+    assert p["epochs"] == "auto" and p["lr"] == 0.2 and p["batch_size"] == "auto" and p["momentum"] == 0.9
     assert p["weight_decay"] == 5e-4 and p["sampler"] == "cb" and p["schedule"] == "cosine" and p["keep_best"]
     assert h.set_params(lr=0.05, epochs=3) is h
     assert h.get_params()["lr"] == 0.05 and h.epochs == 3
@@ -493,7 +493,7 @@ def test_get_and_set_params():
         h.set_params(learning_rate=1.0)
     assert NCM().get_params() == {"variant": "cl2n", "device": "cpu"}
     lws = LWS(W4)
-    assert lws.get_params()["epochs"] == 5 and lws.get_params()["weight"] is W4
+    assert lws.get_params()["epochs"] == "auto" and lws.get_params()["weight"] is W4
     assert TauNorm(W4).get_params()["taus"] == DEFAULT_TAUS
     # a copy from get_params behaves the same
     clone = CRT(**{**h.get_params(), "device": "cpu", "batch_size": 2})

@@ -100,7 +100,7 @@ def test_logit_adjustment_errors(data):
     joint = JointHead(data["W"], data["b"]).fit()
     with pytest.raises(ValueError, match="pass X and y"):
         LogitAdjustment(joint, data["counts"]).fit()
-    with pytest.raises(ValueError, match="classes but the head has"):
+    with pytest.raises(ValueError, match=r"counts must have one entry per class \(\d+, the rows of the weight\)"):
         LogitAdjustment(joint, data["counts"][:5], tau=1.0).fit()
     from lt_rebalance.heads import NCM
 

@@ -180,8 +180,10 @@ def test_labels_outside_range(tmp_path, bad):
     p = tmp_path / "bad_labels.h5"
     with FeatureFileWriter.create(p, counts=[5, 5, 5, 5]) as w:  # C = 4
         w.create_split("test", 3, 2)
-        w.append("test", np.zeros((3, 2), np.float32), [0, bad, 3])
+        w.append("test", np.zeros((3, 2), np.float32), [0, 1, 3])
         w.mark_complete("test")
+    with h5py.File(p, "r+") as f:  # damaged after writing (the writer refuses negative labels)
+        f["splits/test/labels"][1] = bad
     expect_error(p, rf"/splits/test/labels has 1 value\(s\) outside \[0, 4\) \(e\.g\. {bad}\)")
 
 

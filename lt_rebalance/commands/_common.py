@@ -10,6 +10,7 @@ import errno
 import functools
 import json
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -75,20 +76,27 @@ def log(message: str, quiet: bool = False) -> None:
         click.echo(message, err=True)
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's ValueError and OS errors (missing, existing, read-only, full, ...) into one-line CLI errors."""
-    try:
-        yield
-    except click.ClickException:
-        raise
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:  # e.g. EROFS or ENOSPC outside a writer of lt_rebalance.outputs: name the path
-        if e.strerror is None:
+    """Turn the library's ValueError and OS errors (missing, existing, read-only, full, ...) into one-line CLI
+    errors, and its warnings (e.g. too few training steps) into ``warning: ...`` lines on stderr."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        try:
+            yield
+        except click.ClickException:
+            raise
+        except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
             raise click.ClickException(str(e)) from None
-        where = f"{e.filename}: " if e.filename else ""
-        raise click.ClickException(f"{where}{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})") from None
+        except OSError as e:  # e.g. EROFS or ENOSPC outside a writer of lt_rebalance.outputs: name the path
+            if e.strerror is None:
+                raise click.ClickException(str(e)) from None
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})") from None
 
 
 class Interrupted(click.ClickException):
@@ -164,19 +172,89 @@ def require_split(store, name: str, purpose: str) -> None:
         )
 
 
-def check_batch_fits(store, batch_size: int) -> None:
-    """--batch-size must not exceed the train rows (no check when the file has no train split)."""
-    if "train" in store.splits and batch_size > store.splits["train"].rows:
-        raise click.BadParameter(f"{batch_size} is larger than the {store.splits['train'].rows} train rows",
-                                 param_hint="--batch-size")
+def check_batch_fits(store, batch_size: Any) -> None:
+    """An explicit --batch-size must not exceed the train rows ("auto" shrinks to them; no check
+    when the file has no train split)."""
+    rows = store.splits["train"].rows if "train" in store.splits else None
+    if batch_size != "auto" and rows is not None and batch_size > rows:
+        raise click.BadParameter(f"{batch_size} is larger than the {rows} train rows; give at most {rows}, "
+                                 "or leave it at auto", param_hint="--batch-size")
+
+
+def check_training_fits(store, overrides: dict[str, dict], methods: Any) -> None:
+    """:func:`check_batch_fits` for the trained methods among ``methods`` (cRT, and LWS when the
+    file has a stored classifier): an option only blocks the methods that use it."""
+    from ..names import HEAD_METHODS, TRAINED_METHODS
+
+    for m in TRAINED_METHODS:
+        if m in methods and (m not in HEAD_METHODS or store.has_head) and "batch_size" in overrides.get(m, {}):
+            check_batch_fits(store, overrides[m]["batch_size"])
+
+
+class MethodNames(click.ParamType):
+    """A comma list of method names (old spellings accepted) -> canonical names; ``single``: exactly one."""
+
+    def __init__(self, single: bool = False):
+        self.single = single
+        self.name = "METHOD" if single else "METHOD[,METHOD...]"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        from ..names import parse_methods
+
+        if isinstance(value, list):
+            return value
+        try:
+            names = parse_methods(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        if not names or (self.single and len(names) != 1):
+            self.fail(f"give {'one method' if self.single else 'at least one method'}; got {value!r}", param, ctx)
+        return names[0] if self.single else names
+
+
+class AutoIntRange(click.IntRange):
+    """An integer range, or the word ``auto`` (the library's default rule)."""
+
+    name = "integer|auto"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return super().convert(value, param, ctx)
+
+    def get_metavar(self, param: click.Parameter, ctx: Optional[click.Context] = None) -> str:
+        return "INTEGER|auto"
+
+
+# the rule of lt_rebalance.heads.training.plan_schedule (DEFAULT_BATCH_SIZE, MIN_STEPS), spelled
+# out here because `--help` must not import torch; tests/test_defaults.py checks they agree
+EPOCHS_AUTO_HELP = ("auto: {n}, raised on small files until training takes at least 500 optimiser steps "
+                    "(an explicit value is used as given, with a warning below 500 steps).")
+BATCH_AUTO_HELP = ("auto: 512, or N // 8 for N < 4096 train rows (at least 8 batches an epoch); an explicit "
+                   "value must not exceed the train rows.")
+
+
+def epochs_option(name: str, reference: int, what: str = "Training epochs") -> Callable:
+    return click.option(name, default="auto", show_default=True, type=AutoIntRange(1),
+                        help=f"{what}; " + EPOCHS_AUTO_HELP.format(n=reference))
+
+
+def batch_size_option(what: str = "Batch size") -> Callable:
+    return click.option("--batch-size", default="auto", show_default=True, type=AutoIntRange(1),
+                        help=f"{what}; " + BATCH_AUTO_HELP)
 
 
 def require_head(store, command: str) -> None:
+    """A stored classifier must exist; a random-init one gets a warning line (its numbers mean little)."""
     if not store.has_head:
         raise click.ClickException(
             f"{store.path} has no stored classifier (/head/weight), which `ltr {command}` needs; "
             "`ltr ncm` and `ltr crt` work without one"
         )
+    if store.head_random_init:
+        from ..store import RANDOM_HEAD_NOTE
+
+        click.echo(f"warning: {store.path}: {RANDOM_HEAD_NOTE}; `ltr {command}` builds on it", err=True)
 
 
 def fmt_acc(v: Optional[float]) -> str:
@@ -207,12 +285,14 @@ def thresholds_options(f: Callable) -> Callable:
                         help="many-shot classes: > MANY train images.")(wrapper)
 
 
-def training_overrides(crt_epochs: int, lws_epochs: int, batch_size: int) -> dict[str, dict]:
+def training_overrides(crt_epochs: Any = "auto", lws_epochs: Any = "auto", batch_size: Any = "auto") -> dict[str, dict]:
     """``overrides`` of :func:`lt_rebalance.experiments.compare`: epochs and batch size of cRT, LWS and
-    MARC (trained like LWS; weight balancing keeps its authors' 10 epochs of batch 64)."""
+    MARC (trained like LWS); weight balancing keeps its own auto schedule (the authors' 10 epochs of
+    batch 64, lengthened on small files)."""
     return {"crt": {"epochs": crt_epochs, "batch_size": batch_size},
             "lws": {"epochs": lws_epochs, "batch_size": batch_size},
-            "marc": {"epochs": lws_epochs, "batch_size": batch_size}}
+            "marc": {"epochs": lws_epochs, "batch_size": batch_size},
+            "wb": {}}
 
 
 def training_options(f: Callable) -> Callable:
@@ -223,10 +303,9 @@ def training_options(f: Callable) -> Callable:
         return f(overrides=training_overrides(crt_epochs, lws_epochs, batch_size), **kwargs)
 
     for opt in (
-        click.option("--batch-size", default=512, show_default=True, type=click.IntRange(1),
-                     help="cRT, LWS and MARC batch size (at most the train rows)."),
-        click.option("--lws-epochs", default=5, show_default=True, type=click.IntRange(1), help="LWS and MARC epochs."),
-        click.option("--crt-epochs", default=10, show_default=True, type=click.IntRange(1)),
+        batch_size_option("cRT, LWS and MARC batch size"),
+        epochs_option("--lws-epochs", 5, "LWS and MARC epochs"),
+        epochs_option("--crt-epochs", 10, "cRT epochs"),
     ):
         wrapper = opt(wrapper)
     return wrapper

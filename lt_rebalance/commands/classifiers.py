@@ -15,6 +15,7 @@ from ._common import (
     require_split,
     resolve_device,
     seeds_option,
+    thresholds_options,
 )
 from ._protocol_text import with_protocol
 from .methods import (
@@ -36,6 +37,7 @@ from .methods import (
 
 @click.command()
 @common_options
+@thresholds_options
 @click.option("--k", "k", default=20, show_default=True, type=click.IntRange(1), help="Neighbours that vote.")
 @click.option("--temperature", default=0.07, show_default=True, type=click.FloatRange(0, min_open=True),
               help="T of the vote weight exp(sim / T) (DINO's).")
@@ -45,11 +47,12 @@ from .methods import (
 @splits_option
 @protocol_options
 @handle_user_errors
-def knn(features, as_json, quiet, allow_incomplete, k, temperature, balance, device, splits, protocol):
+def knn(features, as_json, quiet, allow_incomplete, thresholds, k, temperature, balance, device, splits, protocol):
     """Weighted kNN: the k most cosine-similar train rows vote with weight exp(sim / T)."""
     from ..experiments import run_knn
 
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), protocol=protocol)
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), thresholds=thresholds,
+                   protocol=protocol)
     require_split(ctx.store, "train", "for the neighbours")
     result, _ = run_knn(ctx, k=k, temperature=temperature, balance=balance)
     title = f"weighted kNN (k {k}, T {temperature:g}" + (f", votes / n_c^{balance:g}" if balance else "") + "), accuracy %"
@@ -73,6 +76,7 @@ def _probe_human(result: dict) -> str:
 
 @click.command("linear-probe")
 @common_options
+@thresholds_options
 @click.option("--C", "C", default=None, type=click.FloatRange(0, min_open=True),
               help="Inverse L2 strength, scikit-learn's C (default 1.0).")
 @click.option("--C-grid", "C_grid", default=None, type=FloatList(),
@@ -90,7 +94,7 @@ def _probe_human(result: dict) -> str:
 @overwrite_option
 @protocol_options
 @handle_user_errors
-def linear_probe(features, as_json, quiet, allow_incomplete, C, C_grid, class_weight, max_iter, tol, precision,
+def linear_probe(features, as_json, quiet, allow_incomplete, thresholds, C, C_grid, class_weight, max_iter, tol, precision,
                  device, splits, save, overwrite, protocol):
     """Logistic regression with full-batch L-BFGS: scikit-learn's LogisticRegression objective."""
     from ..experiments import run_linear_probe
@@ -100,7 +104,8 @@ def linear_probe(features, as_json, quiet, allow_incomplete, C, C_grid, class_we
     if C_grid is not None and any(c <= 0 for c in C_grid):
         raise click.BadParameter(f"every C must be positive; got {C_grid}", param_hint="--C-grid")
     check_writable(save, overwrite, [features])
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), protocol=protocol)
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), thresholds=thresholds,
+                   protocol=protocol)
     require_split(ctx.store, "train", "to fit on")
     if C_grid is not None:
         require_split(ctx.store, "val", "to select C from --C-grid")
@@ -121,8 +126,9 @@ def _wb_human(result: dict) -> str:
 
 @click.command()
 @common_options
+@thresholds_options
 @sgd_options(10, 0.01, "ib (instance-balanced, default: the authors'), cb, sqrt, pb or a power q.",
-             batch_size=64, weight_decay=0.1, sampler="ib")
+             weight_decay=0.1, sampler="ib")
 @click.option("--thresh", default=0.1, show_default=True, type=click.FloatRange(0),
               help="MaxNorm radius = min norm + THRESH x (max norm - min norm) of the stored classifier.")
 @click.option("--beta", default=0.9999, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),

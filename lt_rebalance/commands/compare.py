@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import click
 
+from ..names import DEFAULT_METHODS, METHOD_NAMES, OPT_IN_METHODS
 from ._common import (
+    MethodNames,
     allow_incomplete_option,
-    check_batch_fits,
+    check_training_fits,
     check_writable,
     device_option,
     emit,
@@ -39,7 +41,7 @@ def compare_table(result: dict) -> str:
     """method x many / medium / few / all per split, plus seconds (accuracy %); grouped by file."""
     splits = result["eval_splits"]
     groups = ("many", "medium", "few", "all")
-    width = max([6] + [len(r["method"]) for r in result["rows"]])
+    width = max([6] + [len(r["method"]) + 1 for r in result["rows"]])
     header = f"{'method':<{width}}  " + "   ".join(
         " ".join(f"{(s[:4] + '/' + g[:3]):>8}" for g in groups) for s in splits
     ) + f"  {'seconds':>8}"
@@ -47,12 +49,20 @@ def compare_table(result: dict) -> str:
     lines = [f"accuracy % per split and shot group (many > {t['many']}, medium {t['few']}-{t['many']}, "
              f"few < {t['few']} train images)", header]
     several = isinstance(result.get("features"), list)
+    notes: list[str] = []
     for path, rows in _by_file(result["rows"]):
         if several:
             lines.append(f"[{path}]")
         for r in rows:
             cells = "   ".join(" ".join(f"{fmt_acc((r.get(s) or {}).get(g)):>8}" for g in groups) for s in splits)
-            lines.append(f"{r['method']:<{width}}  {cells}  {r['seconds']:>8.2f}")
+            label = r["method"]
+            if r.get("note"):  # e.g. a method run on a random-init stored classifier
+                if r["note"] not in notes:
+                    notes.append(r["note"])
+                label += "*" * (notes.index(r["note"]) + 1)
+            lines.append(f"{label:<{width}}  {cells}  {r['seconds']:>8.2f}")
+    for k, note in enumerate(notes):
+        lines.append(f"({'*' * (k + 1)} {note})")
     for s in result.get("skipped", []):
         where = f" in {s['features']}" if several and "features" in s else ""
         lines.append(f"(skipped {s['method']}{where}: {s['reason']})")
@@ -146,9 +156,10 @@ def compare_options(f):
         json_option,
         quiet_option,
         allow_incomplete_option,
-        click.option("--methods", default=None,
-                     help="Comma-separated methods (default: all the file supports but knn and linear_probe, "
-                          "which run when named)."),
+        click.option("--methods", default=None, type=MethodNames(),
+                     help=f"Comma-separated subset of {', '.join(METHOD_NAMES)} (default: all the file "
+                          f"supports but {', '.join(OPT_IN_METHODS)}, which run when named; old spellings "
+                          "such as tau accepted)."),
         training_options,
         thresholds_options,
         click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test)."),
@@ -169,11 +180,15 @@ def compare_options(f):
 @handle_user_errors
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
             seed, seeds, protocol, device):
-    """Run joint, NCM, cRT, tau-norm (tau selected on val), LWS and the later methods with defaults; one table.
+    """Run joint, ncm, crt, tau_norm (tau selected on val), lws, logit_adjust (tau selected on val) and
+    pc_softmax, marc and wb with defaults; print one table. knn and linear_probe run when named in
+    --methods (on ImageNet-LT-sized files each costs more on a CPU than the rest of the study).
 
-    kNN and the linear probe run only when named in --methods (on ImageNet-LT-sized files each costs
-    more on a CPU than the rest of the study). With several --features, every method runs on each
-    file (each file is read once).
+    Methods that need the stored classifier are skipped, with the reason, when the file has none
+    or when it is a random initialisation (name them in --methods to run them anyway). cRT and LWS
+    use --batch-size auto (512, or N // 8 on fewer than 4096 train rows) and auto epochs (at least
+    500 optimiser steps). With several --features, every method runs on each file (each file is
+    read once).
     """
     check_writable(out, overwrite, features)  # fail early if --out cannot be written
     result, _ = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds,
@@ -210,8 +225,7 @@ def run_compare_command(features, allow_incomplete, methods, overrides, threshol
 
     contexts = compare_contexts(features, allow_incomplete, thresholds, splits, seed, protocol, device)
     for ctx in contexts:
-        check_batch_fits(ctx.store, overrides["crt"]["batch_size"])
-    names = [m.strip() for m in methods.split(",")] if methods else None
-    result = compare_files(contexts, list(features), names, overrides, log=None if quiet else log, heads=heads,
+        check_training_fits(ctx.store, overrides, methods or DEFAULT_METHODS)
+    result = compare_files(contexts, list(features), methods, overrides, log=None if quiet else log, heads=heads,
                            seeds=seeds)
     return result, contexts

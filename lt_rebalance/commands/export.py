@@ -108,11 +108,28 @@ def export(head_path: str, features: str, checkpoint: str, out: str, model_name:
     }
     save_head(out, ckpt, overwrite)
     kwargs = "".join(f", {k}={v!r}" for k, v in spec.model_kwargs.items())
+    load_with = f"timm.create_model({spec.timm_name!r}, num_classes={store.num_classes}{kwargs}, checkpoint_path={out!r})"
     result = {
         "out": out, "method": state["method"], "arch": model_name, "timm_name": spec.timm_name,
         "model_kwargs": dict(spec.model_kwargs), "num_classes": store.num_classes,
-        "load_with": f"timm.create_model({spec.timm_name!r}, num_classes={store.num_classes}{kwargs}, "
-                     f"checkpoint_path={out!r})",
+        "load_with": load_with,
+        "load_snippet": load_snippet(spec.timm_name, load_with),
     }
     log(f"exported the {state['method']} head into {model_name}", quiet)
-    emit(result, as_json, lambda r: f"wrote {r['out']}; load it with\n  {r['load_with']}")
+    emit(result, as_json, lambda r: f"wrote {r['out']}; load it in Python with\n\n{r['load_snippet']}")
+
+
+def load_snippet(timm_name: str, load_with: str) -> str:
+    """Python lines that load the exported model in a fresh interpreter.
+
+    A model that timm does not ship (the demo's ``ltr_tiny_cnn``) exists in timm's registry only
+    once the module that registers it is imported: the snippet imports that module first.
+    """
+    import timm
+
+    module = timm.models.model_entrypoint(timm_name.split(".")[0]).__module__
+    lines = ["import timm"]
+    if module.split(".")[0] != "timm":
+        lines.append(f"import {module}  # registers {timm_name} with timm")
+    lines.append(f"model = {load_with}.eval()")
+    return "\n".join(lines)

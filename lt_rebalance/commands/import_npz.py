@@ -6,7 +6,7 @@ import zipfile
 
 import click
 
-from ._common import check_writable, emit, handle_user_errors, json_option, log, quiet_option
+from ._common import check_writable, emit, handle_user_errors, json_option, quiet_option
 
 SPLITS = ("train", "val", "test")
 
@@ -83,5 +83,4 @@ def import_npz(npz_path, out, dtype, model, dataset, overwrite, as_json, quiet):
     """Create a feature file from an .npz with x_train, y_train, x_val, y_val, x_test, y_test
     (optional: weight, bias, counts, class_names; counts default to the y_train histogram)."""
     result = npz_to_features(npz_path, out, dtype=dtype, overwrite=overwrite, model=model, dataset=dataset)
-    log(f"wrote {out}", quiet)
     emit(result, as_json, lambda r: f"wrote {r['out']}: " + ", ".join(f"{s} {n} rows" for s, n in r["splits"].items()))

@@ -18,6 +18,7 @@ def file_summary(store) -> dict:
         "num_classes": store.num_classes,
         "dim": store.dim,
         "has_head": store.has_head,
+        "head_random_init": store.head_random_init,
         "splits": {
             s.name: {"rows": s.rows, "complete": s.complete, "dtype": s.dtype, "views": s.views}
             for s in store.splits.values()
@@ -27,11 +28,20 @@ def file_summary(store) -> dict:
     }
 
 
+def _head_text(d: dict) -> str:
+    if not d["has_head"]:
+        return "no"
+    if d.get("head_random_init"):
+        return ("yes, but random-init (not a trained stage-1 classifier: joint, tau_norm, lws, logit_adjust "
+                "and pc_softmax mean nothing on it)")
+    return "yes"
+
+
 def _human(d: dict) -> str:
     lines = [
         f"{d['path']}: lt-rebalance feature file v{d['format_version']}",
         f"  model {d['model'] or '-'}, dataset {d['dataset'] or '-'}",
-        f"  {d['num_classes']} classes, {d['dim']}-d features, stored classifier: {'yes' if d['has_head'] else 'no'}",
+        f"  {d['num_classes']} classes, {d['dim']}-d features, stored classifier: {_head_text(d)}",
         f"  shot groups (train counts): many {d['groups']['many']}, medium {d['groups']['medium']}, "
         f"few {d['groups']['few']}",
         "  splits:",

@@ -7,11 +7,13 @@ from typing import Any, Callable, Optional
 import click
 
 from ._common import (
+    batch_size_option,
     check_batch_fits,
     check_writable,
     common_options,
     device_option,
     emit,
+    epochs_option,
     eval_splits,
     fmt_acc,
     handle_user_errors,
@@ -24,6 +26,7 @@ from ._common import (
     resolve_device,
     seed_option,
     seeds_option,
+    thresholds_options,
 )
 from ._protocol_text import with_protocol
 
@@ -35,7 +38,7 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an ex
 
 
 def _context(features: str, allow_incomplete: bool, splits: Optional[str], device: str = "cpu", seed: int = 0,
-             protocol: Any = None):
+             thresholds: Optional[dict] = None, protocol: Any = None):
     from ..experiments import Context
     from ..protocols import Protocol
 
@@ -43,7 +46,8 @@ def _context(features: str, allow_incomplete: bool, splits: Optional[str], devic
     protocol = protocol or Protocol()
     if protocol.test_priors:
         require_split(store, "test", "for --test-priors")
-    return Context(store, eval_splits=eval_splits(store, splits), device=device, seed=seed, protocol=protocol)
+    return Context(store, eval_splits=eval_splits(store, splits), device=device, seed=seed,
+                   thresholds=thresholds or {}, protocol=protocol)
 
 
 def _splits_table(result: dict, splits) -> str:
@@ -65,14 +69,15 @@ def _save(save: Optional[str], overwrite: bool, head: Any, result: dict, feature
 
 @click.command()
 @common_options
+@thresholds_options
 @splits_option
 @protocol_options
 @handle_user_errors
-def joint(features, as_json, quiet, allow_incomplete, splits, protocol):
+def joint(features, as_json, quiet, allow_incomplete, thresholds, splits, protocol):
     """Evaluate the stored stage-1 (joint) classifier: the baseline every method is compared with."""
     from ..experiments import run_joint
 
-    ctx = _context(features, allow_incomplete, splits, protocol=protocol)
+    ctx = _context(features, allow_incomplete, splits, thresholds=thresholds, protocol=protocol)
     require_head(ctx.store, "joint")
     result, _ = run_joint(ctx)
     emit(result, as_json, _human(lambda r: "joint (stored stage-1 classifier), accuracy %", ctx.eval_splits))
@@ -80,6 +85,7 @@ def joint(features, as_json, quiet, allow_incomplete, splits, protocol):
 
 @click.command()
 @common_options
+@thresholds_options
 @click.option("--variant", type=click.Choice(["cl2n", "l2n", "un", "cos"]), default="cl2n", show_default=True,
               help="cl2n: centre on the train mean then L2-normalise; l2n: normalise; un: raw; cos: reference's cosine.")
 @splits_option
@@ -87,12 +93,12 @@ def joint(features, as_json, quiet, allow_incomplete, splits, protocol):
 @overwrite_option
 @protocol_options
 @handle_user_errors
-def ncm(features, as_json, quiet, allow_incomplete, variant, splits, save, overwrite, protocol):
+def ncm(features, as_json, quiet, allow_incomplete, thresholds, variant, splits, save, overwrite, protocol):
     """Nearest class mean on the cached train features (needs no stored classifier)."""
     from ..experiments import run_ncm
 
     check_writable(save, overwrite, [features])
-    ctx = _context(features, allow_incomplete, splits, protocol=protocol)
+    ctx = _context(features, allow_incomplete, splits, thresholds=thresholds, protocol=protocol)
     require_split(ctx.store, "train", "to compute class means")
     result, head = run_ncm(ctx, variant)
     _save(save, overwrite, head, result, features, quiet)
@@ -139,7 +145,8 @@ def sweep_options(f: Callable) -> Callable:
 
 
 def run_sweep_command(command: str, runner: Callable, features: str, as_json: bool, allow_incomplete: bool,
-                      taus: str, select_on: Optional[str], metric: str, eval_split: str, protocol: Any) -> None:
+                      thresholds: dict, taus: str, select_on: Optional[str], metric: str, eval_split: str,
+                      protocol: Any) -> None:
     """Parse and check the sweep options, run ``runner`` (run_tau_sweep's signature), print the result."""
     from ..experiments import parse_taus
 
@@ -150,7 +157,7 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
     if protocol.test_priors and eval_split != "test":
         raise click.BadParameter("--test-priors are evaluated on the test split; use --eval-split test",
                                  param_hint="--eval-split")
-    ctx = _context(features, allow_incomplete, None, protocol=protocol)
+    ctx = _context(features, allow_incomplete, None, thresholds=thresholds, protocol=protocol)
     require_head(ctx.store, command)
     if select_on is None:
         if "val" not in ctx.store.splits:
@@ -166,24 +173,35 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
 
 @click.command("tau-sweep")
 @common_options
+@thresholds_options
 @sweep_options
 @protocol_options
 @handle_user_errors
-def tau_sweep(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split, protocol):
+def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split, protocol):
     """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM.
 
     --bootstrap and --test-priors are reported at the selected tau.
     """
     from ..experiments import run_tau_sweep
 
-    run_sweep_command("tau-sweep", run_tau_sweep, features, as_json, allow_incomplete, taus, select_on, metric,
-                      eval_split, protocol)
+    run_sweep_command("tau-sweep", run_tau_sweep, features, as_json, allow_incomplete, thresholds, taus, select_on,
+                      metric, eval_split, protocol)
 
 
 class FloatList(click.ParamType):
-    """A comma-separated list of distinct finite numbers: '0.05,0.1,0.2' -> [0.05, 0.1, 0.2]."""
+    """A comma-separated list of distinct finite numbers: '0.05,0.1,0.2' -> [0.05, 0.1, 0.2].
+
+    ``positive``: each must be > 0 (else >= 0).
+    """
 
     name = "FLOAT[,FLOAT...]"
+
+    def __init__(self, positive: bool = False):
+        self.positive = positive
+
+    @property
+    def range_text(self) -> str:
+        return "x>0" if self.positive else "x>=0"
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> list[float]:
         if isinstance(value, list):
@@ -194,24 +212,31 @@ class FloatList(click.ParamType):
             self.fail(f"{value!r} is not a number or a comma-separated list of numbers", param, ctx)
         if not out or not all(math.isfinite(v) for v in out) or len(set(out)) != len(out):
             self.fail(f"{value!r}: give one or more distinct finite numbers, e.g. 0.05,0.1,0.2", param, ctx)
+        if any(v <= 0 if self.positive else v < 0 for v in out):
+            self.fail(f"{value!r}: every value must be {'> 0' if self.positive else '>= 0'}", param, ctx)
         return out
 
 
-def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False, *, batch_size: int = 512,
-                weight_decay: float = 5e-4, sampler: str = "cb"):
+def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False, *, weight_decay: float = 5e-4,
+                sampler: str = "cb"):
     """The training options shared by crt, lws, marc and wb (defaults: the reference's, or the method's).
 
     ``grid``: --lr and --weight-decay take comma lists (:class:`FloatList`), a grid trained in one pass.
     """
-    number, grid_help = (FloatList(), " A comma list trains a grid in one pass.") if grid else (float, "")
+    if grid:
+        lr_type, wd_type, grid_help = FloatList(positive=True), FloatList(), " A comma list trains a grid in one pass."
+        lr_help, wd_help = f" [{lr_type.range_text}]", f" [{wd_type.range_text}]"
+    else:
+        lr_type, wd_type, grid_help = click.FloatRange(0, min_open=True), click.FloatRange(0), ""
+        lr_help = wd_help = ""
     opts = [
-        click.option("--epochs", default=epochs, show_default=True, type=int, help="Training epochs."),
-        click.option("--lr", default=lr, show_default=True, type=number,
-                     help="Base learning rate (cosine schedule)." + grid_help),
-        click.option("--batch-size", default=batch_size, show_default=True, type=int),
-        click.option("--weight-decay", default=weight_decay, show_default=True, type=number,
-                     help=grid_help.strip() or None),
-        click.option("--momentum", default=0.9, show_default=True, type=float),
+        epochs_option("--epochs", epochs),
+        click.option("--lr", default=lr, show_default=True, type=lr_type,
+                     help="Base learning rate (cosine schedule)." + grid_help + lr_help),
+        batch_size_option(),
+        click.option("--weight-decay", default=weight_decay, show_default=True, type=wd_type,
+                     help=(grid_help.strip() + wd_help).strip() or None),
+        click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
         click.option("--sampler", default=sampler, show_default=True, help=sampler_help),
         click.option("--schedule", type=click.Choice(["cosine", "cosine-reference", "constant"]), default="cosine",
                      show_default=True, help="cosine-reference: the reference's (last epoch at lr = 0)."),
@@ -232,11 +257,7 @@ def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False, *
     return decorate
 
 
-def _check_training_args(epochs: int, batch_size: int, sampler: str) -> Any:
-    if epochs < 1:
-        raise click.BadParameter(f"must be a positive number of epochs; got {epochs}", param_hint="--epochs")
-    if batch_size < 1:
-        raise click.BadParameter(f"must be positive; got {batch_size}", param_hint="--batch-size")
+def _parse_sampler(sampler: str) -> Any:
     if sampler in ("ib", "cb", "sqrt", "pb"):
         return sampler
     try:
@@ -258,8 +279,11 @@ def _trained_human(result: dict) -> str:
     p = result["params"]
     h = result["history"]
     best = f", kept epoch {h['best_epoch'] + 1}" if h["val_top1"] else ""
-    title = (f"{result['method']}: {p['epochs']} epochs, lr {p['lr']}, batch {p['batch_size']}, "
-             f"sampler {p['sampler']}{best}; accuracy %")
+    auto = p.get("auto", ())
+    epochs = f"{p['epochs']} epochs{' (auto)' if 'epochs' in auto else ''}"
+    batch = f"batch {p['batch_size']}{' (auto)' if 'batch_size' in auto else ''}"
+    steps = f" = {p['steps']} steps" if "steps" in p else ""
+    title = f"{result['method']}: {epochs} x {batch}{steps}, lr {p['lr']}, sampler {p['sampler']}{best}; accuracy %"
     return f"{title}\n{_splits_table(result, _metric_splits(result))}"
 
 
@@ -287,15 +311,16 @@ def _crt_human(result: dict) -> str:
 
 
 def _train_on_joint(command: str, human: Callable[[dict], str], *, features, as_json, quiet, allow_incomplete,
-                    epochs, lr, batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed, device, splits,
-                    save, overwrite, seeds, protocol, **extra) -> None:
+                    thresholds, epochs, lr, batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed,
+                    device, splits, save, overwrite, seeds, protocol, **extra) -> None:
     """Check the options, train ``run_<command>`` (an experiments runner) from the stored head (once per
     --seeds seed), print it."""
     from .. import experiments
 
-    sampler = _check_training_args(epochs, batch_size, sampler)
+    sampler = _parse_sampler(sampler)
     check_writable(save, overwrite, [features])
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seeds[0] if seeds else seed, protocol)
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seeds[0] if seeds else seed,
+                   thresholds, protocol)
     require_head(ctx.store, command)
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)
@@ -313,6 +338,7 @@ def joint_calibration_command(name: str, help: str) -> click.Command:
 
     @click.command(name, help=help)
     @common_options
+    @thresholds_options
     @sgd_options(5, 0.2, "cb (class-balanced, default), ib, sqrt, pb or a power q.")
     @seeds_option
     @protocol_options
@@ -325,26 +351,28 @@ def joint_calibration_command(name: str, help: str) -> click.Command:
 
 @click.command()
 @common_options
+@thresholds_options
 @sgd_options(10, 0.2, "ib, cb (class-balanced, default), sqrt, pb or a power q.", grid=True)
-@click.option("--views", default=0, show_default=True, type=int,
-              help="Train on K stored augmented views (a random view per row per step).")
+@click.option("--views", default=0, show_default=True, type=click.IntRange(0),
+              help="Train on K stored augmented views (a random view per row per step; at most the stored K).")
 @click.option("--loss", type=click.Choice(["ce", "balanced-softmax"]), default="ce", show_default=True)
 @click.option("--class-weights", type=click.Choice(["none", "cb"]), default="none", show_default=True,
               help="cb: class-balanced loss weights (Cui et al.) with --beta.")
-@click.option("--beta", default=0.9999, show_default=True, type=float)
-@click.option("--label-smoothing", default=0.0, show_default=True, type=float)
+@click.option("--beta", default=0.9999, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @seeds_option
 @protocol_options
 @handle_user_errors
-def crt(features, as_json, quiet, allow_incomplete, epochs, lr, batch_size, weight_decay, momentum, sampler,
+def crt(features, as_json, quiet, allow_incomplete, thresholds, epochs, lr, batch_size, weight_decay, momentum, sampler,
         schedule, keep_best, seed, device, splits, save, overwrite, views, loss, class_weights, beta,
         label_smoothing, seeds, protocol):
     """Re-train the linear classifier on the cached features (class-balanced sampling by default)."""
     from ..experiments import run_crt
 
-    sampler = _check_training_args(epochs, batch_size, sampler)
+    sampler = _parse_sampler(sampler)
     check_writable(save, overwrite, [features])
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seeds[0] if seeds else seed, protocol)
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seeds[0] if seeds else seed,
+                   thresholds, protocol)
     require_split(ctx.store, "train", "to train on")
     check_batch_fits(ctx.store, batch_size)
     stored = ctx.store.splits["train"].views

@@ -8,7 +8,10 @@ from typing import Any, Callable, Optional
 
 import click
 
+from ..names import METHOD_NAMES, TRAINED_METHODS
 from ._common import (
+    MethodNames,
+    check_training_fits,
     check_writable,
     device_option,
     emit,
@@ -106,13 +109,14 @@ def norms(ctx, head_path: Optional[str], overrides: dict, out: str, overwrite: b
     head = load_head(head_path) if head_path else None
     if head is not None:
         check_head_fits(head, head_path, ctx.store)
+    check_training_fits(ctx.store, overrides, ("lws",) if head_path else TRAINED_METHODS)
     _done("norms", plot_norms(ctx, out, head, overrides, overwrite), as_json, quiet)
 
 
 @_plot_command("per-class")
 @_feature_options
-@click.option("--methods", default="joint,crt,tau", show_default=True,
-              help="Comma-separated methods (names of `ltr compare`; tau = tau_norm).")
+@click.option("--methods", default="joint,crt,tau_norm", show_default=True, type=MethodNames(),
+              help=f"Comma-separated methods: {', '.join(METHOD_NAMES)} (old spellings such as tau accepted).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
 @training_options
 @_out_options("per-class.png")
@@ -122,10 +126,8 @@ def per_class(ctx, methods: str, split: str, overrides: dict, out: str, overwrit
     from ..plots import plot_per_class
 
     check_writable(out, overwrite, [ctx.store.path])
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if not names:
-        raise click.BadParameter("give at least one method", param_hint="--methods")
-    path = plot_per_class(ctx, out, names, split, overrides, overwrite)
+    check_training_fits(ctx.store, overrides, methods)
+    path = plot_per_class(ctx, out, methods, split, overrides, overwrite)
     _done("per-class", path, as_json, quiet)
 
 

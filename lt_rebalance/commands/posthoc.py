@@ -5,47 +5,42 @@ import math
 
 import click
 
+from ..names import HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS
 from ._common import (
+    MethodNames,
+    batch_size_option,
     check_batch_fits,
     common_options,
     device_option,
     emit,
+    epochs_option,
     handle_user_errors,
     log,
     protocol_options,
+    require_head,
     resolve_device,
     seed_option,
+    thresholds_options,
 )
 from .methods import _context, run_sweep_command, sweep_options
-
-# --method of `ltr calibrate` -> experiments.METHODS name
-CALIBRATE_METHODS = {
-    "joint": "joint",
-    "crt": "crt",
-    "tau": "tau_norm",
-    "lws": "lws",
-    "ncm": "ncm",
-    "logit_adjust": "logit_adjust",
-    "marc": "marc",
-    "knn": "knn",
-    "linear_probe": "linear_probe",
-}
 
 
 @click.command("logit-adjust")
 @common_options
+@thresholds_options
 @sweep_options
 @protocol_options
 @handle_user_errors
-def logit_adjust(features, as_json, quiet, allow_incomplete, taus, select_on, metric, eval_split, protocol):
+def logit_adjust(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split,
+                 protocol):
     """Logit adjustment of the stored classifier (z - tau log prior) for every tau in one GEMM.
 
     tau = 1 is PC softmax. The JSON has the shape of `ltr tau-sweep` (method "logit_adjust").
     """
     from ..experiments import run_logit_adjust
 
-    run_sweep_command("logit-adjust", run_logit_adjust, features, as_json, allow_incomplete, taus, select_on,
-                      metric, eval_split, protocol)
+    run_sweep_command("logit-adjust", run_logit_adjust, features, as_json, allow_incomplete, thresholds, taus,
+                      select_on, metric, eval_split, protocol)
 
 
 def _num(v: float, fmt: str) -> str:
@@ -70,28 +65,31 @@ def _calibration_human(result: dict) -> str:
 
 @click.command()
 @common_options
-@click.option("--method", required=True, type=click.Choice(list(CALIBRATE_METHODS)),
-              help="The head to calibrate (tau: tau-norm and logit_adjust with tau selected on val).")
+@thresholds_options
+@click.option("--method", required=True, type=MethodNames(single=True),
+              help=f"The head to calibrate: {', '.join(METHOD_NAMES)} (tau_norm and logit_adjust with tau "
+                   "selected on val; old spellings such as tau accepted).")
 @click.option("--eval-split", default="test", show_default=True, help="Split the NLL and ECE are reported on.")
-@click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="Training epochs of crt/lws/marc (default: theirs, 10, 5 and 5).")
-@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Batch size of crt/lws/marc (at most the train rows).")
+@epochs_option("--epochs", 10, "Training epochs of crt/lws/marc/wb (auto: theirs, 10, 5, 5 and 10)")
+@batch_size_option("Batch size of crt/lws/marc/wb")
 @seed_option
 @device_option
 @handle_user_errors
-def calibrate(features, as_json, quiet, allow_incomplete, method, eval_split, epochs, batch_size, seed, device):
+def calibrate(features, as_json, quiet, allow_incomplete, thresholds, method, eval_split, epochs, batch_size, seed,
+              device):
     """Temperature scaling: fit T on val (minimising NLL over log T), report NLL and ECE before/after.
 
     Reported on --eval-split over all rows and per shot group (the rows of many/medium/few classes).
     """
     from ..experiments import run_calibrate
 
-    ctx = _context(features, allow_incomplete, None, resolve_device(device), seed)
-    name = CALIBRATE_METHODS[method]
+    name = method
+    ctx = _context(features, allow_incomplete, None, resolve_device(device), seed, thresholds)
+    if name in HEAD_METHODS:
+        require_head(ctx.store, f"calibrate --method {name}")
     params = {}
-    if name in ("crt", "lws", "marc"):
+    if name in TRAINED_METHODS:
         check_batch_fits(ctx.store, batch_size)
-        params = {"batch_size": batch_size, **({"epochs": epochs} if epochs is not None else {})}
+        params = {"batch_size": batch_size, "epochs": epochs}
     result, _ = run_calibrate(ctx, name, eval_split, log=None if quiet else log, **params)
     emit(result, as_json, _calibration_human)

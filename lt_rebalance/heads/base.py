@@ -272,6 +272,41 @@ def all_finite(X: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
+def check_no_grad(a: Any, name: str) -> None:
+    """A tensor that requires grad would drag its autograd graph into the fitted state: refuse it."""
+    if isinstance(a, torch.Tensor) and a.requires_grad:
+        raise ValueError(f"{name} is a tensor that requires grad; pass {name}.detach()")
+
+
+def check_weight(weight: Any, device: Any = "cpu", name: str = "weight") -> torch.Tensor:
+    """A stage-1 classifier weight as float32 (C, D): one row per class."""
+    check_no_grad(weight, name)
+    W = as_tensor(weight, torch.float32, device)
+    if W.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (C, D), one row per class; got shape {tuple(W.shape)}")
+    return W
+
+
+def check_bias(bias: Any, num_classes: int, device: Any = "cpu", name: str = "bias") -> torch.Tensor:
+    """A classifier bias as float32 (C,); zeros when ``bias`` is None."""
+    if bias is None:
+        return torch.zeros(num_classes, device=device)
+    check_no_grad(bias, name)
+    b = as_tensor(bias, torch.float32, device)
+    if b.shape != (num_classes,):
+        raise ValueError(f"{name} must have shape ({num_classes},), one entry per row of the weight; "
+                         f"got {tuple(b.shape)}")
+    return b
+
+
+def check_counts(counts: Any, num_classes: int, name: str = "counts") -> None:
+    """Train counts must have one entry per class of the head."""
+    shape = tuple(getattr(counts, "shape", (len(counts),)))
+    if shape != (num_classes,):
+        raise ValueError(f"{name} must have one entry per class ({num_classes}, the rows of the weight); "
+                         f"got shape {shape}")
+
+
 def check_features(
     X: Any,
     y: Any = None,
@@ -288,6 +323,7 @@ def check_features(
     ``min_samples``: the fewest rows accepted (1 when fitting); ``expecting`` names what the
     width must match in the error message.
     """
+    check_no_grad(X, "X")
     X = as_features(X, device)
     if X.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D); got shape {tuple(X.shape)}. Reshape your data with "

@@ -11,14 +11,17 @@ import torch.nn.functional as F
 from ..samplers import make_sampler
 from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_fit_data, resolve_device
 from .training import (
-    DEFAULT_BATCH_SIZE,
+    AUTO,
     ProgressFn,
+    Schedule,
     TrainHistory,
-    effective_batch_size,
     flush_tiny_gradient,
+    plan_schedule,
     sgd_constraints,
     train_sgd_members,
 )
+
+REFERENCE_EPOCHS = 10  # the reference's cRT epochs (iNaturalist: 30)
 
 LOSSES = ("ce", "balanced-softmax")
 CLASS_WEIGHTS = ("none", "cb")
@@ -48,8 +51,9 @@ class CRT(BaseHead):
 
     Defaults are the reference's: fresh ``nn.Linear`` initialisation, cross-entropy, SGD momentum
     0.9, weight decay 5e-4, lr 0.2, batch 512, 10 epochs (iNaturalist: 30 epochs, wd 1e-4),
-    cosine schedule, the epoch with the best val top-1 kept. The default batch shrinks to the
-    number of train rows on a smaller set (:func:`~lt_rebalance.heads.training.effective_batch_size`).
+    cosine schedule, the epoch with the best val top-1 kept. On small files the defaults adapt
+    (``"auto"``, :func:`~lt_rebalance.heads.training.plan_schedule`): the batch shrinks to give at
+    least 8 batches an epoch, and the epochs rise until training takes at least 500 optimiser steps.
 
     Cached-feature caveat: the reference re-trains on freshly augmented images with the backbone
     in train mode (BatchNorm statistics keep moving). On fixed features this cannot be exact; with
@@ -58,7 +62,13 @@ class CRT(BaseHead):
 
     Parameters
     ----------
-    epochs, lr, batch_size, momentum, weight_decay, sampler, schedule, seed
+    epochs : int or "auto", default="auto"
+        "auto": 10, raised to ceil(500 / batches per epoch) when that gives fewer than 500 steps.
+        An explicit value is used as given (a FewStepsWarning below 500 steps).
+    batch_size : int or "auto", default="auto"
+        "auto": 512, or N // 8 on fewer than 4096 train rows (at least 8 batches an epoch); an
+        explicit value above the train rows is an error.
+    lr, momentum, weight_decay, sampler, schedule, seed
         See above; ``sampler`` is 'ib', 'cb', 'sqrt', 'pb' or a power q.
     keep_best : bool, default=True
         Keep the epoch with the best val top-1 (when val data is given to ``fit``).
@@ -80,6 +90,8 @@ class CRT(BaseHead):
         (classes without train rows keep their row).
     history_ : TrainHistory
         Per-epoch loss, lr, val top-1 and the kept epoch.
+    schedule_ : Schedule
+        The epochs, batch size and optimiser steps actually run.
 
     Notes
     -----
@@ -101,9 +113,9 @@ class CRT(BaseHead):
     def __init__(
         self,
         *,
-        epochs: int = 10,
+        epochs: int | str = AUTO,
         lr: float = 0.2,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | str = AUTO,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         sampler: Any = "cb",
@@ -149,7 +161,7 @@ class CRT(BaseHead):
         draws one of the K views per row. ``num_classes``: the labels are ints in [0, num_classes)
         (classes_ = arange(num_classes)); by default classes_ are the distinct labels of y.
         """
-        self.classes_, [(self.weight_, self.bias_, self.history_)] = self._fit_members(
+        self.classes_, [(self.weight_, self.bias_, self.history_)], self.schedule_ = self._fit_members(
             X, y, X_val, y_val, views, num_classes, [(self.lr, self.weight_decay)]
         )
         self.n_features_in_ = self.weight_.shape[1]
@@ -165,8 +177,9 @@ class CRT(BaseHead):
         num_classes: Optional[int],
         grid: Sequence[tuple[float, float]],
         seeds: Optional[Sequence[int]] = None,
-    ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, TrainHistory]]]:
-        """Train one head per (lr, weight_decay) of ``grid`` in one pass: classes_ and (weight, bias, history) each.
+    ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, TrainHistory]], Schedule]:
+        """Train one head per (lr, weight_decay) of ``grid`` in one pass: classes_, (weight, bias, history)
+        of each, and the :class:`Schedule` (epochs, batch size) every member ran.
 
         Every member starts from the same initialisation and sees the same batches and view draws
         as a lone run with this seed; the G heads form one [G·C, D] layer, so a step is one GEMM.
@@ -180,6 +193,7 @@ class CRT(BaseHead):
         N, D = X.shape
         C = len(classes)
         counts = torch.bincount(y, minlength=C).to(device)
+        plan = plan_schedule(N, self.epochs, self.batch_size, REFERENCE_EPOCHS, stacklevel=4)
         if views is not None:
             views = as_tensor(views, views.dtype if isinstance(views, torch.Tensor) else torch.float32, device)
             if views.ndim != 3 or views.shape[1:] != (N, D):
@@ -238,9 +252,9 @@ class CRT(BaseHead):
             [W, b],
             batch_loss,
             make_sampler(self.sampler, y.cpu(), C),
-            epochs=self.epochs,
+            epochs=plan.epochs,
             lrs=[lr for lr, _ in grid],
-            batch_size=effective_batch_size(self.batch_size, N),
+            batch_size=plan.batch_size,
             momentum=self.momentum,
             weight_decays=[wd for _, wd in grid],
             schedule=self.schedule,
@@ -248,8 +262,9 @@ class CRT(BaseHead):
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,
+            step_work=plan.batch_size * D * C * G,
         )
-        return classes, [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)]
+        return classes, [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)], plan
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C)."""

@@ -9,6 +9,7 @@ import torch
 
 from .base import BaseHead, Is
 from .crt import CRT
+from .training import Schedule
 
 _NUMBERS = Is(
     lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, (int, float)) for x in v),
@@ -78,9 +79,9 @@ class CRTGrid(BaseHead):
             raise ValueError("a cRT grid selects its head on val data: pass X_val and y_val")
         params = self.estimator.get_params()
         trainer = CRT(**params)
-        self.classes_, members = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
+        self.classes_, members, plan = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
         self.estimators_ = _fitted(params, [{"lr": lr, "weight_decay": wd} for lr, wd in self.grid],
-                                   self.classes_, members)
+                                   self.classes_, members, plan)
         self.val_scores_ = torch.tensor(
             [-float("inf") if e.history_.diverged else max(e.history_.val) for e in self.estimators_],
             dtype=torch.float64,
@@ -120,16 +121,18 @@ def fit_seeds(
     trainer = CRT(**params)
     trainer._validate_params()
     grid = [(trainer.lr, trainer.weight_decay)] * len(seeds)
-    classes, members = trainer._fit_members(X, y, X_val, y_val, views, num_classes, grid, seeds=list(seeds))
-    return _fitted(params, [{"seed": seed} for seed in seeds], classes, members)
+    classes, members, plan = trainer._fit_members(X, y, X_val, y_val, views, num_classes, grid, seeds=list(seeds))
+    return _fitted(params, [{"seed": seed} for seed in seeds], classes, members, plan)
 
 
-def _fitted(params: dict, settings: Sequence[dict], classes: np.ndarray, members: Sequence[tuple]) -> list[CRT]:
-    """A fitted CRT per member: ``params`` updated by its ``settings``, with ``classes`` and its (weight, bias, history)."""
+def _fitted(params: dict, settings: Sequence[dict], classes: np.ndarray, members: Sequence[tuple],
+            plan: Schedule) -> list[CRT]:
+    """A fitted CRT per member: ``params`` updated by its ``settings``, with ``classes``, its (weight, bias,
+    history) and the ``plan`` (epochs, batch size) all members ran."""
     out = []
     for extra, (W, b, hist) in zip(settings, members):
         est = CRT(**{**params, **extra})
         est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
-        est.classes_ = classes
+        est.classes_, est.schedule_ = classes, plan
         out.append(est)
     return out

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .base import ARRAY, NONE, BaseHead, as_tensor
+from .base import ARRAY, NONE, BaseHead, check_bias, check_weight
 
 
 class LinearDecision:
@@ -51,13 +51,8 @@ class JointHead(LinearDecision, BaseHead):
     def fit(self, X: Any = None, y: Any = None) -> JointHead:
         """Nothing to learn: takes the stored weights. X and y are ignored."""
         self._validate_params()
-        self.weight_ = as_tensor(self.weight, torch.float32, self.device)
-        C = self.weight_.shape[0]
-        self.bias_ = (
-            torch.zeros(C, device=self.device) if self.bias is None else as_tensor(self.bias, torch.float32, self.device)
-        )
-        if self.bias_.shape != (C,):
-            raise ValueError(f"bias must have shape ({C},); got {tuple(self.bias_.shape)}")
+        self.weight_ = check_weight(self.weight, self.device)
+        self.bias_ = check_bias(self.bias, self.weight_.shape[0], self.device)
         self.n_features_in_ = self.weight_.shape[1]
-        self.classes_ = np.arange(C)
+        self.classes_ = np.arange(self.weight_.shape[0])
         return self

@@ -12,16 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from ..samplers import make_sampler
-from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, resolve_device
-from .linear import LinearDecision
-from .training import (
-    DEFAULT_BATCH_SIZE,
-    ProgressFn,
-    effective_batch_size,
-    flush_tiny_gradient,
-    sgd_constraints,
-    train_sgd,
+from .base import (
+    ARRAY,
+    NONE,
+    BaseHead,
+    Interval,
+    check_bias,
+    check_features,
+    check_weight,
+    resolve_device,
 )
+from .linear import LinearDecision
+from .training import AUTO, ProgressFn, flush_tiny_gradient, plan_schedule, sgd_constraints, train_sgd
+
+REFERENCE_EPOCHS = 5  # the paper's LWS setting (MARC: the same)
 
 
 class JointLogitCalibration(LinearDecision, BaseHead):
@@ -48,9 +52,9 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         weight: Any,
         bias: Optional[Any] = None,
         *,
-        epochs: int = 5,
+        epochs: int | str = AUTO,
         lr: float = 0.2,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | str = AUTO,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         sampler: Any = "cb",
@@ -89,11 +93,12 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         """Train the parameters on (X, y); (X_val, y_val) select the best epoch."""
         self._validate_params()
         device = resolve_device(self.device)
-        W = as_tensor(self.weight, torch.float32, device)
+        W = check_weight(self.weight, device)
         C, D = W.shape
-        b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device)
+        b = check_bias(self.bias, C, device)
         classes = np.arange(C)
         X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
+        self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, REFERENCE_EPOCHS)
         cache = X.shape[0] * C * 4 <= self.max_cache_gb * 2**30
 
         def joint_logits(x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +126,9 @@ class JointLogitCalibration(LinearDecision, BaseHead):
             params,
             batch_loss,
             make_sampler(self.sampler, y.cpu(), C),
-            epochs=self.epochs,
+            epochs=plan.epochs,
             lr=self.lr,
-            batch_size=effective_batch_size(self.batch_size, X.shape[0]),
+            batch_size=plan.batch_size,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             schedule=self.schedule,
@@ -131,6 +136,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,
+            step_work=plan.batch_size * C * (1 if cache else D),
         )
         self._fold(W, b, [p.detach() for p in params])
         self.n_features_in_ = D
@@ -152,10 +158,16 @@ class LWS(JointLogitCalibration):
     ----------
     weight, bias : float (C, D), (C,) or None
         The joint classifier (frozen).
-    epochs, lr, batch_size, momentum, weight_decay, sampler, schedule, seed
-        Reference defaults: 5 epochs, lr 0.2 (Places-LT: 0.1), batch 512 (shrunk to the train
-        rows on a smaller set), momentum 0.9, weight decay 5e-4 on s, class-balanced sampling,
-        cosine schedule.
+    epochs : int or "auto", default="auto"
+        "auto": the reference's 5, raised to ceil(500 / batches per epoch) when that gives fewer
+        than 500 optimiser steps (small files); an explicit value is used as given (a
+        FewStepsWarning below 500 steps).
+    batch_size : int or "auto", default="auto"
+        "auto": 512, or N // 8 on fewer than 4096 train rows (at least 8 batches an epoch); an
+        explicit value above the train rows is an error.
+    lr, momentum, weight_decay, sampler, schedule, seed
+        Reference defaults: lr 0.2 (Places-LT: 0.1), momentum 0.9, weight decay 5e-4 on s,
+        class-balanced sampling, cosine schedule.
     keep_best : bool, default=True
         Keep the epoch with the best val top-1 when val data is given to ``fit``.
 
@@ -167,6 +179,8 @@ class LWS(JointLogitCalibration):
     classes_ : ndarray (C,)
         arange(C): row j of ``weight`` is class j, and labels must be ints in [0, C).
     history_ : TrainHistory
+    schedule_ : Schedule
+        The epochs, batch size and optimiser steps actually run.
 
     Notes
     -----

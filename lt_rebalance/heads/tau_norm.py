@@ -15,7 +15,9 @@ from .base import (
     Interval,
     StrOptions,
     as_tensor,
+    check_counts,
     check_features,
+    check_weight,
     chunked_matmul,
 )
 
@@ -104,7 +106,7 @@ def tau_sweep(
     -------
     dict of float64 (T,) tensors: ``all``, ``mean_class``, ``many``, ``medium``, ``few``.
     """
-    W, X, y, taus_t = sweep_inputs(X, y, weight, taus)
+    W, X, y, taus_t = sweep_inputs(X, y, weight, counts, taus)
     scale = tau_scales(W, taus_t)  # (T, C)
     pred = torch.empty(len(taus_t), X.shape[0], dtype=torch.int64, device=W.device)
     bounds = _scale_bounds(scale) if torch.isfinite(W).all() else None
@@ -119,13 +121,14 @@ def tau_sweep(
 
 
 def sweep_inputs(
-    X: Any, y: Any, weight: Any, taus: Sequence[float]
+    X: Any, y: Any, weight: Any, counts: Any, taus: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inputs of a one-GEMM sweep on ``weight``'s device: W float32 (C, D), X float32 (N, D)
-    (checked), y int64 (N,), taus float32 (T,)."""
-    W = as_tensor(weight, torch.float32, getattr(weight, "device", "cpu"))
-    X = check_features(X, n_features=W.shape[1], device=W.device, expecting="weight")
-    y = as_tensor(y, torch.int64, W.device)
+    """The inputs of a one-GEMM sweep on ``weight``'s device, checked against each other:
+    W float32 (C, D), X float32 (N, D), y int64 (N,) in [0, C), counts of length C, taus float32 (T,)."""
+    W = check_weight(weight, getattr(weight, "device", "cpu"))
+    X, y = check_features(X, y, n_features=W.shape[1], classes=np.arange(W.shape[0]), device=W.device,
+                          expecting="weight")
+    check_counts(counts, W.shape[0])
     return W, X, y, torch.as_tensor(list(taus), dtype=torch.float32, device=W.device)
 
 
@@ -243,7 +246,7 @@ class TauNorm(BaseHead):
     def fit(self, X: Any = None, y: Any = None, counts: Any = None) -> TauNorm:
         """Select tau on (X, y) (the val split) unless ``tau`` is fixed; ``counts`` are train counts."""
         self._validate_params()
-        W = as_tensor(self.weight, torch.float32, self.device)
+        W = check_weight(self.weight, self.device)
         classes = np.arange(W.shape[0])
         if self.tau is None:
             if X is None or y is None or counts is None:

@@ -1,6 +1,7 @@
 """Weight balancing, stage 2 (Alshammari et al., CVPR 2022): fine-tune the classifier under MaxNorm."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -11,7 +12,17 @@ from ..samplers import make_sampler
 from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, resolve_device
 from .crt import class_balanced_weights
 from .linear import LinearDecision
-from .training import ProgressFn, flush_tiny_gradient, sgd_constraints, train_sgd
+from .training import (
+    AUTO,
+    MIN_BATCHES_PER_EPOCH,
+    ProgressFn,
+    flush_tiny_gradient,
+    plan_schedule,
+    sgd_constraints,
+    train_sgd,
+)
+
+REFERENCE_EPOCHS, REFERENCE_BATCH = 10, 64  # the authors' second stage
 
 
 def max_norm_radius(weight: torch.Tensor, thresh: float) -> torch.Tensor:
@@ -55,8 +66,8 @@ class WeightBalancing(LinearDecision, BaseHead):
     ‖w_j‖ ≤ r (projected gradient descent), with r = min‖w‖ + thresh·(max‖w‖ − min‖w‖) of the
     starting classifier. The bias is not constrained. Defaults are the authors' public second
     stage (``demo2_second-stage-training.py``): lr 0.01, momentum 0.9, weight decay 0.1, batch 64,
-    10 epochs, cosine schedule, instance-balanced sampling, thresh 0.1, beta 0.9999; the epoch
-    with the best val top-1 is kept.
+    10 epochs (both "auto": lengthened on small files), cosine schedule, instance-balanced
+    sampling, thresh 0.1, beta 0.9999; the epoch with the best val top-1 is kept.
 
     Differences from the authors' code: it projects once per epoch (after the training pass), we
     after every step, as the paper's PGD; it steps the cosine schedule before each epoch (last
@@ -67,7 +78,12 @@ class WeightBalancing(LinearDecision, BaseHead):
     ----------
     weight, bias : float (C, D), (C,) or None
         The joint classifier to start from.
-    epochs, lr, batch_size, momentum, weight_decay, sampler, schedule, keep_best, seed
+    epochs : int or "auto", default="auto"
+        "auto": the authors' 10, raised to ceil(500 / batches per epoch) when that gives fewer than
+        500 optimiser steps (small files), the rule of cRT and LWS.
+    batch_size : int or "auto", default="auto"
+        "auto": the authors' 64, or N // 8 on fewer than 512 train rows (at least 8 batches an epoch).
+    lr, momentum, weight_decay, sampler, schedule, keep_best, seed
         As for :class:`~lt_rebalance.heads.CRT` (defaults above).
     thresh : float, default=0.1
         Where the MaxNorm radius sits between the smallest and the largest starting row norm.
@@ -85,6 +101,8 @@ class WeightBalancing(LinearDecision, BaseHead):
     classes_ : ndarray (C,)
         arange(C): row j of ``weight`` is class j.
     history_ : TrainHistory
+    schedule_ : Schedule
+        The epochs, batch size and optimiser steps actually run.
 
     References
     ----------
@@ -105,9 +123,9 @@ class WeightBalancing(LinearDecision, BaseHead):
         weight: Any,
         bias: Optional[Any] = None,
         *,
-        epochs: int = 10,
+        epochs: int | str = AUTO,
         lr: float = 0.01,
-        batch_size: int = 64,
+        batch_size: int | str = AUTO,
         momentum: float = 0.9,
         weight_decay: float = 0.1,
         sampler: Any = "ib",
@@ -144,6 +162,11 @@ class WeightBalancing(LinearDecision, BaseHead):
         b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device).clone()
         classes = np.arange(C)
         X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
+        n = X.shape[0]
+        auto_batch = self.batch_size == AUTO
+        batch = max(1, min(REFERENCE_BATCH, n // MIN_BATCHES_PER_EPOCH)) if auto_batch else self.batch_size
+        plan = plan_schedule(n, self.epochs, batch, REFERENCE_EPOCHS)
+        self.schedule_ = replace(plan, auto=plan.auto + (("batch_size",) if auto_batch else ()))
         cw = class_balanced_weights(torch.bincount(y, minlength=C), self.beta)
         radius = max_norm_radius(W, self.thresh)
         W.requires_grad_()
@@ -163,9 +186,9 @@ class WeightBalancing(LinearDecision, BaseHead):
             [W, b],
             batch_loss,
             make_sampler(self.sampler, y.cpu(), C),
-            epochs=self.epochs,
+            epochs=plan.epochs,
             lr=self.lr,
-            batch_size=self.batch_size,
+            batch_size=plan.batch_size,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             schedule=self.schedule,
@@ -174,6 +197,7 @@ class WeightBalancing(LinearDecision, BaseHead):
             keep_best=self.keep_best,
             progress=self.progress,
             after_step=lambda: project_max_norm(W, radius),
+            step_work=plan.batch_size * C * D,
         )
         self.weight_, self.bias_ = W.detach(), b.detach()
         self.radius_ = radius.item()
