@@ -14,7 +14,7 @@ class MARC(JointLogitCalibration):
     ω rescales a class's logit and β shifts its decision boundary by a margin proportional to its
     weight norm. Only ω and β are trained, from the cached joint logits, with LWS's training path
     and defaults (class-balanced sampling, cross-entropy, SGD momentum 0.9, lr 0.2, weight decay
-    5e-4, batch 512, 5 epochs, cosine schedule, best val epoch kept).
+    5e-4, auto batch and epochs as LWS, cosine schedule, best val epoch kept).
 
     Parameters
     ----------
