@@ -294,6 +294,95 @@ def equivalence_op(b: Bench) -> Result:
         "float32 in memory, LWS float32 cache", "info", passed=ok, note=note, runs=[t_new], floor_runs=[t_ref],
         peak_rss_mib=mem_new.delta_mib, floor_peak_rss_mib=mem_ref.delta_mib,
     ).finish()
+# -- more classifiers (issue 16) -------------------------------------------------------------------
+def knn_op(b: Bench) -> Result:
+    import torch.nn.functional as F
+
+    from lt_rebalance.heads import KNN
+    from lt_rebalance.blocks import chunked_matmul
+
+    X, y = b.load("train")
+    Xt, _ = b.load(b.eval_split)
+    C = b.store.num_classes
+    head = KNN(device=b.device)
+
+    def op():
+        return head.fit(X, y, num_classes=C).predict(Xt)
+
+    def floor():  # normalised rows, one similarity GEMM in the same query blocks, results dropped
+        T = F.normalize(X.float(), dim=1)
+        chunked_matmul(F.normalize(Xt.float(), dim=1), T, lambda S, s: None, chunk=head.query_block)
+
+    return b.time(
+        "knn", f"kNN (k {head.k}, T {head.temperature:g}) fit on train + predict {b.eval_split}", op, floor,
+        floor=f"1 {b.eval_split} x train similarity GEMM", goal=1.5,
+        repeats=b.slow_repeats if b.large else b.repeats, warmup=not b.large,
+        note="blocked top-k merge; memory bounded by query_block x train_block similarities",
+    )
+
+
+def _scale_floor(r: Result, factor: float, what: str) -> Result:
+    """The floor of ``r`` times ``factor`` (known only after the operation ran), ratio recomputed."""
+    if r.floor_seconds is not None:
+        r.floor_seconds *= factor
+        r.floor_runs = [t * factor for t in r.floor_runs]
+        r.floor = f"{factor:g} x {what}"
+        r.finish()
+    return r
+
+
+def linear_probe_op(b: Bench) -> Result:
+    import torch
+
+    from lt_rebalance.heads import LinearProbe
+
+    X, y = b.load("train")
+    C = b.store.num_classes
+    W = torch.randn(C, X.shape[1], device=b.device) * 0.01
+    fits: list = []
+
+    def op():
+        fits.append(LinearProbe(device=b.device).fit(X, y, num_classes=C))
+        return fits[-1]
+
+    r = b.time(
+        "linear_probe", "linear probe, L-BFGS (C 1, balanced, max_iter 100) on train", op, lambda: _gemm(X, W),
+        floor="", goal=3.0, repeats=b.slow_repeats, warmup=False,
+        note="each L-BFGS iteration evaluates f and its gradient at least once: 2 GEMMs over the train rows",
+    )
+    if fits:
+        r.note += f"; {fits[-1].n_iter_} iterations, {fits[-1].n_evaluations_} evaluations"
+        r = _scale_floor(r, fits[-1].n_iter_, "1 train-logits GEMM (iterations x)")
+    return r
+
+
+def marc_op(b: Bench) -> Result:
+    from lt_rebalance.heads import MARC
+
+    W, bias = b.head()
+    X, y = b.load("train")
+    Xv, yv = b.load("val")
+    return b.time(
+        "marc", "MARC, default epochs (5) on train, keep-best on val", lambda: MARC(W, bias, device=b.device).fit(
+            X, y, Xv, yv), lambda: _gemm(X, W), floor="1 train-logits GEMM", goal=3.0,
+    )
+
+
+def wb_epoch_op(b: Bench) -> Result:
+    import torch
+
+    from lt_rebalance.heads import WeightBalancing
+
+    W, bias = b.head()
+    X, y = b.load("train")
+    Wr = torch.randn_like(W) * 0.01
+    n_used = (len(y) // 64) * 64
+    return b.time(
+        "wb_epoch", f"weight balancing, one epoch ({len(y) // 64} batches of 64, MaxNorm each step)",
+        lambda: WeightBalancing(W, bias, epochs=1, device=b.device).fit(X, y), lambda: _three_gemms(X[:n_used], Wr),
+        floor="3 GEMMs of train size", kind="speed", goal=0.5,
+        note="ratio = floor FLOP/s fraction reached (floor time / epoch time)",
+    )
 
 
 # -- store ----------------------------------------------------------------------------------------
@@ -484,6 +573,10 @@ OPERATIONS: dict[str, Callable[[Bench], Result]] = {
     "lws": lws_op,
     "crt_epoch": crt_epoch_op,
     "crt_grid": crt_grid_op,
+    "knn": knn_op,
+    "linear_probe": linear_probe_op,
+    "marc": marc_op,
+    "wb_epoch": wb_epoch_op,
     "store_read": store_read_op,
     "upcast_gemm": upcast_gemm_op,
     "equivalence": equivalence_op,

@@ -1,7 +1,8 @@
 """lt-rebalance: decoupled long-tailed recognition on cached features.
 
 Extract backbone features once (``ltr extract``), then re-balance the classifier in seconds
-(cRT, NCM, tau-normalisation, LWS and post-hoc methods) on the cached HDF5 feature file.
+(cRT, NCM, tau-normalisation, LWS, MARC, weight balancing, kNN, an L-BFGS linear probe and
+post-hoc methods) on the cached HDF5 feature file.
 
 The public names below are imported lazily so that ``import lt_rebalance`` (and ``ltr --help``)
 stays fast; torch is loaded on first use of a name that needs it.
@@ -26,6 +27,10 @@ _EXPORTS = {
     "LWS": "heads",
     "CRT": "heads",
     "JointHead": "heads",
+    "KNN": "heads",
+    "LinearProbe": "heads",
+    "MARC": "heads",
+    "WeightBalancing": "heads",
     "make_sampler": "samplers",
 }
 

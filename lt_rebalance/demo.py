@@ -5,7 +5,7 @@
    ``OUT/images/{train,val,test}/<digit>/``.
 2. Stage 1: a small CNN (``tiny_cnn``) trained jointly with instance-balanced sampling -> ``OUT/stage1.pth``.
 3. Extraction with ``ltr extract`` itself (imagefolder route) -> ``OUT/features.h5``.
-4. Every method of :data:`lt_rebalance.experiments.METHODS` on the features, and the plots.
+4. Every default method of ``compare`` (:data:`lt_rebalance.names.DEFAULT_METHODS`) on the features, and the plots.
 """
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = Fal
 
 def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Callable[[str], None]) -> dict:
     from .commands._common import to_json, training_overrides
-    from .experiments import METHODS, Context, compare
+    from .experiments import DEFAULT_METHODS, Context, compare
     from .head_io import head_state, save_head
     from .metrics import group_sizes
     from .outputs import atomic_write
@@ -317,7 +317,7 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
     log("3/4 extracting features with `ltr extract`")
     extracted = run_extract(extract_args(out, cfg), quiet)
 
-    log(f"4/4 every method ({', '.join(METHODS)}) on the cached features")
+    log(f"4/4 every default method of compare ({', '.join(DEFAULT_METHODS)}) on the cached features")
     ctx = Context(FeatureStore(out / "features.h5"), seed=cfg.seed, thresholds=cfg.thresholds)
     overrides = training_overrides(cfg.crt_epochs, cfg.lws_epochs)
     heads: dict = {}

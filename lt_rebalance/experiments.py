@@ -17,12 +17,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
+from .heads import CRT, KNN, LWS, MARC, NCM, JointHead, LinearProbe, TauNorm, WeightBalancing, tau_sweep
 from .blocks import all_finite, available_memory
+from .heads.lws import JointLogitCalibration
 from .heads.crt_grid import CRTGrid, fit_seeds
+from .heads.linear_probe import fit_C_grid
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY, evaluate, head_row_statistics
-from .names import HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS, canonical_method
+from .names import DEFAULT_METHODS, HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS, canonical_method
 from .posthoc import (
     LogitAdjustment,
     TemperatureScaled,
@@ -390,22 +392,68 @@ def run_crt(
     }, head
 
 
-def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, LWS]:
-    """LWS on the stored classifier with ``params`` (LWS's keyword arguments)."""
+def _run_on_joint(ctx: Context, method: str, cls: type, log: Optional[Callable[[str], None]], params: dict
+                  ) -> tuple[dict, Any]:
+    """A head trained by SGD from the stored classifier (LWS, MARC, WB): ``cls(W, b, **params)``."""
     W, b = ctx.head()
     X, y = ctx.train()
     Xv, yv = ctx.val()
     params = {"seed": ctx.seed, **params}
-    if ctx.max_memory is not None:  # the logit cache gets the half of the budget the features do not
+    if ctx.max_memory is not None and issubclass(cls, JointLogitCalibration):  # the logit cache gets the other half
         params.setdefault("max_cache_gb", ctx.max_memory / 2 / 2**30)
-    head = LWS(W, b, device=ctx.device, progress=_epoch_logger("lws", log), **params).fit(X, y, Xv, yv)
-    return {
-        "method": "lws",
-        "params": _trained_params(head, ("weight", "bias")),
-        "logits_cache": head.cache_dtype_,  # precision LWS trained on; None: recomputed per batch (float32)
-        "history": _history(head.history_),
-        **ctx.report(head),
-    }, head
+    head = cls(W, b, device=ctx.device, progress=_epoch_logger(method, log), **params).fit(X, y, Xv, yv)
+    cache = {"logits_cache": head.cache_dtype_} if hasattr(head, "cache_dtype_") else {}  # precision it trained on
+    return {"method": method, "params": _trained_params(head, ("weight", "bias")), **cache,
+            "history": _history(head.history_), **ctx.report(head)}, head
+
+
+def run_lws(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, LWS]:
+    """LWS on the stored classifier with ``params`` (LWS's keyword arguments)."""
+    return _run_on_joint(ctx, "lws", LWS, log, params)
+
+
+def run_marc(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, MARC]:
+    """MARC (ω_j z_j + β_j ‖w_j‖) on the stored classifier; the result adds ``omega`` and ``beta`` (C,)."""
+    result, head = _run_on_joint(ctx, "marc", MARC, log, params)
+    return {**result, "omega": head.omega_, "beta": head.beta_}, head
+
+
+def run_wb(ctx: Context, log: Optional[Callable[[str], None]] = None, **params: Any) -> tuple[dict, WeightBalancing]:
+    """Weight balancing stage 2 from the stored classifier; the result adds the MaxNorm ``radius``
+    and the per-class weight ``norms`` (C,) after training."""
+    result, head = _run_on_joint(ctx, "wb", WeightBalancing, log, params)
+    return {**result, "radius": head.radius_, "norms": head.norms_}, head
+
+
+def run_knn(ctx: Context, k: int = 20, temperature: float = 0.07, balance: float = 0.0) -> tuple[dict, KNN]:
+    """Weighted kNN on the train rows (votes exp(sim / T) of the k nearest, divided by n_c^balance)."""
+    X, y = ctx.train()
+    head = KNN(k, temperature, balance=balance, device=ctx.device).fit(X, y, num_classes=ctx.store.num_classes)
+    return {"method": "knn", "k": k, "temperature": temperature, "balance": balance, **ctx.report(head)}, head
+
+
+def run_linear_probe(
+    ctx: Context, C: float = 1.0, C_grid: Optional[Sequence[float]] = None, **params: Any
+) -> tuple[dict, LinearProbe]:
+    """L-BFGS logistic regression (scikit-learn's objective) with ``params`` (LinearProbe's keywords).
+
+    With ``C_grid`` every C is fitted and the best val top-1 is kept; the result then also has
+    ``"grid"``: one ``{"C", "val_top1", "n_iter", "converged"}`` per C, and ``"selected_on": "val"``.
+    """
+    X, y = ctx.train()
+    probe = LinearProbe(C, device=ctx.device, **params)
+    extra: dict[str, Any] = {}
+    if C_grid:
+        Xv, yv = ctx.val()
+        if Xv is None:
+            raise ValueError(f"a C grid selects C on val, and {ctx.store.path} has no 'val' split")
+        probe, extra["grid"] = fit_C_grid(probe, X, y, Xv, yv, C_grid, ctx.store.num_classes)
+        extra["selected_on"] = "val"
+    else:
+        probe.fit(X, y, ctx.store.num_classes)
+    shown = {k: v for k, v in probe.get_params().items() if k not in ("device", "chunk")}
+    return {"method": "linear_probe", **shown, "n_iter": probe.n_iter_, "converged": probe.converged_,
+            **extra, **ctx.report(probe)}, probe
 
 
 def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
@@ -441,6 +489,10 @@ _RUNNERS: dict[str, Callable[..., tuple[dict, Any]]] = {
     "lws": run_lws,
     "logit_adjust": run_logit_adjust_selected,
     "pc_softmax": run_pc_softmax,
+    "marc": run_marc,
+    "wb": run_wb,
+    "knn": run_knn,
+    "linear_probe": run_linear_probe,
 }
 # name -> (runner, needs a stored head), in the order ``compare`` runs them (names: lt_rebalance.names)
 METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
@@ -450,10 +502,10 @@ SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when th
 
 
 def run_seeds(ctx: Context, method: str, seeds: Sequence[int], **kwargs: Any) -> tuple[dict, Any]:
-    """Train ``method`` (crt or lws: :data:`~lt_rebalance.names.TRAINED_METHODS`) once per seed; the first
+    """Train ``method`` (crt, lws, marc, wb: :data:`~lt_rebalance.names.TRAINED_METHODS`) once per seed; the first
     seed's result and head.
 
-    cRT trains its seeds as members of one batched run (:func:`run_crt`); LWS runs them in turn.
+    cRT trains its seeds as members of one batched run (:func:`run_crt`); LWS, MARC and WB run them in turn.
 
     The result gains ``"over_seeds": {"seeds": [...], <split>: {metric: {"mean", "std"}}}`` (sample
     std); the protocol (bootstrap, shifted priors) is computed for the first seed's head only.
@@ -519,7 +571,7 @@ def compare(
     seeds: Optional[Sequence[int]] = None,
     samples: Optional[list] = None,
 ) -> dict:
-    """Run ``methods`` (default: all that the file supports) with defaults; time each.
+    """Run ``methods`` (default: :data:`DEFAULT_METHODS` that the file supports) with defaults; time each.
 
     ``overrides`` maps a method to keyword arguments for its runner (e.g. fewer epochs).
     ``heads``, when given, receives each method's fitted head (name -> head), e.g. to save one.
@@ -531,7 +583,7 @@ def compare(
     by default the methods built on it are skipped; named in ``methods``, they run and their row
     has ``"note"`` saying so.
     """
-    names = [canonical_method(m) for m in methods] if methods else list(METHODS)
+    names = [canonical_method(m) for m in methods] if methods else list(DEFAULT_METHODS)
     rows, skipped, row_samples = [], [], []
     for name in names:
         runner, needs_head = METHODS[name]

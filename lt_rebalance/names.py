@@ -3,12 +3,18 @@ and the older spellings accepted as aliases. No heavy imports: the CLI's ``--hel
 from __future__ import annotations
 
 # ``compare`` runs them in this order (lt_rebalance.experiments.METHODS has the same keys)
-METHOD_NAMES = ("joint", "ncm", "crt", "tau_norm", "lws", "logit_adjust", "pc_softmax")
+METHOD_NAMES = ("joint", "ncm", "crt", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc", "wb", "knn",
+                "linear_probe")
 METHOD_ALIASES = {"tau": "tau_norm", "tau-norm": "tau_norm", "tau-sweep": "tau_norm",
-                  "logit-adjust": "logit_adjust", "pc-softmax": "pc_softmax"}
+                  "logit-adjust": "logit_adjust", "pc-softmax": "pc_softmax", "linear-probe": "linear_probe",
+                  "weight-balancing": "wb"}
 # methods that use the stored stage-1 classifier (/head)
-HEAD_METHODS = ("joint", "tau_norm", "lws", "logit_adjust", "pc_softmax")
-TRAINED_METHODS = ("crt", "lws")  # trained with SGD: the only users of epochs and batch size
+HEAD_METHODS = ("joint", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc", "wb")
+TRAINED_METHODS = ("crt", "lws", "marc", "wb")  # trained with SGD: the only users of epochs and batch size
+# run by ``compare`` only when named: each costs more than the rest of the study on ImageNet-LT-sized
+# files on a CPU (kNN: one eval x train similarity GEMM; the probe: up to max_iter passes of two GEMMs)
+OPT_IN_METHODS = ("knn", "linear_probe")
+DEFAULT_METHODS = tuple(m for m in METHOD_NAMES if m not in OPT_IN_METHODS)
 
 
 def canonical_method(name: str) -> str:

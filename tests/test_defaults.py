@@ -21,7 +21,7 @@ from lt_rebalance.cli import main
 from lt_rebalance.heads import CRT, LWS
 from lt_rebalance.heads.crt_grid import CRTGrid
 from lt_rebalance.heads.training import FewStepsWarning, plan_schedule
-from lt_rebalance.names import METHOD_NAMES, canonical_method, parse_methods
+from lt_rebalance.names import DEFAULT_METHODS, METHOD_NAMES, canonical_method, parse_methods
 from lt_rebalance.store import FeatureStore, write_features
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -152,9 +152,9 @@ def _ncm_accuracy(X, y, Xt, yt):
 # -- CLI: defaults and explicit values ---------------------------------------------------------
 def test_compare_with_no_flags_on_a_small_file(small):
     doc, err = run_json(["compare", "-f", small["file"], "-q"])
-    assert [r["method"] for r in doc["rows"]] == list(METHOD_NAMES) and doc["skipped"] == []
+    assert [r["method"] for r in doc["rows"]] == list(DEFAULT_METHODS) and doc["skipped"] == []
     params = {r["method"]: r["params"] for r in doc["rows"] if "params" in r}
-    for m in ("crt", "lws"):
+    for m in ("crt", "lws", "marc", "wb"):  # wb: the authors' batch 64 shrinks to N // 8 as well
         assert (params[m]["epochs"], params[m]["batch_size"], params[m]["steps"]) == (63, 18, 504)
         assert params[m]["auto"] == ["epochs", "batch_size"]
     assert "warning" not in err
@@ -250,7 +250,7 @@ def test_random_init_head_is_recorded_and_shown(small):
 def test_compare_skips_or_marks_methods_on_a_random_head(small):
     doc, _ = run_json(["compare", "-f", small["random"], "-q"])
     assert [r["method"] for r in doc["rows"]] == ["ncm", "crt"]
-    assert {s["method"] for s in doc["skipped"]} == {"joint", "tau_norm", "lws", "logit_adjust", "pc_softmax"}
+    assert {s["method"] for s in doc["skipped"]} == {"joint", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc", "wb"}
     assert all("random initialisation" in s["reason"] for s in doc["skipped"])
     doc, _ = run_json(["compare", "-f", small["random"], "--methods", "joint,ncm", "-q"])
     notes = {r["method"]: r.get("note") for r in doc["rows"]}

@@ -21,11 +21,11 @@ def demo_run(tmp_path_factory):
 
 @needs_sklearn
 def test_results_have_every_method_and_group(demo_run):
-    from lt_rebalance.experiments import METHODS
+    from lt_rebalance.experiments import DEFAULT_METHODS
 
     out, result = demo_run
     assert json.loads((out / "results.json").read_text()) == result
-    assert [r["method"] for r in result["rows"]] == list(METHODS)
+    assert [r["method"] for r in result["rows"]] == list(DEFAULT_METHODS)
     for row in result["rows"]:
         for split in ("val", "test"):
             assert all(row[split][g] is not None for g in ("many", "medium", "few", "all")), (row["method"], split)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lt_rebalance.heads import CRT, LWS, NCM, CRTGrid, JointHead, TauNorm
+from lt_rebalance.heads import CRT, KNN, LWS, NCM, CRTGrid, JointHead, LinearProbe, TauNorm
 from lt_rebalance.heads.base import NotFittedError
 from lt_rebalance.heads.labels import encode_labels, index_labels
 from lt_rebalance.posthoc import LogitAdjustment, TemperatureScaled
@@ -65,7 +65,7 @@ def np_standardize(Xtr, X):
 if parametrize_with_checks is not None:
     with warnings.catch_warnings():  # "does not inherit from BaseEstimator": by design, no dependency
         warnings.simplefilter("ignore", UserWarning)
-        checks = parametrize_with_checks([NCM(), CRT()])
+        checks = parametrize_with_checks([NCM(), CRT(), KNN(k=3), LinearProbe(device="cpu")])
 
     @checks
     def test_check_estimator(estimator, check):

@@ -210,7 +210,7 @@ def check_training_fits(store, overrides: dict[str, dict], methods: Any) -> None
     from ..names import HEAD_METHODS, TRAINED_METHODS
 
     for m in TRAINED_METHODS:
-        if m in methods and (m not in HEAD_METHODS or store.has_head):
+        if m in methods and (m not in HEAD_METHODS or store.has_head) and "batch_size" in overrides.get(m, {}):
             check_batch_fits(store, overrides[m]["batch_size"])
 
 
@@ -309,9 +309,13 @@ def thresholds_options(f: Callable) -> Callable:
 
 
 def training_overrides(crt_epochs: Any = "auto", lws_epochs: Any = "auto", batch_size: Any = "auto") -> dict[str, dict]:
-    """``overrides`` of :func:`lt_rebalance.experiments.compare`: epochs and batch size of cRT and LWS."""
+    """``overrides`` of :func:`lt_rebalance.experiments.compare`: epochs and batch size of cRT, LWS and
+    MARC (trained like LWS); weight balancing keeps its own auto schedule (the authors' 10 epochs of
+    batch 64, lengthened on small files)."""
     return {"crt": {"epochs": crt_epochs, "batch_size": batch_size},
-            "lws": {"epochs": lws_epochs, "batch_size": batch_size}}
+            "lws": {"epochs": lws_epochs, "batch_size": batch_size},
+            "marc": {"epochs": lws_epochs, "batch_size": batch_size},
+            "wb": {}}
 
 
 def training_options(f: Callable) -> Callable:
@@ -322,8 +326,8 @@ def training_options(f: Callable) -> Callable:
         return f(overrides=training_overrides(crt_epochs, lws_epochs, batch_size), **kwargs)
 
     for opt in (
-        batch_size_option("cRT and LWS batch size"),
-        epochs_option("--lws-epochs", 5, "LWS epochs"),
+        batch_size_option("cRT, LWS and MARC batch size"),
+        epochs_option("--lws-epochs", 5, "LWS and MARC epochs"),
         epochs_option("--crt-epochs", 10, "cRT epochs"),
     ):
         wrapper = opt(wrapper)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..names import METHOD_NAMES
+from ..names import DEFAULT_METHODS, METHOD_NAMES, OPT_IN_METHODS
 from ._common import (
     MethodNames,
     allow_incomplete_option,
@@ -159,7 +159,8 @@ def compare_options(f):
         allow_incomplete_option,
         click.option("--methods", default=None, type=MethodNames(),
                      help=f"Comma-separated subset of {', '.join(METHOD_NAMES)} (default: all the file "
-                          "supports; old spellings such as tau accepted)."),
+                          f"supports but {', '.join(OPT_IN_METHODS)}, which run when named; old spellings "
+                          "such as tau accepted)."),
         training_options,
         thresholds_options,
         click.option("--splits", default=None, help="Comma-separated splits to evaluate (default: val and test)."),
@@ -182,7 +183,8 @@ def compare_options(f):
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
             seed, seeds, protocol, device, max_memory):
     """Run joint, ncm, crt, tau_norm (tau selected on val), lws, logit_adjust (tau selected on val) and
-    pc_softmax with defaults; print one table.
+    pc_softmax, marc and wb with defaults; print one table. knn and linear_probe run when named in
+    --methods (on ImageNet-LT-sized files each costs more on a CPU than the rest of the study).
 
     Methods that need the stored classifier are skipped, with the reason, when the file has none
     or when it is a random initialisation (name them in --methods to run them anyway). cRT and LWS
@@ -225,7 +227,7 @@ def run_compare_command(features, allow_incomplete, methods, overrides, threshol
 
     contexts = compare_contexts(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory)
     for ctx in contexts:
-        check_training_fits(ctx.store, overrides, methods or METHOD_NAMES)
+        check_training_fits(ctx.store, overrides, methods or DEFAULT_METHODS)
     result = compare_files(contexts, list(features), methods, overrides, log=None if quiet else log, heads=heads,
                            seeds=seeds)
     return result, contexts

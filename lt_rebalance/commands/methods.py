@@ -223,8 +223,9 @@ class FloatList(click.ParamType):
         return out
 
 
-def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False):
-    """The training options shared by crt and lws (reference defaults).
+def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False, *, weight_decay: float = 5e-4,
+                sampler: str = "cb"):
+    """The training options shared by crt, lws, marc and wb (defaults: the reference's, or the method's).
 
     ``grid``: --lr and --weight-decay take comma lists (:class:`FloatList`), a grid trained in one pass.
     """
@@ -239,10 +240,10 @@ def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False):
         click.option("--lr", default=lr, show_default=True, type=lr_type,
                      help="Base learning rate (cosine schedule)." + grid_help + lr_help),
         batch_size_option(),
-        click.option("--weight-decay", default=5e-4, show_default=True, type=wd_type,
+        click.option("--weight-decay", default=weight_decay, show_default=True, type=wd_type,
                      help=(grid_help.strip() + wd_help).strip() or None),
         click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
-        click.option("--sampler", default="cb", show_default=True, help=sampler_help),
+        click.option("--sampler", default=sampler, show_default=True, help=sampler_help),
         click.option("--schedule", type=click.Choice(["cosine", "cosine-reference", "constant"]), default="cosine",
                      show_default=True, help="cosine-reference: the reference's (last epoch at lr = 0)."),
         click.option("--keep-best/--last-epoch", default=True, show_default=True,
@@ -316,6 +317,45 @@ def _crt_human(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + _trained_human(result)
 
 
+def _train_on_joint(command: str, human: Callable[[dict], str], *, features, as_json, quiet, allow_incomplete,
+                    thresholds, epochs, lr, batch_size, weight_decay, momentum, sampler, schedule, keep_best, seed,
+                    device, splits, save, overwrite, seeds, protocol, max_memory=None, **extra) -> None:
+    """Check the options, train ``run_<command>`` (an experiments runner) from the stored head (once per
+    --seeds seed), print it."""
+    from .. import experiments
+
+    sampler = _parse_sampler(sampler)
+    check_writable(save, overwrite, [features])
+    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seeds[0] if seeds else seed,
+                   thresholds, protocol, max_memory)
+    require_head(ctx.store, command)
+    require_split(ctx.store, "train", "to train on")
+    check_batch_fits(ctx.store, batch_size)
+    result, head = _run_trained(
+        ctx, command, getattr(experiments, f"run_{command}"), seeds, log=None if quiet else log, epochs=epochs, lr=lr,
+        batch_size=batch_size, weight_decay=weight_decay, momentum=momentum, sampler=sampler, schedule=schedule,
+        keep_best=keep_best, **extra,
+    )
+    _save(save, overwrite, head, result, features, quiet)
+    emit(result, as_json, with_protocol(human))
+
+
+def joint_calibration_command(name: str, help: str) -> click.Command:
+    """``ltr <name>``: per-class parameters trained on the frozen stored classifier, with LWS's options."""
+
+    @click.command(name, help=help)
+    @common_options
+    @thresholds_options
+    @sgd_options(5, 0.2, "cb (class-balanced, default), ib, sqrt, pb or a power q.")
+    @seeds_option
+    @protocol_options
+    @handle_user_errors
+    def command(**options: Any) -> None:
+        _train_on_joint(name, _trained_human, **options)
+
+    return command
+
+
 @click.command()
 @common_options
 @thresholds_options
@@ -356,28 +396,4 @@ def crt(features, as_json, quiet, allow_incomplete, thresholds, epochs, lr, batc
     emit(result, as_json, with_protocol(_crt_human))
 
 
-@click.command()
-@common_options
-@thresholds_options
-@sgd_options(5, 0.2, "cb (class-balanced, default), ib, sqrt, pb or a power q.")
-@seeds_option
-@protocol_options
-@handle_user_errors
-def lws(features, as_json, quiet, allow_incomplete, thresholds, epochs, lr, batch_size, weight_decay, momentum, sampler,
-        schedule, keep_best, seed, device, splits, save, overwrite, seeds, protocol, max_memory):
-    """Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1)."""
-    from ..experiments import run_lws
-
-    sampler = _parse_sampler(sampler)
-    check_writable(save, overwrite, [features])
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), seeds[0] if seeds else seed,
-                   thresholds, protocol, max_memory)
-    require_head(ctx.store, "lws")
-    require_split(ctx.store, "train", "to train on")
-    check_batch_fits(ctx.store, batch_size)
-    result, head = _run_trained(
-        ctx, "lws", run_lws, seeds, log=None if quiet else log, epochs=epochs, lr=lr, batch_size=batch_size,
-        weight_decay=weight_decay, momentum=momentum, sampler=sampler, schedule=schedule, keep_best=keep_best,
-    )
-    _save(save, overwrite, head, result, features, quiet)
-    emit(result, as_json, with_protocol(_trained_human))
+lws = joint_calibration_command("lws", "Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1).")

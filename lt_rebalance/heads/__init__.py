@@ -1,9 +1,14 @@
 """Classifier heads on cached features, in the scikit-learn manner."""
 from .crt import CRT
 from .crt_grid import CRTGrid
+from .knn import KNN
 from .linear import JointHead
+from .linear_probe import LinearProbe
 from .lws import LWS
+from .marc import MARC
 from .ncm import NCM, NCM_VARIANTS
 from .tau_norm import DEFAULT_TAUS, TauNorm, tau_normalize, tau_sweep
+from .wb import WeightBalancing
 
-__all__ = ["CRT", "CRTGrid", "JointHead", "LWS", "NCM", "NCM_VARIANTS", "DEFAULT_TAUS", "TauNorm", "tau_normalize", "tau_sweep"]
+__all__ = ["CRT", "CRTGrid", "JointHead", "KNN", "LinearProbe", "LWS", "MARC", "NCM", "NCM_VARIANTS", "DEFAULT_TAUS",
+           "TauNorm", "WeightBalancing", "tau_normalize", "tau_sweep"]

@@ -10,7 +10,17 @@ from ..blocks import linear_logits
 from .base import ARRAY, NONE, BaseHead, check_bias, check_weight
 
 
-class JointHead(BaseHead):
+class LinearDecision:
+    """Scores of a head whose fitted state is a linear layer ``weight_`` (C, D), ``bias_`` (C,)."""
+
+    _state = "weight_"
+
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
+        """Logits float32 (N, C) = X weight_ᵀ + bias_."""
+        return linear_logits(X, self.weight_, self.bias_)
+
+
+class JointHead(LinearDecision, BaseHead):
     """A fixed linear classifier (the joint baseline, or any exported head).
 
     Parameters
@@ -32,7 +42,6 @@ class JointHead(BaseHead):
     """
 
     _parameter_constraints = {"weight": [ARRAY], "bias": [ARRAY, NONE]}
-    _state = "weight_"
     _requires_y = False
 
     def __init__(self, weight: Any, bias: Optional[Any] = None, *, device: str = "cpu"):
@@ -48,7 +57,3 @@ class JointHead(BaseHead):
         self.n_features_in_ = self.weight_.shape[1]
         self.classes_ = np.arange(self.weight_.shape[0])
         return self
-
-    def _scores(self, X: torch.Tensor) -> torch.Tensor:
-        """Logits float32 (N, C)."""
-        return linear_logits(X, self.weight_, self.bias_)

@@ -142,6 +142,7 @@ def train_sgd(
     validate: Optional[Callable[[], float]] = None,
     keep_best: bool = True,
     progress: Optional[ProgressFn] = None,
+    after_step: Optional[Callable[[], None]] = None,
     step_work: Optional[int] = None,
 ) -> TrainHistory:
     """SGD (momentum, weight decay) over ``epochs`` of sampler batches.
@@ -149,6 +150,8 @@ def train_sgd(
     ``batch_loss(idx)`` returns the mean loss of the rows ``idx`` (int64 (B,), on the params'
     device). ``validate()`` returns a score (higher is better) after each epoch; with ``keep_best``
     the parameters of the best epoch are restored at the end (ties keep the earlier epoch).
+    ``after_step()``, when given, runs (without autograd) after every optimizer step, e.g. a
+    projection of the parameters onto a constraint set (projected gradient descent).
     ``step_work``: multiply-adds of one step; below :data:`SMALL_STEP` training runs on one thread.
     """
     (hist,) = train_sgd_members(
@@ -166,6 +169,7 @@ def train_sgd(
         keep_best=keep_best,
         progress=progress,
         stacked=False,
+        after_step=after_step,
         step_work=step_work,
     )
     return hist
@@ -218,6 +222,7 @@ def train_sgd_members(
     keep_best: bool = True,
     progress: Optional[ProgressFn] = None,
     stacked: bool = True,
+    after_step: Optional[Callable[[], None]] = None,
     step_work: Optional[int] = None,
 ) -> list[TrainHistory]:
     """:func:`train_sgd` for G independent members sharing one sampler stream (a hyper-parameter grid).
@@ -231,12 +236,12 @@ def train_sgd_members(
     then draws its own batches, and ``batch_loss`` receives (G, batch_size) indices.
     A member whose loss stops being finite is marked ``diverged`` and frozen out of the selection;
     when every member has diverged, training stops with a ValueError. ``progress`` sees the mean
-    loss of the live members and their best val score.
+    loss of the live members and their best val score. ``after_step`` as in :func:`train_sgd`.
     """
     learning_rate(lrs[0], 0, epochs, schedule)  # validates the schedule name
     with one_thread(step_work is not None and step_work < SMALL_STEP and params[0].device.type == "cpu"):
         return _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weight_decays, schedule,
-                      generator, validate, keep_best, progress, stacked)
+                      generator, validate, keep_best, progress, stacked, after_step)
 
 
 def flush_tiny_gradient(logits: torch.Tensor) -> torch.Tensor:
@@ -254,7 +259,7 @@ def flush_tiny_gradient(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weight_decays, schedule, generator,
-           validate, keep_best, progress, stacked) -> list[TrainHistory]:
+           validate, keep_best, progress, stacked, after_step=None) -> list[TrainHistory]:
     G = len(lrs)
     device = params[0].device
     opt = _MemberSGD(params, momentum, torch.tensor(weight_decays, dtype=params[0].dtype, device=device), stacked)
@@ -277,6 +282,9 @@ def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weigh
             loss = batch_loss(idx)
             loss.sum().backward()
             opt.step(lr_t)
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
             total += loss.detach()
         losses = (total / len(batches)).cpu().double()
         live &= torch.isfinite(losses)
