@@ -236,6 +236,7 @@ def test_marc_step_and_folded_head_match_numpy():
     W, b = rng.normal(size=(3, 4)), rng.normal(size=3)
     lr, wd = 0.3, 5e-4
     head = MARC(W, b, epochs=1, lr=lr, batch_size=len(y), sampler="ib", weight_decay=wd, schedule="constant",
+                cache_dtype="float32",  # the exact step (the default float16 cache rounds z to 2^-11)
                 keep_best=False, device="cpu").fit(X, y)
     Z, norms = X @ W.T + b, np.linalg.norm(W, axis=1)
     G = (_softmax(Z) - np.eye(3)[y]) / len(y)  # d mean CE / dz' at omega = 1, beta = 0

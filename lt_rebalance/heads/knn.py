@@ -108,7 +108,7 @@ class KNN(BaseHead):
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Log vote shares float32 (N, C), floored at 1e-12: log(v_c / Σ_c' v_c')."""
         T, labels = self.train_features_, self.train_labels_
-        out = X.new_zeros(X.shape[0], len(self.class_weights_))
+        out = X.new_zeros(X.shape[0], len(self.class_weights_), dtype=torch.float32)
         for start in range(0, X.shape[0], self.query_block):
             rows = slice(start, start + self.query_block)
             sim, idx = topk_similar(F.normalize(X[rows].float(), dim=1), T, self.k, train_block=self.train_block)
