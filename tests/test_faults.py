@@ -38,7 +38,7 @@ def _small_features(path: Path) -> Path:
     y = np.repeat(np.arange(3), [12, 6, 3])
     x = (rng.normal(size=(len(y), 4)) + 3 * y[:, None]).astype(np.float32)
     write_features(path, {"train": (x, y), "val": (x[::2], y[::2]), "test": (x[1::2], y[1::2])},
-                   weight=rng.normal(size=(3, 4)).astype(np.float32), bias=np.zeros(3, np.float32))
+                   weight=rng.normal(size=(3, 4)).astype(np.float32), bias=np.zeros(3, np.float32), overwrite=True)
     return path
 
 
@@ -55,25 +55,32 @@ def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
-def _import_then(signum: int, npz: Path, out: Path) -> tuple[subprocess.Popen, str]:
-    """Start ``ltr import --overwrite`` into ``out``; send ``signum`` once its temporary file has data."""
-    proc = subprocess.Popen([*LTR, "import", "--npz", str(npz), "--out", str(out), "--overwrite"], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, f"finished before the signal: {proc.communicate()}"
-        assert time.monotonic() < deadline
-        busy = [p for p in out.parent.glob(f".{out.name}.*.tmp") if p.stat().st_size > 1 << 20]
-        if busy:
-            proc.send_signal(signum)
-            return proc, busy[0].name
-        time.sleep(0.002)
+def _import_then(signum: int, npz: Path, out: Path) -> tuple[subprocess.Popen, str, str]:
+    """Write a small feature file at ``out``, start ``ltr import --overwrite`` into it and send ``signum``
+    once the temporary file has data; the process, the temporary file's name and ``out``'s old SHA-256.
+
+    On a loaded machine the import can finish between two looks at the folder; that run is not a
+    test of the signal, so it is started again with a fresh ``out`` (three tries at most).
+    """
+    for _ in range(3):
+        before = _sha(_small_features(out))
+        proc = subprocess.Popen([*LTR, "import", "--npz", str(npz), "--out", str(out), "--overwrite"], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None:
+            assert time.monotonic() < deadline
+            busy = [p for p in out.parent.glob(f".{out.name}.*.tmp") if p.stat().st_size > 1 << 20]
+            if busy:
+                proc.send_signal(signum)
+                return proc, busy[0].name, before
+            time.sleep(0.002)
+        proc.communicate()
+    pytest.fail("the import finished before it could be signalled, three times")
 
 
 def test_ctrl_c_during_import_stops_with_one_line_and_changes_nothing(tmp_path, big_npz):
-    out = _small_features(tmp_path / "f.h5")
-    before = _sha(out)
-    proc, _ = _import_then(signal.SIGINT, big_npz, out)
+    out = tmp_path / "f.h5"
+    proc, _, before = _import_then(signal.SIGINT, big_npz, out)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr.splitlines() == [f"Error: interrupted; {out} was not changed"] and stdout == ""
@@ -81,9 +88,8 @@ def test_ctrl_c_during_import_stops_with_one_line_and_changes_nothing(tmp_path, 
 
 
 def test_sigkill_leaves_a_temporary_file_that_the_next_write_removes(tmp_path, big_npz):
-    out = _small_features(tmp_path / "f.h5")
-    before = _sha(out)
-    proc, name = _import_then(signal.SIGKILL, big_npz, out)
+    out = tmp_path / "f.h5"
+    proc, name, before = _import_then(signal.SIGKILL, big_npz, out)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL and _sha(out) == before
     assert _temps(tmp_path) == [name] and f"-{proc.pid}-" in name  # recognisable: the dead writer's pid
