@@ -182,8 +182,8 @@ def compare_options(f):
 @handle_user_errors
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
             seed, seeds, protocol, device, max_memory):
-    """Run joint, ncm, crt, tau_norm (tau selected on val), lws, logit_adjust (tau selected on val) and
-    pc_softmax, marc and wb with defaults; print one table. knn and linear_probe run when named in
+    """Run joint, ncm, crt, tau_norm (tau selected on val), lws, logit_adjust (tau selected on val),
+    pc_softmax and marc with defaults; print one table. wb, knn and linear_probe run when named in
     --methods (on ImageNet-LT-sized files each costs more on a CPU than the rest of the study).
 
     Methods that need the stored classifier are skipped, with the reason, when the file has none
