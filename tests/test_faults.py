@@ -55,6 +55,14 @@ def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
+def _size(path: Path) -> int:
+    """``path``'s size; 0 once it is gone (the import published it between the listing and this look)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _import_then(signum: int, npz: Path, out: Path) -> tuple[subprocess.Popen, str, str]:
     """Write a small feature file at ``out``, start ``ltr import --overwrite`` into it and send ``signum``
     once the temporary file has data; the process, the temporary file's name and ``out``'s old SHA-256.
@@ -69,7 +77,7 @@ def _import_then(signum: int, npz: Path, out: Path) -> tuple[subprocess.Popen, s
         deadline = time.monotonic() + 60
         while proc.poll() is None:
             assert time.monotonic() < deadline
-            busy = [p for p in out.parent.glob(f".{out.name}.*.tmp") if p.stat().st_size > 1 << 20]
+            busy = [p for p in out.parent.glob(f".{out.name}.*.tmp") if _size(p) > 1 << 20]
             if busy:
                 proc.send_signal(signum)
                 return proc, busy[0].name, before
