@@ -30,9 +30,7 @@ import torch
 from .metrics import GROUPS, accuracy_summary, group_accuracies
 
 CI_KEYS = ("all", "many", "medium", "few", "mean_class")
-SHIFT_KEYS = ("all", "many", "medium", "few", "n")
 _PRIOR_NAME = re.compile(r"^(forward|backward)-(\d+(?:\.\d+)?)$")
-DEFAULT_TEST_PRIORS = ("forward-50", "forward-10", "uniform", "backward-10", "backward-50")
 
 
 @dataclass(frozen=True)
