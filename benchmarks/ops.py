@@ -298,8 +298,8 @@ def equivalence_op(b: Bench) -> Result:
 def knn_op(b: Bench) -> Result:
     import torch.nn.functional as F
 
-    from lt_rebalance.heads import KNN
     from lt_rebalance.blocks import chunked_matmul
+    from lt_rebalance.heads import KNN
 
     X, y = b.load("train")
     Xt, _ = b.load(b.eval_split)

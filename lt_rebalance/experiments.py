@@ -17,11 +17,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .heads import CRT, KNN, LWS, MARC, NCM, JointHead, LinearProbe, TauNorm, WeightBalancing, tau_sweep
 from .blocks import all_finite, available_memory
-from .heads.lws import JointLogitCalibration
+from .heads import CRT, KNN, LWS, MARC, NCM, JointHead, LinearProbe, TauNorm, WeightBalancing, tau_sweep
 from .heads.crt_grid import CRTGrid, fit_seeds
 from .heads.linear_probe import fit_C_grid
+from .heads.lws import JointLogitCalibration
 from .heads.tau_norm import DEFAULT_TAUS
 from .metrics import DEFAULT_FEW, DEFAULT_MANY, evaluate, head_row_statistics
 from .names import DEFAULT_METHODS, HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS, canonical_method

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from .blocks import SCORE_ROWS, all_finite, chunked_matmul, linear_logits, row_blocks
 from .heads.base import (
     ARRAY,
     NONE,
@@ -29,7 +30,6 @@ from .heads.base import (
     check_is_fitted,
     clone_keeping,
 )
-from .blocks import SCORE_ROWS, all_finite, chunked_matmul, linear_logits, row_blocks
 from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS, select_tau, sweep_inputs
 from .metrics import GROUPS, accuracy_summary, calibration_error, score_row_statistics, shot_groups
 

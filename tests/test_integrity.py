@@ -20,7 +20,13 @@ from click.testing import CliRunner
 
 from lt_rebalance.cli import main
 from lt_rebalance.integrity import ATTR, record_checksums
-from lt_rebalance.store import FeatureFileError, FeatureFileWriter, FeatureStore, NonFiniteFeaturesError, write_features
+from lt_rebalance.store import (
+    FeatureFileError,
+    FeatureFileWriter,
+    FeatureStore,
+    NonFiniteFeaturesError,
+    write_features,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -319,9 +325,8 @@ def test_extract_float16_overflow_publishes_nothing(tmp_path):
 
 # -- 11. heads and images -------------------------------------------------------------------------
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
-    from PIL import Image
-
     from lt_rebalance.extract.datasets.sources import FileSource
+    from PIL import Image
 
     a = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0, 257, ..., 65535
     Image.fromarray(a).save(tmp_path / "g16.png")

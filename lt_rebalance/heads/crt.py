@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..samplers import make_sampler
 from ..blocks import SCORE_ROWS, float32_rows, linear_logits, row_blocks
+from ..samplers import make_sampler
 from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_fit_data, resolve_device
 from .training import (
     AUTO,

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..samplers import make_sampler
 from ..blocks import linear_logits
+from ..samplers import make_sampler
 from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, resolve_device
 from .crt import class_balanced_weights
 from .linear import LinearDecision
