@@ -117,6 +117,15 @@ class Context:
         self._require_finite(V, "split 'train'", f"row(s) of its first {k} augmented views")
         return V
 
+    @property
+    def joint_logits_cache(self) -> dict:
+        """The ``logits_cache`` LWS and MARC share (:meth:`JointLogitCalibration.fit`): the joint
+        logits of train and val, computed once per run; :meth:`release_joint_logits` frees them."""
+        return self._cache.setdefault("joint_logits", {})
+
+    def release_joint_logits(self) -> None:
+        self._cache.pop("joint_logits", None)
+
     def head(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The stored stage-1 classifier (:meth:`FeatureStore.head`), read once and checked finite."""
         if ("head",) not in self._cache:  # in the cache, so copies (``dataclasses.replace``, --seeds) share it
@@ -399,9 +408,12 @@ def _run_on_joint(ctx: Context, method: str, cls: type, log: Optional[Callable[[
     X, y = ctx.train()
     Xv, yv = ctx.val()
     params = {"seed": ctx.seed, **params}
-    if ctx.max_memory is not None and issubclass(cls, JointLogitCalibration):  # the logit cache gets the other half
-        params.setdefault("max_cache_gb", ctx.max_memory / 2 / 2**30)
-    head = cls(W, b, device=ctx.device, progress=_epoch_logger(method, log), **params).fit(X, y, Xv, yv)
+    fit = {}
+    if issubclass(cls, JointLogitCalibration):
+        fit["logits_cache"] = ctx.joint_logits_cache  # LWS and MARC of one run share the joint logits
+        if ctx.max_memory is not None:  # the logit cache gets the other half
+            params.setdefault("max_cache_gb", ctx.max_memory / 2 / 2**30)
+    head = cls(W, b, device=ctx.device, progress=_epoch_logger(method, log), **params).fit(X, y, Xv, yv, **fit)
     cache = {"logits_cache": head.cache_dtype_} if hasattr(head, "cache_dtype_") else {}  # precision it trained on
     return {"method": method, "params": _trained_params(head, ("weight", "bias")), **cache,
             "history": _history(head.history_), **ctx.report(head)}, head
@@ -499,6 +511,7 @@ METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
     name: (_RUNNERS[name], name in HEAD_METHODS) for name in METHOD_NAMES
 }
 SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val rows
+JOINT_LOGIT_METHODS = ("lws", "marc")  # trained on the cached joint logits (Context.joint_logits_cache)
 
 
 def run_seeds(ctx: Context, method: str, seeds: Sequence[int], **kwargs: Any) -> tuple[dict, Any]:
@@ -585,7 +598,9 @@ def compare(
     """
     names = [canonical_method(m) for m in methods] if methods else list(DEFAULT_METHODS)
     rows, skipped, row_samples = [], [], []
-    for name in names:
+    for i, name in enumerate(names):
+        if not set(names[i:]) & set(JOINT_LOGIT_METHODS):
+            ctx.release_joint_logits()  # no later method trains on the cached joint logits
         runner, needs_head = METHODS[name]
         if needs_head and not ctx.store.has_head:
             skipped.append({"method": name, "reason": "the file has no stored classifier"})
@@ -620,6 +635,7 @@ def compare(
             p = row.get("params", {})
             steps = f" ({p['epochs']} epochs x batch {p['batch_size']} = {p['steps']} steps)" if "steps" in p else ""
             log(f"{name}: {row['seconds']:.2f} s{steps}")
+    ctx.release_joint_logits()
     if ctx.protocol.bootstrap and samples is None:
         paired_differences(rows, row_samples, ctx.protocol.ci_level)
     if samples is not None:

@@ -271,3 +271,24 @@ def test_compare_runs_marc_by_default_wb_knn_and_probe_when_named(files):
     assert {s["method"] for s in doc["skipped"]} == {"marc", "wb"}
     knn, _ = run_json(["knn", "-f", files["nohead"]])
     assert doc["rows"][0]["test"] == knn["test"]
+
+
+def test_compare_computes_the_joint_logits_once_for_lws_and_marc(files, monkeypatch):
+    """LWS and MARC in one compare share the cached train/val logits; their rows equal lone runs."""
+    from lt_rebalance import experiments
+    from lt_rebalance.heads import lws as lws_module
+    from lt_rebalance.store import FeatureStore
+
+    ctx = experiments.Context(FeatureStore(files["full"]))
+    n_train = ctx.store.splits["train"].rows
+    passes = []
+    real = lws_module.linear_logits
+    monkeypatch.setattr(lws_module, "linear_logits", lambda *a, **k: passes.append(len(a[0])) or real(*a, **k))
+    overrides = {m: {"epochs": 2} for m in ("lws", "marc")}
+    doc = experiments.compare(ctx, ["lws", "joint", "marc"], overrides)
+    assert passes.count(n_train) == 1 and len(passes) == 2  # one train pass, one val pass
+    assert "joint_logits" not in ctx._cache  # released after the last method that trains on it
+    for row in doc["rows"]:
+        if row["method"] != "joint":
+            lone, _ = run_json([row["method"], "-f", files["full"], "--epochs", "2"])
+            assert row["test"] == lone["test"] and row["val"] == lone["val"], row["method"]

@@ -275,6 +275,32 @@ def test_lws_folded_head_and_cache_paths(lt_data):
     assert torch.equal(again.scales_, head.scales_)
 
 
+
+def test_lws_and_marc_share_one_logit_cache(lt_data, monkeypatch):
+    """A logits_cache filled by LWS serves MARC on the same inputs: one logit pass, results unchanged."""
+    from lt_rebalance.heads import MARC
+    from lt_rebalance.heads import lws as lws_module
+
+    d = lt_data(num_classes=6, n_max=100, imbalance=20, dim=8, seed=5)
+    rng = np.random.default_rng(1)
+    W, b = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    X, y, Xv, yv = d["X_train"], d["y_train"], d["X_val"], d["y_val"]
+    kw = dict(epochs=2, batch_size=32, device="cpu", seed=1)
+    alone = MARC(W, b, **kw).fit(X, y, Xv, yv)
+    passes = []
+    real = lws_module.linear_logits
+    monkeypatch.setattr(lws_module, "linear_logits", lambda *a, **k: passes.append(len(a[0])) or real(*a, **k))
+    cache: dict = {}
+    LWS(W, b, **kw).fit(X, y, Xv, yv, logits_cache=cache)
+    shared = MARC(W, b, **kw).fit(X, y, Xv, yv, logits_cache=cache)
+    assert passes == [len(X), len(Xv)]  # train and val logits computed once, for LWS
+    assert torch.equal(shared.omega_, alone.omega_) and torch.equal(shared.beta_, alone.beta_)
+    assert shared.history_.val == alone.history_.val
+    # other inputs (a copy of X) or another cache precision: computed again, and the entry replaced
+    MARC(W, b, **kw).fit(X.copy(), y, Xv, yv, logits_cache=cache)
+    MARC(W, b, cache_dtype="float32", **kw).fit(X, y, Xv, yv, logits_cache=cache)
+    assert len(passes) == 6 and cache["entry"]["logits"][2] == "float32"
+
 # -- cRT -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def crt_data(lt_data):

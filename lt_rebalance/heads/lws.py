@@ -1,7 +1,8 @@
 """Learnable weight scaling (REFERENCE.md, "LWS"): logit_j = s_j (w_j·x + b_j), only s trained.
 
-:class:`JointLogitCalibration` is the training path shared with MARC (:mod:`.marc`): per-class
-parameters on the frozen joint logits, trained from cached logits with the SGD loop of cRT.
+:class:`JointLogitCalibration` is the training path shared with MARC (:mod:`.marc`): a per-class
+affine map of the frozen joint logits, trained from cached logits with the SGD loop of cRT and
+the closed-form cross-entropy gradient of :mod:`.losses`.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..blocks import SCORE_ROWS, all_finite, available_memory, linear_logits, row_blocks
 from ..samplers import make_sampler
@@ -25,7 +25,8 @@ from .base import (
     resolve_device,
 )
 from .linear import LinearDecision
-from .training import AUTO, ProgressFn, flush_tiny_gradient, plan_schedule, sgd_constraints, train_sgd
+from .losses import STEP_WORK_PER_LOGIT, affine_cross_entropy
+from .training import AUTO, ProgressFn, plan_schedule, sgd_constraints, train_sgd
 
 REFERENCE_EPOCHS = 5  # the paper's LWS setting (MARC: the same)
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -34,9 +35,9 @@ CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 class JointLogitCalibration(LinearDecision, BaseHead):
     """Per-class parameters on the frozen joint logits z = X Wᵀ + b, trained by SGD.
 
-    Subclasses say which parameters (:meth:`_init_params`), how they map z to the calibrated
-    logits (:meth:`_calibrate`) and how the result folds into a plain linear layer
-    (:meth:`_fold`, which sets ``weight_`` and ``bias_``). Because W and b are frozen, the joint
+    The calibrated logits are a per-class affine map of the joint ones, z ⊙ a + c. Subclasses say
+    which parameters (:meth:`_init_params`), how they give a and c (:meth:`_affine`) and how the
+    result folds into a plain linear layer (:meth:`_fold`, which sets ``weight_`` and ``bias_``). Because W and b are frozen, the joint
     logits of the train (and val) rows are computed once (one GEMM, float32, a block of rows at a
     time) and cached in ``cache_dtype``; every step only transforms cached logits, upcast to
     float32 per batch (parameters, loss and gradients are float32). The default float16 cache
@@ -99,29 +100,26 @@ class JointLogitCalibration(LinearDecision, BaseHead):
     def _init_params(self, W: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+    def _affine(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # pragma: no cover
+        """(a, c), float32 (C,) each (c may be None: no shift), with calibrated logits z ⊙ a + c."""
         raise NotImplementedError
+
+    def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        a, c = self._affine(params)
+        return z * a if c is None else torch.addcmul(c, z, a)
 
     def _fold(self, W: torch.Tensor, b: torch.Tensor, params: list[torch.Tensor]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None):
-        """Train the parameters on (X, y); (X_val, y_val) select the best epoch."""
-        self._validate_params()
-        device = resolve_device(self.device)
-        W = check_weight(self.weight, device)
-        C, D = W.shape
-        b = check_bias(self.bias, C, device)
-        classes = np.arange(C)
-        X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
-        self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, REFERENCE_EPOCHS)
-        if X_val is not None:
-            Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
-        n_val = 0 if X_val is None else len(Xv)
-        self.cache_dtype_ = self.cache_dtype if self._cache_fits(X.shape[0] + n_val, C) else None
+    def _joint_logits(self, W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, Xv: Optional[torch.Tensor]
+                      ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The joint logits of the train rows (None when they are recomputed per batch) and of the val
+        rows (None without val) in ``cache_dtype_``, which this sets (float16 falls back to bfloat16
+        on overflow; val logits are float32 when the train ones are not cached)."""
+        n_val = 0 if Xv is None else len(Xv)
+        self.cache_dtype_ = self.cache_dtype if self._cache_fits(X.shape[0] + n_val, W.shape[0]) else None
 
         def cached_logits(x: torch.Tensor) -> torch.Tensor:
-            """Joint logits of x in ``cache_dtype_`` (float16 falls back to bfloat16 on overflow)."""
             Z = linear_logits(x, W, b, dtype=CACHE_DTYPES[self.cache_dtype_])
             if self.cache_dtype_ == "float16" and not all_finite(Z):
                 self.cache_dtype_ = "bfloat16"
@@ -130,16 +128,46 @@ class JointLogitCalibration(LinearDecision, BaseHead):
 
         with torch.no_grad():
             Z = cached_logits(X) if self.cache_dtype_ else None
+            Zv = None if Xv is None else cached_logits(Xv) if self.cache_dtype_ else linear_logits(Xv, W, b)
+        return Z, Zv
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, *, logits_cache: Optional[dict] = None):
+        """Train the parameters on (X, y); (X_val, y_val) select the best epoch.
+
+        ``logits_cache``: a dict shared between fits (``ltr compare`` shares one between LWS and
+        MARC). The first fit leaves its cached joint logits there; a later fit given the very same
+        ``weight``, ``bias``, X and X_val objects, the same ``cache_dtype`` and device reuses them
+        instead of computing them again (one entry is kept: a fit on other inputs replaces it).
+        """
+        self._validate_params()
+        device = resolve_device(self.device)
+        inputs = (self.weight, self.bias, X, X_val)
+        W = check_weight(self.weight, device)
+        C, D = W.shape
+        b = check_bias(self.bias, C, device)
+        classes = np.arange(C)
+        X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
+        self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, REFERENCE_EPOCHS)
+        Xv = yv = None
+        if X_val is not None:
+            Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
+        shared = (logits_cache or {}).get("entry")
+        if (shared is not None and all(a is b_ for a, b_ in zip(shared["inputs"], inputs))
+                and shared["settings"] == (self.cache_dtype, device)):
+            Z, Zv, self.cache_dtype_ = shared["logits"]
+        else:
+            Z, Zv = self._joint_logits(W, b, X, Xv)
+            if logits_cache is not None and self.cache_dtype_ is not None:
+                logits_cache["entry"] = {"inputs": inputs, "settings": (self.cache_dtype, device),
+                                         "logits": (Z, Zv, self.cache_dtype_)}
         params = [p.requires_grad_() for p in self._init_params(W)]
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            z = Z[idx].float() if Z is not None else torch.addmm(b, X[idx].float(), W.T)
-            return F.cross_entropy(flush_tiny_gradient(self._calibrate(z, params)), y[idx])
+            z = Z.index_select(0, idx) if Z is not None else torch.addmm(b, X[idx].float(), W.T)
+            return affine_cross_entropy(z, y[idx], *self._affine(params))
 
         validate = None
-        if X_val is not None:
-            with torch.no_grad():  # val logits: cached like the train ones (float32 without a train cache)
-                Zv = cached_logits(Xv) if self.cache_dtype_ else linear_logits(Xv, W, b)
+        if Xv is not None:
 
             def validate() -> float:  # a block of val rows at a time, one device sync per epoch
                 hits = sum((self._calibrate(Zv[r].float(), params).argmax(1) == yv[r]).sum()
@@ -161,7 +189,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,
-            step_work=plan.batch_size * C * (1 if Z is not None else D),
+            step_work=plan.batch_size * C * (STEP_WORK_PER_LOGIT if Z is not None else D),
         )
         self._fold(W, b, [p.detach() for p in params])
         self.n_features_in_ = D
@@ -223,8 +251,8 @@ class LWS(JointLogitCalibration):
     def _init_params(self, W: torch.Tensor) -> list[torch.Tensor]:
         return [torch.ones(W.shape[0], device=W.device)]
 
-    def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-        return z * params[0]
+    def _affine(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, None]:
+        return params[0], None
 
     def _fold(self, W: torch.Tensor, b: torch.Tensor, params: list[torch.Tensor]) -> None:
         (self.scales_,) = params

@@ -46,9 +46,9 @@ class MARC(JointLogitCalibration):
         C = W.shape[0]
         return [torch.ones(C, device=W.device), torch.zeros(C, device=W.device)]
 
-    def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    def _affine(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         omega, beta = params
-        return torch.addcmul(z * omega, beta, self._norms)
+        return omega, beta * self._norms
 
     def _fold(self, W: torch.Tensor, b: torch.Tensor, params: list[torch.Tensor]) -> None:
         self.omega_, self.beta_ = params
