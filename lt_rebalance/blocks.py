@@ -67,6 +67,13 @@ def linear_logits(X: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = 
     return out
 
 
+def column_affine(z: torch.Tensor, a: Optional[torch.Tensor], c: Optional[torch.Tensor]) -> torch.Tensor:
+    """z ⊙ a + c for z (n, C) and per-class a, c (C,) (None: 1 and 0); a new tensor."""
+    if a is None:
+        return z.clone() if c is None else z + c
+    return z * a if c is None else torch.addcmul(c, z, a)
+
+
 def all_finite(X: torch.Tensor) -> bool:
     """True when X has no NaN/Inf: one min/max reduction (NaN propagates), no boolean copy of X."""
     if X.numel() == 0:

@@ -17,13 +17,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .blocks import all_finite, available_memory
+from .blocks import all_finite, available_memory, column_affine, linear_logits
 from .heads import CRT, KNN, LWS, MARC, NCM, JointHead, LinearProbe, TauNorm, WeightBalancing, tau_sweep
 from .heads.crt_grid import CRTGrid, fit_seeds
 from .heads.linear_probe import fit_C_grid
 from .heads.lws import JointLogitCalibration
 from .heads.tau_norm import DEFAULT_TAUS
-from .metrics import DEFAULT_FEW, DEFAULT_MANY, evaluate, head_row_statistics
+from .metrics import DEFAULT_FEW, DEFAULT_MANY, affine_row_statistics, evaluate, evaluate_rows, head_row_statistics
 from .names import DEFAULT_METHODS, HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS, canonical_method
 from .posthoc import (
     LogitAdjustment,
@@ -61,6 +61,9 @@ class Context:
     thresholds: dict = field(default_factory=dict)  # many=, few= for the shot groups
     protocol: Protocol = field(default_factory=Protocol)  # shifted priors, bootstrap (lt_rebalance.protocols)
     max_memory: Optional[int] = None
+    # keep X Wᵀ of each evaluation split with the stored classifier, for the heads that are per-class
+    # affine maps of it (set by ``compare`` when several such methods run): see :meth:`evaluate`
+    share_joint_logits: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
     # bootstrap samples of the last report, split -> {metric: (B,)}: paired differences in ``compare``
     samples: dict = field(default_factory=dict, repr=False)
@@ -148,16 +151,48 @@ class Context:
     def val(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         return self.load("val") if "val" in self.store.splits else (None, None)
 
+    def _shared_joint_logits(self, head: Any, split: str) -> Optional[tuple]:
+        """(R, a, c) such that ``head``'s scores on ``split`` are R ⊙ a + c, R = X Wᵀ (float32 (N, C))
+        of the stored classifier W, computed once per split and kept; None unless
+        :attr:`share_joint_logits` is set, the head is a per-class affine map of W (the joint
+        head, tau-norm, LWS, MARC, logit adjustment and PC softmax of it) and R takes at most an
+        eighth of :attr:`memory_budget`."""
+        if not (self.share_joint_logits and self.store.has_head and hasattr(head, "_affine_of")):
+            return None
+        W = self.head()[0]
+        affine = head._affine_of(W)
+        if affine is None:
+            return None
+        key = ("joint_logits", split)
+        if key not in self._cache:
+            X, _ = self.load(split)
+            budget = self.memory_budget
+            fits = budget is None or len(X) * W.shape[0] * 4 <= budget / 8
+            self._cache[key] = linear_logits(X, W.to(head._device)) if fits else None
+        R = self._cache[key]
+        return None if R is None else (R, *affine)
+
+    def release_shared_logits(self) -> None:
+        """Free the logits kept for :attr:`share_joint_logits`."""
+        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "joint_logits"]:
+            del self._cache[key]
+
     def evaluate(self, head: Any, split: str, out: dict, protocol: bool = True) -> dict:
         """Metrics of ``head`` on ``split``; with ``protocol``, its numbers go into ``out``.
 
         ``out`` receives ``"ci": {split: ..}`` (bootstrap) and, on the test split, ``"shifted"`` and
-        ``"shifted_corrected"`` (:func:`lt_rebalance.protocols.protocol_report`).
+        ``"shifted_corrected"`` (:func:`lt_rebalance.protocols.protocol_report`). With
+        :attr:`share_joint_logits`, heads built on the stored classifier are scored from its kept
+        logits (the same scores up to float32 rounding; one GEMM per split for all of them).
         """
         X, y = self.load(split)
+        shared = self._shared_joint_logits(head, split)
         if not (protocol and self.protocol.active):  # block-wise: no (N, C) score matrix is held
+            if shared is not None:
+                return evaluate_rows(affine_row_statistics(*shared, y, len(self.counts)), y, self.counts,
+                                     **self.thresholds)
             return head.evaluate(X, y, self.counts, **self.thresholds)
-        scores = head.scores(X)  # the protocols need every score
+        scores = head.scores(X) if shared is None else column_affine(*shared)  # the protocols need every score
         metrics = evaluate(scores, y, self.counts, **self.thresholds)
         implied = None
         if self.protocol.test_priors and split == "test":
@@ -512,6 +547,8 @@ METHODS: dict[str, tuple[Callable[..., tuple[dict, Any]], bool]] = {
 }
 SELECTED_ON_VAL = ("tau_norm", "logit_adjust")  # skipped by ``compare`` when the file has no val rows
 JOINT_LOGIT_METHODS = ("lws", "marc")  # trained on the cached joint logits (Context.joint_logits_cache)
+# scored as per-class affine maps of the stored classifier's logits (Context.share_joint_logits)
+JOINT_AFFINE_METHODS = ("joint", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc")
 
 
 def run_seeds(ctx: Context, method: str, seeds: Sequence[int], **kwargs: Any) -> tuple[dict, Any]:
@@ -598,9 +635,12 @@ def compare(
     """
     names = [canonical_method(m) for m in methods] if methods else list(DEFAULT_METHODS)
     rows, skipped, row_samples = [], [], []
+    ctx.share_joint_logits = len(set(names) & set(JOINT_AFFINE_METHODS)) > 1
     for i, name in enumerate(names):
         if not set(names[i:]) & set(JOINT_LOGIT_METHODS):
             ctx.release_joint_logits()  # no later method trains on the cached joint logits
+        if not set(names[i:]) & set(JOINT_AFFINE_METHODS):
+            ctx.release_shared_logits()  # nor is scored from the kept evaluation logits
         runner, needs_head = METHODS[name]
         if needs_head and not ctx.store.has_head:
             skipped.append({"method": name, "reason": "the file has no stored classifier"})
@@ -636,6 +676,8 @@ def compare(
             steps = f" ({p['epochs']} epochs x batch {p['batch_size']} = {p['steps']} steps)" if "steps" in p else ""
             log(f"{name}: {row['seconds']:.2f} s{steps}")
     ctx.release_joint_logits()
+    ctx.release_shared_logits()
+    ctx.share_joint_logits = False
     if ctx.protocol.bootstrap and samples is None:
         paired_differences(rows, row_samples, ctx.protocol.ci_level)
     if samples is not None:

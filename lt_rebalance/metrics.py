@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .blocks import SCORE_ROWS, all_finite, row_blocks
+from .blocks import SCORE_ROWS, all_finite, column_affine, row_blocks
 
 GROUPS = ("many", "medium", "few")
 DEFAULT_MANY, DEFAULT_FEW = 100, 20
@@ -154,6 +154,15 @@ def head_row_statistics(head: Any, X: Any, labels: Any, num_classes: int) -> dic
     if labels.shape != (len(X),):
         raise ValueError(f"labels must have shape ({len(X)},) to match the features; got {tuple(labels.shape)}")
     return _rows(((z, labels[s]) for s, z in head.scores_in_blocks(X, SCORE_ROWS)), num_classes)
+
+
+def affine_row_statistics(logits: torch.Tensor, a: Optional[torch.Tensor], c: Optional[torch.Tensor],
+                          labels: Any, num_classes: int) -> dict[str, torch.Tensor]:
+    """:func:`row_statistics` of the scores ``logits`` ⊙ a + c, built a block of rows at a time.
+
+    logits float (N, C); a, c float (C,) on its device, or None (1 and 0); labels int64 (N,)."""
+    labels = _tensor(labels, torch.int64)
+    return _rows(((column_affine(logits[s], a, c), labels[s]) for s in _blocks(len(labels))), num_classes)
 
 
 def evaluate(

@@ -183,6 +183,11 @@ class LogitAdjustment(BaseHead):
     def __sklearn_clone__(self) -> LogitAdjustment:
         return clone_keeping(self, "head")
 
+    def _affine_of(self, weight: Any) -> Optional[tuple[Optional[torch.Tensor], torch.Tensor]]:
+        """(a, bias_) when the base head's scores are (X weightᵀ) ⊙ a + its bias_ (see ``JointHead._affine_of``)."""
+        base = getattr(self.head, "_affine_of", lambda w: None)(weight)
+        return None if base is None else (base[0], self.bias_)
+
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Adjusted logits float32 (N, C) = X Wᵀ + b − τ·log π."""
         return linear_logits(X, self.weight_, self.bias_)

@@ -274,21 +274,33 @@ def test_compare_runs_marc_by_default_wb_knn_and_probe_when_named(files):
 
 
 def test_compare_computes_the_joint_logits_once_for_lws_and_marc(files, monkeypatch):
-    """LWS and MARC in one compare share the cached train/val logits; their rows equal lone runs."""
+    """LWS and MARC in one compare share the cached train/val logits, and every head built on the
+    stored classifier is scored from one X Wᵀ per evaluation split; rows equal lone runs (accuracies
+    exactly, NLL/ECE to float32 rounding)."""
     from lt_rebalance import experiments
     from lt_rebalance.heads import lws as lws_module
     from lt_rebalance.store import FeatureStore
 
     ctx = experiments.Context(FeatureStore(files["full"]))
     n_train = ctx.store.splits["train"].rows
-    passes = []
+    passes, eval_passes = [], []
     real = lws_module.linear_logits
     monkeypatch.setattr(lws_module, "linear_logits", lambda *a, **k: passes.append(len(a[0])) or real(*a, **k))
+    monkeypatch.setattr(experiments, "linear_logits", lambda *a, **k: eval_passes.append(len(a[0])) or real(*a, **k))
     overrides = {m: {"epochs": 2} for m in ("lws", "marc")}
-    doc = experiments.compare(ctx, ["lws", "joint", "marc"], overrides)
+    methods = ["lws", "joint", "tau_norm", "logit_adjust", "pc_softmax", "marc"]
+    doc = experiments.compare(ctx, methods, overrides)
     assert passes.count(n_train) == 1 and len(passes) == 2  # one train pass, one val pass
-    assert "joint_logits" not in ctx._cache  # released after the last method that trains on it
-    for row in doc["rows"]:
-        if row["method"] != "joint":
-            lone, _ = run_json([row["method"], "-f", files["full"], "--epochs", "2"])
-            assert row["test"] == lone["test"] and row["val"] == lone["val"], row["method"]
+    assert sorted(eval_passes) == sorted(ctx.store.splits[s].rows for s in ("val", "test"))
+    assert not any(isinstance(k, tuple) and k[0] == "joint_logits" for k in ctx._cache)  # released
+    assert "joint_logits" not in ctx._cache and not ctx.share_joint_logits
+    small = experiments.Context(FeatureStore(files["full"]), max_memory=1000)  # R would exceed budget / 8
+    assert experiments.compare(small, methods, overrides)["rows"][1]["test"] == doc["rows"][1]["test"]
+    assert len(eval_passes) == 2  # nothing kept: each head scored the splits itself (joint: identical)
+    for row in doc["rows"]:  # each method alone: scored by its own head, nothing shared
+        (lone,) = experiments.compare(experiments.Context(FeatureStore(files["full"])), [row["method"]],
+                                      overrides)["rows"]
+        for split in ("val", "test"):
+            for key, value in row[split].items():
+                assert value == pytest.approx(lone[split][key], rel=1e-5, abs=1e-7), (row["method"], split, key)
+            assert row[split]["all"] == lone[split]["all"] and row[split]["few"] == lone[split]["few"]

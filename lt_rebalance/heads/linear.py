@@ -57,3 +57,7 @@ class JointHead(LinearDecision, BaseHead):
         self.n_features_in_ = self.weight_.shape[1]
         self.classes_ = np.arange(self.weight_.shape[0])
         return self
+
+    def _affine_of(self, weight: Any) -> Optional[tuple[None, torch.Tensor]]:
+        """(None, bias_): scores = X weightᵀ + bias_ when ``weight`` is this head's own (the same object)."""
+        return (None, self.bias_) if weight is self.weight else None

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..blocks import SCORE_ROWS, all_finite, available_memory, linear_logits, row_blocks
+from ..blocks import SCORE_ROWS, all_finite, available_memory, column_affine, linear_logits, row_blocks
 from ..samplers import make_sampler
 from .base import (
     ARRAY,
@@ -105,8 +105,11 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         raise NotImplementedError
 
     def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-        a, c = self._affine(params)
-        return z * a if c is None else torch.addcmul(c, z, a)
+        return column_affine(z, *self._affine(params))
+
+    def _affine_of(self, weight: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(a, bias_): scores = (X weightᵀ) ⊙ a + bias_ when ``weight`` is the joint classifier this was fitted on."""
+        return (self._joint_scale, self.bias_) if weight is self.weight else None
 
     def _fold(self, W: torch.Tensor, b: torch.Tensor, params: list[torch.Tensor]) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -191,7 +194,9 @@ class JointLogitCalibration(LinearDecision, BaseHead):
             progress=self.progress,
             step_work=plan.batch_size * C * (STEP_WORK_PER_LOGIT if Z is not None else D),
         )
-        self._fold(W, b, [p.detach() for p in params])
+        fitted = [p.detach() for p in params]
+        self._joint_scale = self._affine(fitted)[0]  # weight_ = a ⊙ W (see _affine_of)
+        self._fold(W, b, fitted)
         self.n_features_in_ = D
         self.classes_ = classes
         return self

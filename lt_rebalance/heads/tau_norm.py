@@ -262,6 +262,13 @@ class TauNorm(BaseHead):
         self.classes_ = classes
         return self
 
+    def _affine_of(self, weight: Any) -> Optional[tuple[torch.Tensor, None]]:
+        """(||w||^-tau, None): scores = (X weightᵀ) ⊙ ||w||^-tau when ``weight`` is this head's own."""
+        if weight is not self.weight:
+            return None
+        W = as_tensor(weight, torch.float32, self.weight_.device)
+        return W.double().norm(dim=1).clamp_min(1e-12).pow(-self.tau_).float(), None  # as tau_normalize
+
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) = X w̃ᵀ (no bias)."""
         return linear_logits(X, self.weight_)

@@ -194,7 +194,9 @@ class _MemberSGD:
     @torch.no_grad()
     def step(self, lrs: torch.Tensor) -> None:
         for i, p in enumerate(self.params):
-            d = torch.addcmul(p.grad, p, self._per_member(self.weight_decays, p))
+            # in place: the fresh gradient tensor becomes d (a new (C, D) tensor each step would cost
+            # its page faults: at iNaturalist size a quarter of the update's time)
+            d = p.grad.addcmul_(p, self._per_member(self.weight_decays, p))
             if self.bufs[i] is None:
                 self.bufs[i] = d
             else:
