@@ -23,7 +23,14 @@ from .heads.crt_grid import CRTGrid, fit_seeds
 from .heads.linear_probe import fit_C_grid
 from .heads.lws import JointLogitCalibration
 from .heads.tau_norm import DEFAULT_TAUS
-from .metrics import DEFAULT_FEW, DEFAULT_MANY, affine_row_statistics, evaluate, evaluate_rows, head_row_statistics
+from .metrics import (
+    DEFAULT_FEW,
+    DEFAULT_MANY,
+    affine_row_statistics,
+    evaluate,
+    evaluate_rows,
+    head_row_statistics,
+)
 from .names import DEFAULT_METHODS, HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS, canonical_method
 from .posthoc import (
     LogitAdjustment,
