@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from lt_rebalance.heads import losses
 from lt_rebalance.heads.losses import affine_cross_entropy
 
 
@@ -23,7 +24,10 @@ def numpy_affine_ce(z, y, a, c):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shift", [False, True])
-def test_matches_numpy(dtype, shift):
+@pytest.mark.parametrize("block_rows", [None, 1, 5])  # None: the whole batch in one block
+def test_matches_numpy(dtype, shift, block_rows, monkeypatch):
+    if block_rows is not None:  # blocks of rows that do not divide the batch
+        monkeypatch.setattr(losses, "BLOCK_LOGITS", block_rows * 11)
     rng = np.random.default_rng(0)
     B, C = 37, 11
     z = torch.from_numpy(rng.normal(0, 4, (B, C))).to(dtype)
