@@ -19,6 +19,7 @@ import torch
 
 from .blocks import all_finite, available_memory, column_affine, linear_logits
 from .heads import CRT, KNN, LWS, MARC, NCM, JointHead, LinearProbe, TauNorm, WeightBalancing, tau_sweep
+from .heads.base import resolve_device
 from .heads.crt_grid import CRTGrid, fit_seeds
 from .heads.linear_probe import fit_C_grid
 from .heads.lws import JointLogitCalibration
@@ -166,18 +167,25 @@ class Context:
         eighth of :attr:`memory_budget`."""
         if not (self.share_joint_logits and self.store.has_head and hasattr(head, "_affine_of")):
             return None
-        W = self.head()[0]
-        affine = head._affine_of(W)
-        if affine is None:
+        affine = head._affine_of(self.head()[0])
+        R = None if affine is None else self.stored_logits(split, head._device)
+        return None if R is None else (R, *affine)
+
+    def stored_logits(self, split: str, device: Any) -> Optional[torch.Tensor]:
+        """X Wᵀ of ``split`` with the stored classifier (no bias), float32 (N, C) on ``device``,
+        computed once and kept; None unless :attr:`share_joint_logits` is set and it takes at most
+        an eighth of :attr:`memory_budget`."""
+        if not (self.share_joint_logits and self.store.has_head):
             return None
         key = ("joint_logits", split)
         if key not in self._cache:
             X, _ = self.load(split)
+            W = self.head()[0]
             budget = self.memory_budget
             fits = budget is None or len(X) * W.shape[0] * 4 <= budget / 8
-            self._cache[key] = linear_logits(X, W.to(head._device)) if fits else None
+            self._cache[key] = linear_logits(X, W.to(device)) if fits else None
         R = self._cache[key]
-        return None if R is None else (R, *affine)
+        return None if R is None else R.to(device)
 
     def release_shared_logits(self) -> None:
         """Free the logits kept for :attr:`share_joint_logits`."""
@@ -516,7 +524,8 @@ def run_tau_selected(ctx: Context) -> tuple[dict, TauNorm]:
         raise ValueError("tau-norm needs a 'val' split with rows to select tau on (see `ltr tau-sweep --select-on`)")
     W, _ = ctx.head()
     Xv, yv = ctx.load("val")
-    head = TauNorm(W, device=ctx.device).fit(Xv, yv, ctx.counts)
+    head = TauNorm(W, device=ctx.device)
+    head.fit(Xv, yv, ctx.counts, logits=ctx.stored_logits("val", resolve_device(ctx.device)))
     return {"method": "tau_norm", "selected_tau": head.tau_, "selected_on": "val", **ctx.report(head)}, head
 
 
@@ -525,7 +534,8 @@ def run_logit_adjust_selected(ctx: Context) -> tuple[dict, LogitAdjustment]:
     if not ctx.has_rows("val"):
         raise ValueError("logit adjustment needs a 'val' split with rows to select tau on "
                          "(see `ltr logit-adjust --select-on`)")
-    head = LogitAdjustment(_joint_head(ctx), ctx.counts).fit(*ctx.load("val"))
+    base = _joint_head(ctx)
+    head = LogitAdjustment(base, ctx.counts).fit(*ctx.load("val"), logits=ctx.stored_logits("val", base._device))
     return {"method": "logit_adjust", "selected_tau": head.tau_, "selected_on": "val", **ctx.report(head)}, head
 
 

@@ -40,7 +40,8 @@ def log_prior(counts: Any) -> torch.Tensor:
     return (n / n.sum()).log().float()
 
 
-def _offset_argmax(X: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor, chunk: int) -> torch.Tensor:
+def _offset_argmax(X: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor, chunk: int,
+                   logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Predictions int64 (T, N): ``argmax_j (X Wᵀ)[:, j] + offsets[t, j]`` for each of the T offset rows.
 
     X Wᵀ is computed ONCE per row chunk (:func:`chunked_matmul`), bounding memory at chunk × C;
@@ -52,7 +53,7 @@ def _offset_argmax(X: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor, chun
         for t in range(len(offsets)):
             torch.argmax(base + offsets[t], dim=1, out=pred[t, s])
 
-    chunked_matmul(X, W, fill, chunk)
+    chunked_matmul(X, W, fill, chunk, logits)
     return pred
 
 
@@ -76,9 +77,11 @@ def logit_adjust_sweep(
     taus: Sequence[float] = DEFAULT_TAUS,
     *,
     chunk: int = 8192,
+    logits: Optional[torch.Tensor] = None,
     **thresholds: int,
 ) -> dict[str, torch.Tensor]:
-    """Accuracy of logit-adjusted linear heads for every τ, from ONE matmul of X with W.
+    """Accuracy of logit-adjusted linear heads for every τ, from ONE matmul of X with W (none when
+    ``logits``, X Wᵀ float32 (N, C) without the bias, are given).
 
     logits(τ) = X Wᵀ + b − τ·log π; X Wᵀ is computed once (in row chunks) and each τ only adds
     its (C,) offset before the argmax. ``weight`` float (C, D), ``bias`` (C,) or None,
@@ -94,7 +97,7 @@ def logit_adjust_sweep(
     if not torch.isfinite(offsets).all():
         limit = torch.finfo(torch.float32).max / 2 / float(log_prior(counts).abs().max().clamp_min(1))
         raise ValueError(f"tau * log prior overflows float32 for some tau; use --taus within |tau| <= {limit:.3g}")
-    return accuracy_summary(_offset_argmax(X, W, offsets, chunk), y, counts, **thresholds)
+    return accuracy_summary(_offset_argmax(X, W, offsets, chunk, logits), y, counts, **thresholds)
 
 
 class LogitAdjustment(BaseHead):
@@ -159,8 +162,9 @@ class LogitAdjustment(BaseHead):
         self.taus = taus
         self.metric = metric
 
-    def fit(self, X: Any = None, y: Any = None) -> LogitAdjustment:
-        """Select τ on (X, y) (the val split) unless ``tau`` is fixed."""
+    def fit(self, X: Any = None, y: Any = None, *, logits: Optional[torch.Tensor] = None) -> LogitAdjustment:
+        """Select τ on (X, y) (the val split) unless ``tau`` is fixed. ``logits``: X Wᵀ of the base
+        head's weight, without its bias, already computed (float32 (N, C)), used by the sweep."""
         self._validate_params()
         W, b = _linear(self.head)
         check_counts(self.counts, W.shape[0])
@@ -170,7 +174,7 @@ class LogitAdjustment(BaseHead):
                 raise ValueError("LogitAdjustment with tau=None selects tau on data: pass X and y to fit")
             X, y = check_features(X, y, n_features=W.shape[1], classes=classes, device=W.device,
                                   expecting=type(self.head).__name__)
-            self.curve_ = logit_adjust_sweep(X, y, W, b, self.counts, self.taus)
+            self.curve_ = logit_adjust_sweep(X, y, W, b, self.counts, self.taus, logits=logits)
             self.tau_ = select_tau(self.curve_, self.taus, self.metric)
         else:
             self.curve_, self.tau_ = None, float(self.tau)

@@ -200,3 +200,25 @@ def test_memory_mapped_splits_give_identical_results(tmp_path, d16):
     assert abs(lws_in["test"]["all"] - lws_mapped["test"]["all"]) <= 0.05
     res = CliRunner().invoke(main, ["joint", "-f", str(path), "--max-memory", "lots"])
     assert res.exit_code == 2 and "not a memory size" in res.output
+
+
+def test_sweeps_and_selection_from_precomputed_logits(d16):
+    """Given X Wᵀ (as compare keeps it), the tau and logit-adjustment sweeps and selections use it
+    instead of multiplying X: the logits of other rows give those rows' curves."""
+    from lt_rebalance.posthoc import LogitAdjustment, logit_adjust_sweep
+
+    X, y, counts = d16["X_val"], d16["y_val"], d16["counts"]
+    W, b = torch.from_numpy(d16["W"]), torch.from_numpy(d16["b"])
+    perm = np.random.default_rng(0).permutation(len(y))
+    logits = torch.from_numpy(X[perm].astype(np.float32)) @ W.T  # the logits of the permuted rows
+    want_tau = tau_sweep(X[perm], y[perm], W, counts, chunk=50)
+    got_tau = tau_sweep(X, y[perm], W, counts, chunk=50, logits=logits)
+    want_la = logit_adjust_sweep(X[perm], y[perm], W, b, counts, chunk=50)
+    got_la = logit_adjust_sweep(X, y[perm], W, b, counts, chunk=50, logits=logits)
+    for want, got in ((want_tau, got_tau), (want_la, got_la)):
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    tau = TauNorm(W).fit(X, y[perm], counts, logits=logits)
+    assert tau.tau_ == TauNorm(W).fit(X[perm], y[perm], counts).tau_
+    la = LogitAdjustment(JointHead(W, b).fit(), counts).fit(X, y[perm], logits=logits)
+    assert la.tau_ == LogitAdjustment(JointHead(W, b).fit(), counts).fit(X[perm], y[perm]).tau_

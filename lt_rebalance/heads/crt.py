@@ -16,6 +16,7 @@ from .training import (
     ProgressFn,
     Schedule,
     TrainHistory,
+    flush_denormals,
     flush_tiny_gradient,
     plan_schedule,
     sgd_constraints,
@@ -214,8 +215,26 @@ class CRT(BaseHead):
         view_gens = [torch.Generator(device=device).manual_seed(s + 1) for s in (seeds if seeds is not None
                                                                                   else [self.seed])]
 
+        grad_buffer: list[torch.Tensor] = []  # W's gradient, one (G·C, D) tensor reused by every step
+
+        def weight_gradient(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            """Hook on the logits' gradient g (n, G·C): W.grad = gᵀ x into the reused buffer, b.grad = Σ g.
+
+            Autograd would return a fresh (G·C, D) tensor every step; at iNaturalist size (67 MB)
+            its page faults cost about a tenth of the step."""
+            g = flush_denormals(g)
+            if not grad_buffer:
+                grad_buffer.append(torch.empty(G * C, D, device=device))
+            W.grad = torch.mm(g.T, x, out=grad_buffer[0]).view(G, C, D)
+            b.grad = g.sum(0).view(G, C)
+            return g
+
         def logits(x: torch.Tensor) -> torch.Tensor:  # (n, G, C), one GEMM for all members
-            return flush_tiny_gradient(torch.addmm(b.view(-1), x, W.view(G * C, D).T)).view(len(x), G, C)
+            # class-major (W xᵀ + b)ᵀ: 105 vs 140 ms at 512 x 2048 x 8142 on 2 cores (blocks.linear_logits)
+            z = torch.addmm(b.detach().view(-1, 1), W.detach().view(G * C, D), x.T).T.contiguous()
+            if torch.is_grad_enabled():  # a leaf: backward stops here, and the hook makes W's gradient
+                z.requires_grad_().register_hook(lambda g: weight_gradient(g, x))
+            return z.view(len(x), G, C)
 
         def draw(idx: torch.Tensor) -> torch.Tensor:
             """Features of rows ``idx`` (B,) or, one row set per member, (G, B): a random stored view each."""

@@ -92,9 +92,11 @@ def tau_sweep(
     taus: Sequence[float] = DEFAULT_TAUS,
     *,
     chunk: int = 8192,
+    logits: Optional[torch.Tensor] = None,
     **thresholds: int,
 ) -> dict[str, torch.Tensor]:
-    """Accuracy of tau-normalised classifiers for every tau, from ONE matmul of X with W.
+    """Accuracy of tau-normalised classifiers for every tau, from ONE matmul of X with W (none when
+    ``logits``, X Wᵀ float32 (N, C) on W's device, are given: see :func:`chunked_matmul`).
 
     logits(tau) = (X Wᵀ) scaled column-wise by ||w_j||^-tau (:func:`tau_scales`, rescaled per tau), so
     X Wᵀ is computed once (in row chunks of ``chunk``) and only the argmax is taken per tau. The argmax over all classes is
@@ -116,7 +118,7 @@ def tau_sweep(
             block = base[b : b + _BLOCK]
             _sweep_argmax(block, scale, bounds, pred[:, s.start + b : s.start + b + len(block)])
 
-    chunked_matmul(X, W, fill, chunk)
+    chunked_matmul(X, W, fill, chunk, logits)
     return accuracy_summary(pred, y, counts, **thresholds)
 
 
@@ -244,8 +246,10 @@ class TauNorm(BaseHead):
         self.metric = metric
         self.device = device
 
-    def fit(self, X: Any = None, y: Any = None, counts: Any = None) -> TauNorm:
-        """Select tau on (X, y) (the val split) unless ``tau`` is fixed; ``counts`` are train counts."""
+    def fit(self, X: Any = None, y: Any = None, counts: Any = None, *, logits: Optional[torch.Tensor] = None
+            ) -> TauNorm:
+        """Select tau on (X, y) (the val split) unless ``tau`` is fixed; ``counts`` are train counts.
+        ``logits``: X Wᵀ already computed (float32 (N, C), on the head's device), used by the sweep."""
         self._validate_params()
         W = check_weight(self.weight, self.device)
         classes = np.arange(W.shape[0])
@@ -253,7 +257,7 @@ class TauNorm(BaseHead):
             if X is None or y is None or counts is None:
                 raise ValueError("TauNorm with tau=None selects tau on data: pass X, y and counts to fit")
             X, y = check_features(X, y, n_features=W.shape[1], classes=classes, device=W.device, expecting="weight")
-            self.curve_ = tau_sweep(X, y, W, counts, self.taus)
+            self.curve_ = tau_sweep(X, y, W, counts, self.taus, logits=logits)
             self.tau_ = select_tau(self.curve_, self.taus, self.metric)
         else:
             self.curve_, self.tau_ = None, float(self.tau)

@@ -198,7 +198,7 @@ class _MemberSGD:
             # its page faults: at iNaturalist size a quarter of the update's time)
             d = p.grad.addcmul_(p, self._per_member(self.weight_decays, p))
             if self.bufs[i] is None:
-                self.bufs[i] = d
+                self.bufs[i] = d.clone()  # d may be a gradient buffer its head reuses (cRT's)
             else:
                 self.bufs[i].mul_(self.momentum).add_(d)
             p.addcmul_(self.bufs[i], self._per_member(lrs, p), value=-1.0)
@@ -255,9 +255,13 @@ def flush_tiny_gradient(logits: torch.Tensor) -> torch.Tensor:
     the calling thread, not the GEMM's worker threads. Returns ``logits`` (hook registered).
     """
     if logits.requires_grad and logits.dtype == torch.float32:
-        tiny = torch.finfo(torch.float32).tiny
-        logits.register_hook(lambda g: g.masked_fill(g.abs() < tiny, 0.0))
+        logits.register_hook(flush_denormals)
     return logits
+
+
+def flush_denormals(g: torch.Tensor) -> torch.Tensor:
+    """``g`` with its denormal entries (|g| < 1.2e-38, float32) set to 0 (a new tensor)."""
+    return g.masked_fill(g.abs() < torch.finfo(torch.float32).tiny, 0.0)
 
 
 def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weight_decays, schedule, generator,
