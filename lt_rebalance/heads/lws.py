@@ -37,8 +37,8 @@ class JointLogitCalibration(LinearDecision, BaseHead):
 
     The calibrated logits are a per-class affine map of the joint ones, z ⊙ a + c. Subclasses say
     which parameters (:meth:`_init_params`), how they give a and c (:meth:`_affine`) and how the
-    result folds into a plain linear layer (:meth:`_fold`, which sets ``weight_`` and ``bias_``). Because W and b are frozen, the joint
-    logits of the train (and val) rows are computed once (one GEMM, float32, a block of rows at a
+    result folds into a plain linear layer (:meth:`_fold`, which sets ``weight_`` and ``bias_``).
+    Because W and b are frozen, the joint logits of the train (and val) rows are computed once (one GEMM, float32, a block of rows at a
     time) and cached in ``cache_dtype``; every step only transforms cached logits, upcast to
     float32 per batch (parameters, loss and gradients are float32). The default float16 cache
     halves a float32 one (iNaturalist 2018: 437k x 8142 logits are 7.1 GB instead of 14 GB) at a
@@ -108,7 +108,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         return column_affine(z, *self._affine(params))
 
     def _affine_of(self, weight: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(a, bias_): scores = (X weightᵀ) ⊙ a + bias_ when ``weight`` is the joint classifier this was fitted on."""
+        """(a, bias_): scores = (X weightᵀ) ⊙ a + bias_ when ``weight`` is the classifier this was fitted on."""
         return (self._joint_scale, self.bias_) if weight is self.weight else None
 
     def _fold(self, W: torch.Tensor, b: torch.Tensor, params: list[torch.Tensor]) -> None:  # pragma: no cover
@@ -139,8 +139,9 @@ class JointLogitCalibration(LinearDecision, BaseHead):
 
         ``logits_cache``: a dict shared between fits (``ltr compare`` shares one between LWS and
         MARC). The first fit leaves its cached joint logits there; a later fit given the very same
-        ``weight``, ``bias``, X and X_val objects, the same ``cache_dtype`` and device reuses them
-        instead of computing them again (one entry is kept: a fit on other inputs replaces it).
+        ``weight``, ``bias``, X and X_val objects, the same ``cache_dtype``, ``max_cache_gb`` and
+        device reuses them instead of computing them again (one entry is kept: a fit on other
+        inputs drops it first, and leaves its own when it caches).
         """
         self._validate_params()
         device = resolve_device(self.device)
@@ -154,15 +155,17 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         Xv = yv = None
         if X_val is not None:
             Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
+        settings = (self.cache_dtype, self.max_cache_gb, device)
         shared = (logits_cache or {}).get("entry")
         if (shared is not None and all(a is b_ for a, b_ in zip(shared["inputs"], inputs))
-                and shared["settings"] == (self.cache_dtype, device)):
+                and shared["settings"] == settings):
             Z, Zv, self.cache_dtype_ = shared["logits"]
         else:
+            if logits_cache is not None:
+                logits_cache.pop("entry", None)  # freed before this fit's cache is built
             Z, Zv = self._joint_logits(W, b, X, Xv)
             if logits_cache is not None and self.cache_dtype_ is not None:
-                logits_cache["entry"] = {"inputs": inputs, "settings": (self.cache_dtype, device),
-                                         "logits": (Z, Zv, self.cache_dtype_)}
+                logits_cache["entry"] = {"inputs": inputs, "settings": settings, "logits": (Z, Zv, self.cache_dtype_)}
         params = [p.requires_grad_() for p in self._init_params(W)]
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:

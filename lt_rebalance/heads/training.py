@@ -292,6 +292,7 @@ def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weigh
                 with torch.no_grad():
                     after_step()
             total += loss.detach()
+            del loss  # its graph's leaves (cRT's logits and their gradient) are freed before the next step
         losses = (total / len(batches)).cpu().double()
         live &= torch.isfinite(losses)
         for g, h in enumerate(hists):
