@@ -118,9 +118,14 @@ class Context:
 
     @property
     def memory_mapped(self) -> bool:
-        """Whether splits are memory-mapped: the features exceed half of :attr:`memory_budget`."""
-        budget = self.memory_budget
-        return budget is not None and self.store.feature_bytes() > budget / 2
+        """Whether splits are memory-mapped: the features exceed half of :attr:`memory_budget`.
+
+        Decided once, when first asked (splits loaded later follow the same plan, however the
+        memory available changes meanwhile), and shared by copies of this context."""
+        if ("memory_mapped",) not in self._cache:
+            budget = self.memory_budget
+            self._cache[("memory_mapped",)] = budget is not None and self.store.feature_bytes() > budget / 2
+        return self._cache[("memory_mapped",)]
 
     def views(self, k: int) -> torch.Tensor:
         """The first ``k`` stored augmented views of train, (k, N, D) in the stored dtype, checked finite."""

@@ -170,6 +170,22 @@ def test_lws_cache_precision_rules(d16):
         LWS(W, b, cache_dtype="float8").fit(X, y)
 
 
+def test_one_memory_plan_per_run(tmp_path, d16, monkeypatch):
+    """Whether splits are mapped is decided once: memory freeing up (or filling) between two loads
+    does not map one split and read the next."""
+    from lt_rebalance import experiments
+
+    splits = {s: (d16[f"X_{s}"], d16[f"y_{s}"]) for s in ("train", "val")}
+    store = FeatureStore(write_features(tmp_path / "f.h5", splits, dtype="float16"))
+    free = [store.feature_bytes()]  # features exceed half of it: mapped
+    monkeypatch.setattr(experiments, "available_memory", lambda: free[0])
+    ctx = Context(store)
+    X, _ = ctx.load("train")
+    free[0] = 100 * store.feature_bytes()
+    Xv, _ = ctx.load("val")
+    assert not X.numpy().flags.owndata and not Xv.numpy().flags.owndata  # both views of the file
+
+
 def test_memory_mapped_splits_give_identical_results(tmp_path, d16):
     from click.testing import CliRunner
 
