@@ -591,7 +591,7 @@ OPERATIONS: dict[str, Callable[[Bench], Result]] = {
 
 
 def run_study(b: Bench, crt_epochs: int = 10) -> dict:
-    """The whole classifier study (joint, NCM, cRT, tau-norm, LWS) end to end, via ``compare``.
+    """The whole classifier study (``compare``'s default methods) end to end.
 
     Timed from opening the feature file (splits are read once) to the last metric.
     """

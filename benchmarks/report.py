@@ -37,9 +37,8 @@ def section(docs: Sequence[dict]) -> str:
             per = ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in st["methods"].items())
             lines += [
                 "",
-                f"Whole {doc['scale']} classifier study end to end on CPU (`compare`: joint, NCM, cRT "
-                f"{st['crt_epochs']} epochs, τ-norm, LWS; reading the file included): **{st['seconds']:.0f} s** "
-                f"({per}).",
+                f"Whole {doc['scale']} classifier study end to end on CPU (`compare`'s default methods, cRT "
+                f"{st['crt_epochs']} epochs; reading the file included): **{st['seconds']:.0f} s** ({per}).",
             ]
     return "\n".join(lines) + "\n"
 

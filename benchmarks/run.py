@@ -96,7 +96,7 @@ def summary(doc: dict) -> str:
     ]
     if "study" in doc:
         st = doc["study"]
-        lines += ["", f"whole classifier study (compare: joint, NCM, cRT {st['crt_epochs']} epochs, tau-norm, LWS): "
+        lines += ["", f"whole classifier study (compare's default methods, cRT {st['crt_epochs']} epochs): "
                   f"{st['seconds']:.1f} s end to end, peak RSS +{st['peak_rss_mib']:.0f} MiB"]
         lines += [f"  {k}: {v['seconds']:.2f} s" for k, v in st["methods"].items()]
     lines.append(f"total {doc['total_seconds']:.1f} s")
@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, help="timed repeats per operation (default 3; 2 at full scales)")
     p.add_argument("--study", action="store_true",
-                   help="also time the whole classifier study end to end (ltr compare: joint, NCM, cRT, tau, LWS)")
+                   help="also time the whole classifier study end to end (ltr compare, its default methods)")
     p.add_argument("--crt-epochs", type=int, default=10, help="cRT epochs in --study (default 10)")
     p.add_argument("--out-dir", default=str(DEFAULT_OUT), help="where the synthetic feature files are cached")
     a = p.parse_args(argv)
