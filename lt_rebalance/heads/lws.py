@@ -38,9 +38,9 @@ class JointLogitCalibration(LinearDecision, BaseHead):
     The calibrated logits are a per-class affine map of the joint ones, z ⊙ a + c. Subclasses say
     which parameters (:meth:`_init_params`), how they give a and c (:meth:`_affine`) and how the
     result folds into a plain linear layer (:meth:`_fold`, which sets ``weight_`` and ``bias_``).
-    Because W and b are frozen, the joint logits of the train (and val) rows are computed once (one GEMM, float32, a block of rows at a
-    time) and cached in ``cache_dtype``; every step only transforms cached logits, upcast to
-    float32 per batch (parameters, loss and gradients are float32). The default float16 cache
+    Because W and b are frozen, the joint logits of the train (and val) rows are computed once
+    (one GEMM, float32, a block of rows at a time) and cached in ``cache_dtype``; every step only
+    transforms cached logits, upcast to float32 per batch (parameters, loss and gradients are float32). The default float16 cache
     halves a float32 one (iNaturalist 2018: 437k x 8142 logits are 7.1 GB instead of 14 GB) at a
     relative rounding error of at most 2^-11 per logit; logits beyond float16's range
     (|z| > 65504) are cached in bfloat16. When the cache does not fit ``max_cache_gb`` (None: 80 %

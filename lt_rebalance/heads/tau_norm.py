@@ -49,7 +49,12 @@ def tau_normalize(weight: Any, tau: float) -> torch.Tensor:
             f"tau = {tau:g} puts this classifier's normalised rows outside float32's range (row norms "
             f"{math.exp(-big):.3g}..{math.exp(big):.3g} to the power 1 - tau); use tau in [{lo:.4g}, {hi:.4g}]"
         )
-    return (W.double() / W.double().norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)).float()
+    return (W.double() / _norm_power(W, tau)[:, None]).float()
+
+
+def _norm_power(W: torch.Tensor, tau: float) -> torch.Tensor:
+    """||w_j||^tau in float64 (C,), norms clamped at 1e-12 (all-zero rows)."""
+    return W.double().norm(dim=1).clamp_min(1e-12).pow(tau)
 
 
 def tau_scales(weight: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
@@ -270,8 +275,7 @@ class TauNorm(BaseHead):
         """(||w||^-tau, None): scores = (X weightᵀ) ⊙ ||w||^-tau when ``weight`` is this head's own."""
         if weight is not self.weight:
             return None
-        W = as_tensor(weight, torch.float32, self.weight_.device)
-        return W.double().norm(dim=1).clamp_min(1e-12).pow(-self.tau_).float(), None  # as tau_normalize
+        return _norm_power(as_tensor(weight, torch.float32, self.weight_.device), self.tau_).reciprocal().float(), None
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) = X w̃ᵀ (no bias)."""
