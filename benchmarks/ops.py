@@ -595,15 +595,16 @@ def run_study(b: Bench, crt_epochs: int = 10) -> dict:
 
     Timed from opening the feature file (splits are read once) to the last metric.
     """
-    from lt_rebalance.experiments import Context, compare
+    from lt_rebalance.session import Session
     from lt_rebalance.store import FeatureStore
+    from lt_rebalance.study import compare
 
     from .harness import PeakRSS
 
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        ctx = Context(FeatureStore(b.path), device=b.device)
-        out = compare(ctx, overrides={"crt": {"epochs": crt_epochs}}, log=b.log)
+        ctx = Session(FeatureStore(b.path), device=b.device)
+        out = compare(ctx, options={"crt": {"epochs": crt_epochs}}, log=b.log)
         seconds = time.perf_counter() - t0
     methods = {
         r["method"]: {"seconds": r["seconds"], **{s: round(r[s]["all"], 4) for s in ctx.eval_splits if s in r}}

@@ -8,17 +8,9 @@ from typing import Any, Optional
 
 import click
 
-from lt_rebalance.commands._common import (
-    device_option,
-    emit,
-    interrupts_as_errors,
-    json_option,
-    log,
-    quiet_option,
-    resolve_device,
-    seed_option,
-    user_errors,
-)
+from lt_rebalance.commands.errors import interrupts_as_errors, user_errors
+from lt_rebalance.commands.options import device_option, json_option, quiet_option, seed_option
+from lt_rebalance.commands.render import emit, log
 from lt_rebalance.outputs import check_output
 
 DATASET_CHOICES = ("imagenet_lt", "places_lt", "inat2018", "cifar10_lt", "cifar100_lt", "imagefolder")
@@ -89,7 +81,7 @@ def extract(ctx: click.Context, **opts: Any) -> None:
     if len(weights) != 1:
         raise click.UsageError("give exactly one of --checkpoint PATH, --pretrained or --random-init")
     splits = _parse_splits(opts["splits"], opts["data"])
-    device = resolve_device(opts["device"])
+    device = opts["device"]
     from .distributed import dist_env
 
     env = dist_env()

@@ -1,8 +1,9 @@
 """The ``ltr`` command line.
 
-Commands are registered by name below and imported only when run, so ``ltr --help`` never loads
-torch or timm. Each command lives in ``lt_rebalance/commands/<module>.py`` (or the extraction
-package) as a thin wrapper over the library.
+Commands are registered by name below (a method's command by its registry entry,
+:mod:`lt_rebalance.registry`) and imported only when run, so ``ltr --help`` never loads torch or
+timm. Each command lives in ``lt_rebalance/commands/<module>.py`` (or the extraction package) as a
+thin wrapper over the library.
 """
 from __future__ import annotations
 
@@ -11,20 +12,13 @@ import importlib
 import click
 
 from ._version import __version__
+from .registry import method_commands
 
-# name -> (module, attribute, one-line help shown by `ltr --help` without importing the module)
+# name -> (module, attribute, one-line help shown by `ltr --help` without importing the module); the
+# commands of methods come from the method registry
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    **method_commands(),
     "info": ("lt_rebalance.commands.info", "info", "Summarise a feature file (instant: reads no features)."),
-    "joint": ("lt_rebalance.commands.methods", "joint", "Evaluate the stored stage-1 (joint) classifier."),
-    "ncm": ("lt_rebalance.commands.methods", "ncm", "Nearest class mean classifier on the cached features."),
-    "tau-sweep": ("lt_rebalance.commands.methods", "tau_sweep", "tau-normalise the stored classifier over a grid of tau."),
-    "lws": ("lt_rebalance.commands.methods", "lws", "Learnable weight scaling on the frozen stored classifier."),
-    "crt": ("lt_rebalance.commands.methods", "crt", "Re-train the linear classifier with class-balanced sampling."),
-    "marc": ("lt_rebalance.commands.classifiers", "marc", "MARC: per-class scale and norm margin on the stored classifier."),
-    "wb": ("lt_rebalance.commands.classifiers", "wb", "Weight balancing stage 2: fine-tune with weight decay and MaxNorm."),
-    "knn": ("lt_rebalance.commands.classifiers", "knn", "Weighted kNN vote (exp(sim / T)) over the train rows."),
-    "linear-probe": ("lt_rebalance.commands.classifiers", "linear_probe", "L-BFGS logistic regression, scikit-learn's objective."),
-    "logit-adjust": ("lt_rebalance.commands.posthoc", "logit_adjust", "Logit adjustment (z - tau log prior) over a grid of tau."),
     "calibrate": ("lt_rebalance.commands.posthoc", "calibrate", "Temperature scaling on val; NLL and ECE before and after."),
     "export": ("lt_rebalance.commands.export", "export", "Write a timm checkpoint whose classifier is a re-balanced head."),
     "compare": ("lt_rebalance.commands.compare", "compare", "Run every method with defaults and print one table."),
@@ -54,7 +48,7 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
-        from .commands._common import interrupts_as_errors
+        from .commands.errors import interrupts_as_errors
 
         with interrupts_as_errors():  # Ctrl-C: one line and exit status 130
             return super().invoke(ctx)

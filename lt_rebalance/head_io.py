@@ -24,13 +24,15 @@ def head_state(head: Any, method: str, params: Optional[dict] = None, features: 
         "params": dict(params or {}),
         "features": features,
     }
-    if hasattr(head, "centroids_"):
+    from .heads import NCM
+
+    if isinstance(head, NCM):  # the one head saved as class means rather than a linear layer
         C, D = head.centroids_.shape
         state.update(variant=head.variant, mean=head.mean_.cpu(), centroids=head.centroids_.cpu())
     else:
-        C, D = head.weight_.shape
-        bias = getattr(head, "bias_", None)
-        state.update(weight=head.weight_.cpu(), bias=(torch.zeros(C) if bias is None else bias.cpu()))
+        W, b = head.linear_form()
+        C, D = W.shape
+        state.update(weight=W.cpu(), bias=b.cpu())
     state.update(num_classes=C, dim=D)
     return state
 

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 
 from .metrics import GROUPS, per_class_accuracy
-from .names import canonical_method
+from .registry import canonical_method
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .experiments import Context
+    from .runners import MethodRun
+    from .session import Session
 
 FIGSIZE, DPI = (9.0, 5.5), 100
 MATPLOTLIB_HINT = 'plots need matplotlib: pip install "lt-rebalance[plot]" (or pip install matplotlib)'
@@ -50,36 +51,36 @@ def _save(fig: Figure, out: str | os.PathLike, overwrite: bool) -> Path:
     return atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI), overwrite)
 
 
-def _group_labels(ctx: Context) -> dict[str, str]:
+def _group_labels(ctx: Session) -> dict[str, str]:
     many, few = ctx.group_thresholds["many"], ctx.group_thresholds["few"]
     return {"all": "all", "many": f"many (> {many} train imgs)", "medium": f"medium ({few}-{many})",
             "few": f"few (< {few})"}
 
 
-def _require_split(ctx: Context, split: str) -> None:
+def _require_split(ctx: Session, split: str) -> None:
     if split not in ctx.store.splits:
         raise ValueError(f"{ctx.store.path} has no split {split!r}; available: {', '.join(ctx.store.splits)}")
 
 
-def _fit(ctx: Context, name: str, overrides: Optional[dict]) -> tuple[dict, Any]:
-    from .experiments import METHODS
+def _fit(ctx: Session, name: str, overrides: Optional[dict]) -> MethodRun:
+    """The run of method ``name`` (its registry runner, with ``overrides[name]``)."""
+    from . import registry
 
-    name = canonical_method(name)
-    runner, needs_head = METHODS[name]
-    if needs_head and not ctx.store.has_head:
-        raise ValueError(f"{name} needs the stored classifier, which {ctx.store.path} lacks")
-    return runner(ctx, **(overrides or {}).get(name, {}))
+    spec = registry.get(name)
+    if spec.needs_head and not ctx.store.has_head:
+        raise ValueError(f"{spec.name} needs the stored classifier, which {ctx.store.path} lacks")
+    return registry.runner(spec.name)(ctx, **(overrides or {}).get(spec.name, {}))
 
 
-def tau_curve_figure(ctx: Context, result: Optional[dict] = None) -> Figure:
+def tau_curve_figure(ctx: Session, result: Optional[dict] = None) -> Figure:
     """Accuracy vs tau on val and test per shot group, the tau selected on val marked.
 
-    ``result``: a :func:`~lt_rebalance.experiments.run_tau_sweep` result (default: run it, tau on val).
+    ``result``: a :func:`~lt_rebalance.runners.sweeps.run_tau_sweep` result (default: run it, tau on val).
     """
-    from .experiments import run_tau_sweep
+    from .runners.sweeps import run_tau_sweep
 
     if result is None:
-        result, _ = run_tau_sweep(ctx, select_on="val" if "val" in ctx.store.splits else None)
+        result = run_tau_sweep(ctx, select_on="val" if "val" in ctx.store.splits else None).result
     curves = result["curves"]
     fig, axes = _figure(len(curves))
     labels = _group_labels(ctx)
@@ -98,18 +99,18 @@ def tau_curve_figure(ctx: Context, result: Optional[dict] = None) -> Figure:
     return fig
 
 
-def plot_tau_curve(ctx: Context, out: str | os.PathLike, overwrite: bool = False) -> Path:
+def plot_tau_curve(ctx: Session, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """:func:`tau_curve_figure` written to ``out``."""
     return _save(tau_curve_figure(ctx), out, overwrite)
 
 
-def norm_heads(ctx: Context, head: Optional[dict] = None, overrides: Optional[dict] = None) -> dict[str, torch.Tensor]:
+def norm_heads(ctx: Session, head: Optional[dict] = None, overrides: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """label -> classifier weight (C, D): joint, tau-norm, LWS (when stored), and cRT (``head`` replaces it)."""
     names = ["joint", "tau_norm", "lws"] if ctx.store.has_head else []
     heads = {}
     for name in names + ([] if head is not None else ["crt"]):
-        result, fitted = _fit(ctx, name, overrides)
-        heads[head_label(name, result)] = fitted.weight_
+        run = _fit(ctx, name, overrides)
+        heads[head_label(name, run.result)] = run.head.linear_form()[0]
     if head is not None:
         if "weight" not in head:
             raise ValueError(f"the --head file holds a {head.get('method')} head without a weight matrix (NCM?)")
@@ -122,7 +123,7 @@ def head_label(name: str, result: dict) -> str:
     return f"τ-norm (τ = {result['selected_tau']:g})" if name == "tau_norm" else name
 
 
-def norms_figure(ctx: Context, weights: dict[str, torch.Tensor]) -> Figure:
+def norms_figure(ctx: Session, weights: dict[str, torch.Tensor]) -> Figure:
     """Per-class weight norm (relative to the head's mean) vs train images per class, log x."""
     counts = ctx.counts.double()
     order = torch.argsort(counts, descending=True, stable=True)
@@ -139,13 +140,13 @@ def norms_figure(ctx: Context, weights: dict[str, torch.Tensor]) -> Figure:
     return fig
 
 
-def plot_norms(ctx: Context, out: str | os.PathLike, head: Optional[dict] = None, overrides: Optional[dict] = None,
+def plot_norms(ctx: Session, out: str | os.PathLike, head: Optional[dict] = None, overrides: Optional[dict] = None,
                overwrite: bool = False) -> Path:
     """:func:`norms_figure` of :func:`norm_heads` written to ``out``."""
     return _save(norms_figure(ctx, norm_heads(ctx, head, overrides)), out, overwrite)
 
 
-def per_class_figure(ctx: Context, heads: dict[str, Any], split: str = "test") -> Figure:
+def per_class_figure(ctx: Session, heads: dict[str, Any], split: str = "test") -> Figure:
     """Per-class accuracy on ``split`` of each fitted head (label -> head), classes sorted by train count."""
     _require_split(ctx, split)
     X, y = ctx.load(split)
@@ -173,11 +174,11 @@ def per_class_figure(ctx: Context, heads: dict[str, Any], split: str = "test") -
     return fig
 
 
-def plot_per_class(ctx: Context, out: str | os.PathLike, methods: Sequence[str], split: str = "test",
+def plot_per_class(ctx: Session, out: str | os.PathLike, methods: Sequence[str], split: str = "test",
                    overrides: Optional[dict] = None, overwrite: bool = False) -> Path:
     """Per-class accuracy on ``split`` for each method, classes sorted by train count (largest first)."""
     _require_split(ctx, split)
-    heads = {canonical_method(name): _fit(ctx, name, overrides)[1] for name in methods}
+    heads = {canonical_method(name): _fit(ctx, name, overrides).head for name in methods}
     return _save(per_class_figure(ctx, heads, split), out, overwrite)
 
 

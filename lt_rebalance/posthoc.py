@@ -32,6 +32,7 @@ from .heads.base import (
 )
 from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS, select_tau, sweep_inputs
 from .metrics import GROUPS, accuracy_summary, calibration_error, score_row_statistics, shot_groups
+from .priors import normalise, train_prior
 
 
 def log_prior(counts: Any) -> torch.Tensor:
@@ -58,14 +59,13 @@ def _offset_argmax(X: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor, chun
 
 
 def _linear(head: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight (C, D), bias (C,)) of a fitted linear head; ValueError for any other head."""
-    if not hasattr(head, "weight_"):
+    """(weight (C, D), bias (C,)) of a fitted linear head (its ``linear_form``); ValueError for any other head."""
+    try:
+        return head.linear_form()
+    except (AttributeError, ValueError):
         raise ValueError(
             f"logit adjustment needs a fitted linear head (weight_, bias_); got {type(head).__name__}"
-        )
-    W = head.weight_
-    b = getattr(head, "bias_", None)
-    return W, (torch.zeros(W.shape[0], device=W.device) if b is None else b)
+        ) from None
 
 
 def logit_adjust_sweep(
@@ -187,10 +187,17 @@ class LogitAdjustment(BaseHead):
     def __sklearn_clone__(self) -> LogitAdjustment:
         return clone_keeping(self, "head")
 
-    def _affine_of(self, weight: Any) -> Optional[tuple[Optional[torch.Tensor], torch.Tensor]]:
-        """(a, bias_) when the base head's scores are (X weightᵀ) ⊙ a + its bias_ (see ``JointHead._affine_of``)."""
-        base = getattr(self.head, "_affine_of", lambda w: None)(weight)
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The base head's prior times π^(−τ) (PC softmax, τ = 1 on the joint head: uniform)."""
+        return normalise(self.head.implied_prior(counts) * train_prior(counts) ** (-self.tau_))
+
+    def logit_affine(self) -> Optional[tuple[Optional[torch.Tensor], torch.Tensor]]:
+        """(a, bias_) when the base head's scores are (X Wᵀ) ⊙ a + its bias (its ``logit_affine``)."""
+        base = self.head.logit_affine()
         return None if base is None else (base[0], self.bias_)
+
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight_, self.bias_
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Adjusted logits float32 (N, C) = X Wᵀ + b − τ·log π."""
@@ -292,8 +299,11 @@ class TemperatureScaled(BaseHead):
             self.temperature_ = fit_temperature(head.scores(X), y)
         else:
             self.temperature_ = float(self.temperature)
-        if hasattr(head, "weight_"):
-            W, b = _linear(head)
+        try:
+            W, b = head.linear_form()
+        except (AttributeError, ValueError):  # not a linear layer (NCM, kNN): scores are divided on the fly
+            pass
+        else:
             self.weight_, self.bias_ = W / self.temperature_, b / self.temperature_
         self.n_features_in_ = head.n_features_in_
         self.classes_ = head.classes_
@@ -305,6 +315,16 @@ class TemperatureScaled(BaseHead):
     @property
     def _device(self) -> torch.device:
         return self.head._device
+
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The base head's: a temperature changes no argmax and no prior."""
+        return self.head.implied_prior(counts)
+
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W / T, b / T) of a linear base head; ValueError for any other."""
+        if not hasattr(self, "weight_"):
+            raise ValueError(f"a temperature-scaled {type(self.head).__name__} is not a linear layer")
+        return self.weight_, self.bias_
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Scores float32 (N, C) of the base head divided by T."""

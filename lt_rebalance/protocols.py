@@ -1,4 +1,4 @@
-"""Evaluation protocols: shifted test priors, prior correction, bootstrap intervals (STYLE.md §5).
+"""Evaluation protocols: shifted test priors, prior correction, bootstrap intervals.
 
 Pure functions of (scores or predictions, labels, train counts) returning plain dicts, shared by
 every method command, ``ltr compare``, ``ltr report`` and the benchmarks (docs/METHODS.md,
@@ -12,8 +12,8 @@ every method command, ``ltr compare``, ``ltr report`` and the benchmarks (docs/M
   :func:`shift_mask`, :func:`shifted_metrics`).
 * Prior correction of scores treated as logits: known target prior, z + log p_target − log p_implied
   (:func:`correct_known`), or a target prior estimated on the test scores by EM (Saerens,
-  Latinne & Decaestecker, Neural Computation 2002; :func:`em_prior`). :func:`implied_prior` is the
-  prior each head was balanced for.
+  Latinne & Decaestecker, Neural Computation 2002; :func:`em_prior`). The prior each head was
+  balanced for is its own answer (:meth:`~lt_rebalance.heads.base.BaseHead.implied_prior`).
 * Percentile bootstrap over test rows, stratified by class (:func:`stratified_resamples`,
   :func:`bootstrap_metrics`, :func:`bootstrap_ci`), and paired differences between two methods on
   the same resamples (:func:`paired_difference`).
@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .metrics import GROUPS, accuracy_summary, group_accuracies
+from .priors import normalise
 
 CI_KEYS = ("all", "many", "medium", "few", "mean_class")
 _PRIOR_NAME = re.compile(r"^(forward|backward)-(\d+(?:\.\d+)?)$")
@@ -129,58 +130,6 @@ def shifted_metrics(pred: torch.Tensor, labels: Any, counts: Any, mask: torch.Te
 
 # -- prior correction ----------------------------------------------------------------------------------
 
-def _normalise(p: torch.Tensor) -> torch.Tensor:
-    p = p.to(torch.float64)
-    return p / p.sum()
-
-
-def train_prior(counts: Any) -> torch.Tensor:
-    """n_j / N, float64 (C,); a class without train rows counts as one (as :func:`posthoc.log_prior`)."""
-    return _normalise(torch.as_tensor(counts, dtype=torch.float64).clamp_min(1))
-
-
-SAMPLER_POWERS = {"ib": 1.0, "cb": 0.0, "sqrt": 0.5, "pb": 0.0}  # pb ends class-balanced
-
-
-def _sampler_power(sampler: Any) -> float:
-    """q of a sampler name or power (p_j ∝ n_j^q)."""
-    return SAMPLER_POWERS[sampler] if sampler in SAMPLER_POWERS else float(sampler)
-
-
-def implied_prior(head: Any, counts: Any) -> torch.Tensor:
-    """The class prior float64 (C,) a fitted head's scores are balanced for (docs/METHODS.md).
-
-    joint: the train prior π. cRT / LWS: the sampler's p_j ∝ n_j^q (class-balanced: uniform), times
-    the class-balanced loss weights when used, divided by n_j for Balanced Softmax. τ-norm and NCM:
-    uniform. Logit adjustment by τ (PC softmax: τ = 1): the base head's prior times π^(−τ).
-    Temperature scaling keeps its base head's prior; a cRT grid is its selected head.
-    """
-    from .heads import CRT, LWS, NCM, CRTGrid, JointHead, TauNorm
-    from .heads.crt import class_balanced_weights
-    from .posthoc import LogitAdjustment, TemperatureScaled
-
-    n = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1)
-    if isinstance(head, JointHead):
-        return train_prior(counts)
-    if isinstance(head, (TauNorm, NCM)):
-        return _normalise(torch.ones_like(n))
-    if isinstance(head, LogitAdjustment):
-        return _normalise(implied_prior(head.head, counts) * train_prior(counts) ** (-head.tau_))
-    if isinstance(head, TemperatureScaled):
-        return implied_prior(head.head, counts)
-    if isinstance(head, CRTGrid):
-        return implied_prior(head.best_estimator_, counts)
-    if isinstance(head, (CRT, LWS)):
-        p = n ** _sampler_power(head.sampler)
-        if isinstance(head, CRT):
-            if head.class_weights == "cb":
-                p = p * class_balanced_weights(torch.as_tensor(counts), head.beta).to(torch.float64)
-            if head.loss == "balanced-softmax":
-                p = p / n
-        return _normalise(p)
-    raise ValueError(f"no implied prior is known for a {type(head).__name__}")
-
-
 def correct_known(scores: torch.Tensor, target: torch.Tensor, implied: torch.Tensor) -> torch.Tensor:
     """Scores (N, C) + log p_target − log p_implied (a class of zero target prior gets −inf)."""
     offset = torch.log(target.to(torch.float64)) - torch.log(implied.to(torch.float64))
@@ -210,11 +159,13 @@ def em_prior(scores: torch.Tensor, implied: torch.Tensor, *, max_iter: int = 100
 
 
 def shifted_report(scores: torch.Tensor, labels: Any, counts: Any, implied: Optional[torch.Tensor],
-                   protocol: Protocol, **thresholds: int) -> dict:
+                   protocol: Protocol, reason: Optional[str] = None, **thresholds: int) -> dict:
     """``{"shifted": {name: metrics}, "shifted_corrected": {name: {"known_prior", "em"}}}`` on one split.
 
-    ``scores`` (N, C) of the test split; without ``implied`` (a head of unknown prior) only the
-    plain numbers are reported. EM's metrics also hold ``em_iterations``.
+    ``scores`` (N, C) of the test split; ``implied``: the prior they are balanced for
+    (:meth:`~lt_rebalance.heads.base.BaseHead.implied_prior`). Without one (a head of unknown prior)
+    only the plain numbers are reported and ``shifted_corrected`` is ``{"reason": reason}``.
+    EM's metrics also hold ``em_iterations``.
     """
     labels = torch.as_tensor(labels, dtype=torch.int64).to(scores.device)
     C = len(counts)
@@ -231,7 +182,7 @@ def shifted_report(scores: torch.Tensor, labels: Any, counts: Any, implied: Opti
         if implied is None:
             continue
         kept = scores[mask]
-        known = correct_known(kept, _normalise(keep.to(torch.float64)), implied).argmax(1)
+        known = correct_known(kept, normalise(keep), implied).argmax(1)
         p_em, iters = em_prior(kept, implied, max_iter=protocol.em_iterations, tol=protocol.em_tol)
         em = correct_known(kept, p_em, implied).argmax(1)
         all_rows = torch.ones(len(kept), dtype=torch.bool, device=scores.device)
@@ -239,7 +190,9 @@ def shifted_report(scores: torch.Tensor, labels: Any, counts: Any, implied: Opti
             "known_prior": shifted_metrics(known, labels[mask], counts, all_rows, **thresholds),
             "em": {**shifted_metrics(em, labels[mask], counts, all_rows, **thresholds), "em_iterations": iters},
         }
-    return {"shifted": shifted, **({"shifted_corrected": corrected} if implied is not None else {})}
+    if implied is None:
+        corrected = {"reason": reason or "the method declares no implied class prior"}
+    return {"shifted": shifted, "shifted_corrected": corrected}
 
 
 # -- bootstrap -------------------------------------------------------------------------------------------
@@ -315,20 +268,19 @@ def paired_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], le
 
 
 def protocol_report(scores: torch.Tensor, labels: Any, counts: Any, protocol: Protocol, *,
-                    shifted: bool, implied: Optional[torch.Tensor] = None,
+                    shifted: bool, implied: Optional[torch.Tensor] = None, reason: Optional[str] = None,
                     **thresholds: int) -> dict:
-    """The protocol's numbers for one split: ``{"ci": {...}}`` and, when ``shifted``, the shifted-prior keys.
-
-    Returns the bootstrap samples too, under ``"_samples"`` (for paired differences; not JSON).
-    """
+    """The protocol's numbers for one split: ``{"ci": {...}, "samples": {...}}`` (bootstrap; the
+    samples are for paired differences, not JSON) and, when ``shifted``, the keys of
+    :func:`shifted_report` (``implied``, ``reason``: its arguments)."""
     out: dict[str, Any] = {}
     if protocol.bootstrap > 0:
         pred = scores.argmax(1)
         samples = bootstrap_metrics(pred, labels, counts, protocol.resamples(torch.as_tensor(labels)), **thresholds)
         out["ci"] = bootstrap_ci(samples, protocol.ci_level)
-        out["_samples"] = samples
+        out["samples"] = samples
     if shifted and protocol.test_priors:
-        out.update(shifted_report(scores, labels, counts, implied, protocol, **thresholds))
+        out.update(shifted_report(scores, labels, counts, implied, protocol, reason, **thresholds))
     return out
 
 

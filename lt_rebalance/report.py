@@ -22,7 +22,7 @@ from .metrics import group_sizes
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .experiments import Context
+    from .session import Session
 
 METRIC_COLUMNS = ("many", "medium", "few", "all", "mean_class")
 FORMATS = ("html", "md")
@@ -70,13 +70,13 @@ def _ci_cell(ci: Optional[list], attrs: dict) -> Cell:
 
 # -- tables ------------------------------------------------------------------------------------------
 
-def files_table(contexts: Sequence[Context], labels: Sequence[str]) -> Table:
+def files_table(sessions: Sequence[Session], labels: Sequence[str]) -> Table:
     """One row per feature file: classes, feature dimension, rows per split, classes per shot group."""
-    t = contexts[0].group_thresholds
+    t = sessions[0].group_thresholds
     header = ["features", "model / dataset", "classes", "dim", "rows per split",
               f"many (> {t['many']})", f"medium ({t['few']}–{t['many']})", f"few (< {t['few']})"]
     rows = []
-    for ctx, label in zip(contexts, labels):
+    for ctx, label in zip(sessions, labels):
         s = ctx.store
         sizes = group_sizes(ctx.counts, **ctx.group_thresholds)
         splits = ", ".join(f"{name} {info.rows}" for name, info in s.splits.items())
@@ -145,11 +145,13 @@ def shifted_table(result: dict) -> Optional[Table]:
     several = isinstance(result.get("features"), list)
     names = list(rows_in[0]["shifted"])
     header = (["features"] if several else []) + ["method", "scores", *names]
-    rows, attrs = [], []
+    rows, attrs, uncorrected = [], [], []
     for r in rows_in:
         variants = [("plain", r["shifted"])]
         corrected = r.get("shifted_corrected") or {}
-        if corrected:
+        if "reason" in corrected:  # a method without an implied prior: no corrected rows, and why
+            uncorrected.append(f"{r['method']}: {corrected['reason']}")
+        elif corrected:
             variants += [("known prior", {n: c["known_prior"] for n, c in corrected.items()}),
                          ("EM prior", {n: c["em"] for n, c in corrected.items()})]
         for kind, table in variants:
@@ -163,19 +165,21 @@ def shifted_table(result: dict) -> Optional[Table]:
             "int(M·(1/R)^(i/(C−1))) rows of the class at rank i, backward-R the reverse, M the smallest test "
             f"count; rows kept: {n_rows}. Known prior: scores + log p_target − log p_implied; EM: p_target "
             "estimated on the test scores (Saerens et al. 2002).")
+    if uncorrected:
+        note += " Not corrected (no implied prior): " + "; ".join(uncorrected) + "."
     return Table("Top-1 accuracy (%) under shifted test priors", header, rows, attrs, note)
 
 
 # -- figures ------------------------------------------------------------------------------------------
 
-def report_figures(ctx: Context, heads: dict[str, Any], stem: str) -> list[ReportFigure]:
+def report_figures(ctx: Session, heads: dict[str, Any], stem: str) -> list[ReportFigure]:
     """τ curve (stored classifier), per-class accuracy of every method, weight norms, shot-group bars."""
-    from .experiments import run_tau_sweep
     from .plots import norms_figure, per_class_figure, tau_curve_figure
+    from .runners.sweeps import run_tau_sweep
 
     figs = []
     if ctx.store.has_head:
-        sweep, _ = run_tau_sweep(ctx, select_on="val" if "val" in ctx.store.splits else None)
+        sweep = run_tau_sweep(ctx, select_on="val" if "val" in ctx.store.splits else None).result
         sel = sweep["selected_tau"]
         figs.append(ReportFigure(f"{stem}-tau-curve", "τ-normalisation: accuracy against τ",
                                  "Accuracy per shot group on val and test for every τ"
@@ -273,20 +277,20 @@ class Report:
     figures: list[tuple[str, list[ReportFigure]]]  # (features label, figures)
 
 
-def build_report(result: dict, contexts: Sequence[Context], labels: Sequence[str],
+def build_report(result: dict, sessions: Sequence[Session], labels: Sequence[str],
                  heads: dict[str, dict[str, Any]]) -> Report:
-    """The page of a :func:`~lt_rebalance.experiments.compare_files` result and its fitted heads."""
+    """The page of a :func:`~lt_rebalance.study.compare_files` result and its fitted heads."""
     t = result["thresholds"]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = [f"lt-rebalance {__version__}, {now}.",
             f"Shot groups by training images: many > {t['many']}, medium {t['few']}–{t['many']}, few < {t['few']}; "
             "group accuracy = mean of per-class accuracies. Hyper-parameters (τ, epochs kept) selected on val."]
-    tables = [files_table(contexts, labels), *compare_tables(result)]
+    tables = [files_table(sessions, labels), *compare_tables(result)]
     shifted = shifted_table(result)
     if shifted is not None:
         tables.append(shifted)
     figures = []
-    for k, (ctx, label) in enumerate(zip(contexts, labels)):
+    for k, (ctx, label) in enumerate(zip(sessions, labels)):
         stem = f"f{k + 1}-{Path(label).stem}"
         figures.append((label, report_figures(ctx, heads.get(label, {}), stem)))
     return Report("Long-tailed classification report", meta, tables, figures)

@@ -178,6 +178,28 @@ class ClassAwareSampler(BaseSampler):
 
 
 SAMPLERS = ("ib", "cb", "sqrt", "pb")
+# q of each named sampler (p_j ∝ n_j^q) once training ends: pb ends class-balanced
+SAMPLER_POWERS = {"ib": 1.0, "cb": 0.0, "sqrt": 0.5, "pb": 0.0}
+
+
+def parse_sampler(sampler: Union[str, float]) -> Union[str, float]:
+    """A sampler name, or a finite power q given as a number or its text; ValueError otherwise."""
+    if isinstance(sampler, str) and sampler in SAMPLERS:
+        return sampler
+    try:
+        q = float(sampler)
+    except (TypeError, ValueError):
+        q = math.nan
+    if not math.isfinite(q):
+        raise ValueError(f"unknown sampler {sampler!r}; use {', '.join(SAMPLERS)} or a finite power q")
+    return q
+
+
+def final_class_probabilities(counts: Any, sampler: Union[str, float]) -> torch.Tensor:
+    """p_j (float64, sums to 1) the sampler draws at the end of training; a class without train rows
+    counts as one row (as :func:`lt_rebalance.priors.train_prior`)."""
+    n = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1)
+    return class_probabilities(n, SAMPLER_POWERS[sampler] if sampler in SAMPLER_POWERS else float(sampler))
 
 
 def make_sampler(name: Union[str, float], labels: Any, num_classes: Optional[int] = None) -> BaseSampler:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ._common import fmt_acc
+from .render import fmt_acc
 
 CI_COLUMNS = ("all", "many", "medium", "few", "mean_class")
 SHIFT_COLUMNS = ("all", "many", "medium", "few")
@@ -35,6 +35,9 @@ def shifted_text(result: dict) -> str:
     if not shifted:
         return ""
     corrected = result.get("shifted_corrected", {})
+    reason = corrected.get("reason")
+    if reason:  # a method without an implied prior: plain numbers only, and why
+        corrected = {}
     width = max(len(n) for n in shifted)
     cols = [f"{c:>6}" for c in SHIFT_COLUMNS] + [f"{'n':>6}"]
     extra = ["known", "   EM"] if corrected else []
@@ -46,6 +49,8 @@ def shifted_text(result: dict) -> str:
         if name in corrected:
             cells += [fmt_acc(corrected[name]["known_prior"]["all"]), fmt_acc(corrected[name]["em"]["all"])]
         lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    if reason:
+        lines.append(f"(no prior correction: {reason})")
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit, json_option
+from .options import json_option
+from .render import emit
 
 
 def _human(result: dict) -> str:

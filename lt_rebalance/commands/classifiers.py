@@ -3,36 +3,24 @@ from __future__ import annotations
 
 import click
 
-from ._common import (
-    check_writable,
+from ._protocol_text import with_protocol
+from .errors import handle_user_errors
+from .methods import splits_human
+from .options import (
+    FloatList,
     common_options,
     device_option,
-    emit,
-    fmt_acc,
-    handle_user_errors,
-    log,
-    protocol_options,
-    require_split,
-    resolve_device,
-    seeds_option,
-    thresholds_options,
-)
-from ._protocol_text import with_protocol
-from .methods import (
-    FloatList,
-    _context,
-    _human,
-    _metric_splits,
-    _save,
-    _splits_table,
-    _train_on_joint,
-    _trained_human,
-    joint_calibration_command,
     overwrite_option,
+    protocol_options,
     save_option,
+    seeds_option,
     sgd_options,
     splits_option,
+    thresholds_options,
 )
+from .render import emit, fmt_acc, log, splits_table, trained_human
+from .setup import check_writable, make_session, require_split, save_head_file
+from .trained import stored_head_command, train_command
 
 
 @click.command()
@@ -49,14 +37,13 @@ from .methods import (
 @handle_user_errors
 def knn(features, as_json, quiet, allow_incomplete, thresholds, k, temperature, balance, device, splits, protocol):
     """Weighted kNN: the k most cosine-similar train rows vote with weight exp(sim / T)."""
-    from ..experiments import run_knn
+    from ..runners.features import run_knn
 
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), thresholds=thresholds,
-                   protocol=protocol)
-    require_split(ctx.store, "train", "for the neighbours")
-    result, _ = run_knn(ctx, k=k, temperature=temperature, balance=balance)
+    session = make_session(features, allow_incomplete, splits, device, thresholds=thresholds, protocol=protocol)
+    require_split(session.store, "train", "for the neighbours")
+    run = run_knn(session, k=k, temperature=temperature, balance=balance)
     title = f"weighted kNN (k {k}, T {temperature:g}" + (f", votes / n_c^{balance:g}" if balance else "") + "), accuracy %"
-    emit(result, as_json, with_protocol(_human(lambda r: title, ctx.eval_splits)))
+    emit(run.result, as_json, splits_human(lambda r: title, session.eval_splits))
 
 
 def _probe_human(result: dict) -> str:
@@ -71,7 +58,7 @@ def _probe_human(result: dict) -> str:
     conv = "converged" if result["converged"] else "NOT converged: raise --max-iter"
     lines.append(f"linear probe (L-BFGS, C {result['C']:g}, class weight {result['class_weight']}, "
                  f"{result['n_iter']} iterations, {conv}), accuracy %")
-    return "\n".join(lines) + "\n" + _splits_table(result, _metric_splits(result))
+    return "\n".join(lines) + "\n" + splits_table(result)
 
 
 @click.command("linear-probe")
@@ -97,30 +84,30 @@ def _probe_human(result: dict) -> str:
 def linear_probe(features, as_json, quiet, allow_incomplete, thresholds, C, C_grid, class_weight, max_iter, tol, precision,
                  device, splits, save, overwrite, protocol):
     """Logistic regression with full-batch L-BFGS: scikit-learn's LogisticRegression objective."""
-    from ..experiments import run_linear_probe
+    from ..runners.features import run_linear_probe
 
     if C is not None and C_grid is not None:
         raise click.UsageError("give --C or --C-grid, not both")
     if C_grid is not None and any(c <= 0 for c in C_grid):
         raise click.BadParameter(f"every C must be positive; got {C_grid}", param_hint="--C-grid")
     check_writable(save, overwrite, [features])
-    ctx = _context(features, allow_incomplete, splits, resolve_device(device), thresholds=thresholds,
-                   protocol=protocol)
-    require_split(ctx.store, "train", "to fit on")
+    session = make_session(features, allow_incomplete, splits, device, thresholds=thresholds, protocol=protocol)
+    require_split(session.store, "train", "to fit on")
     if C_grid is not None:
-        require_split(ctx.store, "val", "to select C from --C-grid")
-    result, head = run_linear_probe(ctx, C=1.0 if C is None else C, C_grid=C_grid, class_weight=class_weight,
-                                    max_iter=max_iter, tol=tol, precision=precision)
+        require_split(session.store, "val", "to select C from --C-grid")
+    run = run_linear_probe(session, C=1.0 if C is None else C, C_grid=C_grid, class_weight=class_weight,
+                           max_iter=max_iter, tol=tol, precision=precision)
+    result = run.result
     if not result["converged"]:
         log(f"warning: L-BFGS stopped after {result['n_iter']} iterations before reaching --tol {tol:g}; "
             "raise --max-iter", quiet)
-    _save(save, overwrite, head, result, features, quiet)
+    save_head_file(save, overwrite, run.head, result, features, quiet)
     emit(result, as_json, with_protocol(_probe_human))
 
 
 def _wb_human(result: dict) -> str:
     norms = result["norms"]
-    return (f"{_trained_human(result)}\nMaxNorm radius {result['radius']:.4g}; class weight norms after training "
+    return (f"{trained_human(result)}\nMaxNorm radius {result['radius']:.4g}; class weight norms after training "
             f"{min(norms):.4g} .. {max(norms):.4g}")
 
 
@@ -138,7 +125,7 @@ def _wb_human(result: dict) -> str:
 @handle_user_errors
 def wb(**options):
     """Weight balancing stage 2: fine-tune the stored classifier with weight decay and MaxNorm."""
-    _train_on_joint("wb", _wb_human, **options)
+    train_command("wb", _wb_human, **options)
 
 
-marc = joint_calibration_command("marc", "MARC: learn z'_j = omega_j z_j + beta_j ||w_j|| on the frozen stored classifier.")
+marc = stored_head_command("marc", "MARC: learn z'_j = omega_j z_j + beta_j ||w_j|| on the frozen stored classifier.")

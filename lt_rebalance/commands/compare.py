@@ -3,31 +3,24 @@ from __future__ import annotations
 
 import click
 
-from ..names import DEFAULT_METHODS, METHOD_NAMES, OPT_IN_METHODS
-from ._common import (
+from ..registry import METHOD_NAMES, OPT_IN_METHODS
+from ._protocol_text import fmt_ci
+from .errors import handle_user_errors
+from .options import (
     MethodNames,
     allow_incomplete_option,
-    check_training_fits,
-    check_writable,
     device_option,
-    emit,
-    eval_splits,
-    fmt_acc,
-    handle_user_errors,
     json_option,
-    log,
     max_memory_option,
-    open_store,
     protocol_options,
     quiet_option,
-    resolve_device,
     seed_option,
     seeds_option,
     thresholds_options,
-    to_json,
     training_options,
 )
-from ._protocol_text import fmt_ci
+from .render import emit, fmt_acc, log
+from .setup import check_training_fits, check_writable, eval_splits, open_store
 
 
 def _by_file(rows: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -134,17 +127,20 @@ def _shifted_section(result: dict, width: int) -> str:
     several = isinstance(result.get("features"), list)
     lines = ["test split under shifted priors (LADE protocol): top-1 %, plain / known prior / EM-estimated prior"]
     lines.append(f"{'method':<{width}}  {'':<6}" + "".join(f"  {n:>{col}}" for n in names))
+    notes = []
     for r in rows:
         corrected = r.get("shifted_corrected") or {}
         variants = [("plain", r["shifted"])]
-        if corrected:
+        if "reason" in corrected:  # a method without an implied prior
+            notes.append(f"({r['method']}: no prior correction: {corrected['reason']})")
+        elif corrected:
             variants += [("known", {n: c["known_prior"] for n, c in corrected.items()}),
                          ("EM", {n: c["em"] for n, c in corrected.items()})]
         for k, (kind, table) in enumerate(variants):
             label = (r["method"] if k == 0 else "")
             cells = "".join(f"  {fmt_acc((table.get(n) or {}).get('all')):>{col}}" for n in names)
             lines.append(f"{label:<{width}}  {kind:<6}{cells}" + (f"  {r['features']}" if several and k == 0 else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 def compare_options(f):
@@ -196,6 +192,7 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     result, _ = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds,
                                     protocol, device, quiet, max_memory=max_memory)
     if out:
+        from ..results import to_json
         from ..store import atomic_write
 
         text = to_json(result)
@@ -203,31 +200,32 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     emit(result, as_json, compare_table)
 
 
-def compare_contexts(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory=None) -> list:
-    """One :class:`Context` per --features file, after the command-line checks."""
-    from ..experiments import Context
+def compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory=None) -> list:
+    """One :class:`~lt_rebalance.session.Session` per --features file, after the command-line checks."""
+    from ..session import Session
 
     dupes = sorted({f for f in features if features.count(f) > 1})
     if dupes:
         raise click.BadParameter(f"{', '.join(dupes)} given more than once", param_hint="--features")
-    contexts = []
+    sessions = []
     for path in features:
         store = open_store(path, allow_incomplete)
         if protocol.test_priors and "test" not in store.splits:
             raise click.ClickException(f"{path} has no 'test' split, which --test-priors are evaluated on")
-        contexts.append(Context(store, eval_splits=eval_splits(store, splits), device=resolve_device(device),
+        sessions.append(Session(store, eval_splits=eval_splits(store, splits), device=device,
                                 seed=seed, thresholds=thresholds, protocol=protocol, max_memory=max_memory))
-    return contexts
+    return sessions
 
 
 def run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds, protocol,
                         device, quiet, heads=None, max_memory=None) -> tuple[dict, list]:
-    """Check the options, run :func:`lt_rebalance.experiments.compare_files`; its result and the contexts."""
-    from ..experiments import compare_files
+    """Check the options, run :func:`lt_rebalance.study.compare_files`; its result and the sessions."""
+    from ..registry import DEFAULT_METHODS
+    from ..study import compare_files
 
-    contexts = compare_contexts(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory)
-    for ctx in contexts:
-        check_training_fits(ctx.store, overrides, methods or DEFAULT_METHODS)
-    result = compare_files(contexts, list(features), methods, overrides, log=None if quiet else log, heads=heads,
+    sessions = compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory)
+    for session in sessions:
+        check_training_fits(session.store, overrides, methods or DEFAULT_METHODS)
+    result = compare_files(sessions, list(features), methods, overrides, log=None if quiet else log, heads=heads,
                            seeds=seeds)
-    return result, contexts
+    return result, sessions

@@ -1,4 +1,4 @@
-"""``ltr demo``: the whole pipeline on scikit-learn's bundled digits (thin wrapper over :mod:`lt_rebalance.demo`)."""
+"""``ltr demo``: the whole pipeline on scikit-learn's bundled digits (thin wrapper over :mod:`lt_rebalance.commands.demo_pipeline`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,9 @@ from typing import Optional
 
 import click
 
-from ._common import SEED_RANGE, emit, handle_user_errors, json_option, log, quiet_option
+from .errors import handle_user_errors
+from .options import SEED_RANGE, json_option, quiet_option
+from .render import emit, log
 
 
 def _human(result: dict) -> str:
@@ -36,7 +38,7 @@ def _human(result: dict) -> str:
 @handle_user_errors
 def demo(out: str, overwrite: bool, seed: int, quick: bool, epochs: Optional[int], as_json: bool, quiet: bool) -> None:
     """Long-tailed digits -> stage-1 CNN -> ltr extract -> every method, a table and plots (~1 min on a CPU)."""
-    from ..demo import DemoConfig, run_demo
+    from .demo_pipeline import DemoConfig, run_demo
 
     cfg = DemoConfig(seed=seed)
     if epochs or quick:

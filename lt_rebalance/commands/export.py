@@ -11,7 +11,10 @@ from typing import Any, Optional
 
 import click
 
-from ._common import check_writable, emit, handle_user_errors, json_option, log, open_store, quiet_option
+from .errors import handle_user_errors
+from .options import json_option, quiet_option
+from .render import emit, log
+from .setup import check_writable, open_store
 
 
 def head_as_linear(state: dict) -> tuple[Any, Any]:

@@ -6,7 +6,10 @@ import zipfile
 
 import click
 
-from ._common import check_writable, emit, handle_user_errors, json_option, quiet_option
+from .errors import handle_user_errors
+from .options import json_option, quiet_option
+from .render import emit
+from .setup import check_writable
 
 SPLITS = ("train", "val", "test")
 

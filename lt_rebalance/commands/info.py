@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit, handle_user_errors, json_option, open_store
+from .errors import handle_user_errors
+from .options import json_option
+from .render import emit
+from .setup import open_store
 
 
 def file_summary(store) -> dict:

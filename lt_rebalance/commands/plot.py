@@ -8,24 +8,20 @@ from typing import Any, Callable, Optional
 
 import click
 
-from ..names import METHOD_NAMES, TRAINED_METHODS
-from ._common import (
+from ..registry import METHOD_NAMES, TRAINED_METHODS
+from .errors import handle_user_errors
+from .options import (
     MethodNames,
-    check_training_fits,
-    check_writable,
     device_option,
-    emit,
     features_option,
-    handle_user_errors,
     json_option,
-    log,
-    open_store,
     quiet_option,
-    resolve_device,
     seed_option,
     thresholds_options,
     training_options,
 )
+from .render import emit, log
+from .setup import check_training_fits, check_writable, open_store
 
 
 def _out_options(default: str) -> Callable:
@@ -42,10 +38,10 @@ def _feature_options(f: Callable) -> Callable:
     """--features, the shot-group thresholds, --seed and --device; the command gets ``ctx`` instead."""
     @functools.wraps(f)
     def wrapper(features: str, thresholds: dict, seed: int, device: str, **kwargs: Any) -> Any:
-        from ..experiments import Context
+        from ..session import Session
 
         store = open_store(features)
-        ctx = Context(store, device=resolve_device(device), seed=seed, thresholds=thresholds)
+        ctx = Session(store, device=device, seed=seed, thresholds=thresholds)
         return f(ctx=ctx, **kwargs)
 
     for opt in (device_option, seed_option, thresholds_options, features_option):

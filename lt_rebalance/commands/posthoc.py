@@ -5,25 +5,23 @@ import math
 
 import click
 
-from ..names import HEAD_METHODS, METHOD_NAMES, TRAINED_METHODS
-from ._common import (
+from ..registry import METHOD_NAMES
+from .errors import handle_user_errors
+from .options import (
     MethodNames,
     batch_size_option,
-    check_batch_fits,
     common_options,
     device_option,
-    emit,
     epochs_option,
-    handle_user_errors,
-    log,
     max_memory_option,
     protocol_options,
-    require_head,
-    resolve_device,
     seed_option,
+    sweep_options,
     thresholds_options,
 )
-from .methods import _context, run_sweep_command, sweep_options
+from .render import emit, log
+from .setup import check_batch_fits, make_session, require_head
+from .sweeps import run_sweep_command
 
 
 @click.command("logit-adjust")
@@ -38,9 +36,9 @@ def logit_adjust(features, as_json, quiet, allow_incomplete, thresholds, taus, s
 
     tau = 1 is PC softmax. The JSON has the shape of `ltr tau-sweep` (method "logit_adjust").
     """
-    from ..experiments import run_logit_adjust
+    from ..runners.sweeps import run_logit_adjust_sweep
 
-    run_sweep_command("logit-adjust", run_logit_adjust, features, as_json, allow_incomplete, thresholds, taus,
+    run_sweep_command("logit-adjust", run_logit_adjust_sweep, features, as_json, allow_incomplete, thresholds, taus,
                       select_on, metric, eval_split, protocol, max_memory)
 
 
@@ -83,15 +81,16 @@ def calibrate(features, as_json, quiet, allow_incomplete, thresholds, method, ev
 
     Reported on --eval-split over all rows and per shot group (the rows of many/medium/few classes).
     """
-    from ..experiments import run_calibrate
+    from ..registry import BY_NAME
+    from ..study import run_calibrate
 
-    name = method
-    ctx = _context(features, allow_incomplete, None, resolve_device(device), seed, thresholds, max_memory=max_memory)
-    if name in HEAD_METHODS:
-        require_head(ctx.store, f"calibrate --method {name}")
-    params = {}
-    if name in TRAINED_METHODS:
-        check_batch_fits(ctx.store, batch_size)
-        params = {"batch_size": batch_size, "epochs": epochs}
-    result, _ = run_calibrate(ctx, name, eval_split, log=None if quiet else log, **params)
-    emit(result, as_json, _calibration_human)
+    spec = BY_NAME[method]
+    session = make_session(features, allow_incomplete, None, device, seed, thresholds, max_memory=max_memory)
+    if spec.needs_head:
+        require_head(session.store, f"calibrate --method {method}")
+    options = {}
+    if spec.trained:
+        check_batch_fits(session.store, batch_size)
+        options = {"batch_size": batch_size, "epochs": epochs}
+    run = run_calibrate(session, method, eval_split, log=None if quiet else log, **options)
+    emit(run.result, as_json, _calibration_human)

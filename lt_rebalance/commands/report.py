@@ -5,8 +5,10 @@ from pathlib import Path
 
 import click
 
-from ._common import check_writable, emit, handle_user_errors, log
 from .compare import compare_options, run_compare_command
+from .errors import handle_user_errors
+from .render import emit, log
+from .setup import check_writable
 
 
 @click.command()
@@ -37,9 +39,9 @@ def report(features, out, fmt, overwrite, as_json, quiet, allow_incomplete, meth
     from ..report import build_report, write_report
 
     heads: dict = {}
-    result, contexts = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed,
+    result, sessions = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed,
                                            seeds, protocol, device, quiet, heads=heads, max_memory=max_memory)
-    page = build_report(result, contexts, list(features), heads)
+    page = build_report(result, sessions, list(features), heads)
     written = write_report(page, out, fmt, overwrite, features)
     log(f"wrote {written[0]}" + (f" and {len(written) - 1} figures" if len(written) > 1 else ""), quiet or as_json)
     emit({"report": str(written[0]), "format": fmt, "figures": [str(p) for p in written[1:]], "compare": result},

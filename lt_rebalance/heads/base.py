@@ -163,6 +163,25 @@ class BaseHead:
         return hasattr(self, self._state)
 
     # -- prediction -------------------------------------------------------------------------------
+    # -- capabilities: what the protocols and the evaluation may ask of a head --------------------------
+
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The class prior float64 (C,) this fitted head's scores are balanced for, given the train
+        ``counts``: what the shifted-prior correction divides out (docs/METHODS.md). Raises
+        :class:`~lt_rebalance.priors.NoImpliedPrior` with the reason when there is none."""
+        from ..priors import NoImpliedPrior
+
+        raise NoImpliedPrior(f"a {type(self).__name__} declares no implied class prior")
+
+    def logit_affine(self) -> Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """(a, c) float32 (C,) each (None: 1 and 0) such that this head's scores are (X Wᵀ) ⊙ a + c,
+        W the classifier it was built on (its ``weight`` argument); None when they are not such a map."""
+        return None
+
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (C, D), b (C,)) of the linear layer this head is; ValueError for a head that is none."""
+        raise ValueError(f"a {type(self).__name__} is not a linear layer (weight, bias)")
+
     def _scores(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -369,12 +388,3 @@ def check_rows(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if y.shape != (X.shape[0],):
         raise ValueError(f"labels must have shape ({X.shape[0]},) to match the features; got {tuple(y.shape)}")
     return y
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when available; asking for CUDA without a GPU is a ValueError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available; use 'cpu'")
-    return torch.device(device)

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from ..blocks import SCORE_ROWS, float32_rows, linear_logits, row_blocks
-from ..samplers import make_sampler
-from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_fit_data, resolve_device
+from ..devices import resolve_device
+from ..priors import normalise
+from ..samplers import final_class_probabilities, make_sampler
+from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_fit_data
 from .training import (
     AUTO,
     ProgressFn,
@@ -286,6 +288,20 @@ class CRT(BaseHead):
             step_work=plan.batch_size * D * C * G,
         )
         return classes, [(W[g].detach().clone(), b[g].detach().clone(), h) for g, h in enumerate(hists)], plan
+
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The sampler's p_j ∝ n_j^q, times the class-balanced loss weights when used, divided by n_j
+        for Balanced Softmax (docs/METHODS.md, "Evaluation protocols")."""
+        n = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1)
+        p = final_class_probabilities(counts, self.sampler)
+        if self.class_weights == "cb":
+            p = p * class_balanced_weights(torch.as_tensor(counts), self.beta).to(torch.float64)
+        if self.loss == "balanced-softmax":
+            p = p / n
+        return normalise(p)
+
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight_, self.bias_
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C)."""

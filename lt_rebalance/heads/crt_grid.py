@@ -95,6 +95,13 @@ class CRTGrid(BaseHead):
     def _device(self) -> torch.device:
         return self.best_estimator_._device
 
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The selected head's."""
+        return self.best_estimator_.implied_prior(counts)
+
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.best_estimator_.linear_form()
+
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) of the selected head."""
         return self.best_estimator_._scores(X)

@@ -105,6 +105,12 @@ class KNN(BaseHead):
         self.classes_ = classes
         return self
 
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """None: the votes are weighted counts of neighbours, not posteriors balanced for a known prior."""
+        from ..priors import NoImpliedPrior
+
+        raise NoImpliedPrior("kNN votes are weighted counts of neighbours, not class posteriors of a known prior")
+
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Log vote shares float32 (N, C), floored at 1e-12: log(v_c / Σ_c' v_c')."""
         T, labels = self.train_features_, self.train_labels_

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..blocks import linear_logits
+from ..priors import train_prior
 from .base import ARRAY, NONE, BaseHead, check_bias, check_weight
 
 
@@ -18,6 +19,10 @@ class LinearDecision:
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) = X weight_ᵀ + bias_."""
         return linear_logits(X, self.weight_, self.bias_)
+
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight_ float32 (C, D), bias_ float32 (C,)): the plain linear layer this head is (for export)."""
+        return self.weight_, self.bias_
 
 
 class JointHead(LinearDecision, BaseHead):
@@ -58,6 +63,10 @@ class JointHead(LinearDecision, BaseHead):
         self.classes_ = np.arange(self.weight_.shape[0])
         return self
 
-    def _affine_of(self, weight: Any) -> Optional[tuple[None, torch.Tensor]]:
-        """(None, bias_): scores = X weightᵀ + bias_ when ``weight`` is this head's own (the same object)."""
-        return (None, self.bias_) if weight is self.weight else None
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The train prior π: the stage-1 model saw the instance-balanced (long-tailed) train split."""
+        return train_prior(counts)
+
+    def logit_affine(self) -> tuple[None, torch.Tensor]:
+        """(None, bias_): scores = X Wᵀ + bias_."""
+        return None, self.bias_

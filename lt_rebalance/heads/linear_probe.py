@@ -19,7 +19,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .base import BaseHead, Interval, Is, StrOptions, check_fit_data, resolve_device
+from ..devices import resolve_device
+from ..priors import normalise, train_prior, uniform_prior
+from .base import BaseHead, Interval, Is, StrOptions, check_fit_data
 from .linear import LinearDecision
 
 CLASS_WEIGHTS = ("balanced", "none")
@@ -146,6 +148,16 @@ class LinearProbe(LinearDecision, BaseHead):
         self.precision = precision
         self.chunk = chunk
         self.device = device
+
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """π re-weighted by the class weights: uniform for "balanced", π for "none", π·w for a dict."""
+        pi = train_prior(counts)
+        if self.class_weight == "balanced":
+            return uniform_prior(counts)
+        if self.class_weight == "none":
+            return pi
+        w = sample_weights(torch.arange(len(pi)), self.classes_, self.class_weight).to(torch.float64)
+        return normalise(pi * w)
 
     def fit(self, X: Any, y: Any, num_classes: Optional[int] = None, *, init: Optional[LinearProbe] = None
             ) -> LinearProbe:

@@ -6,13 +6,15 @@ the closed-form cross-entropy gradient of :mod:`.losses`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from ..blocks import SCORE_ROWS, all_finite, available_memory, column_affine, linear_logits, row_blocks
-from ..samplers import make_sampler
+from ..devices import resolve_device
+from ..samplers import final_class_probabilities, make_sampler
 from .base import (
     ARRAY,
     NONE,
@@ -22,7 +24,6 @@ from .base import (
     check_bias,
     check_features,
     check_weight,
-    resolve_device,
 )
 from .linear import LinearDecision
 from .losses import STEP_WORK_PER_LOGIT, affine_cross_entropy
@@ -30,6 +31,63 @@ from .training import AUTO, ProgressFn, plan_schedule, sgd_constraints, train_sg
 
 REFERENCE_EPOCHS = 5  # the paper's LWS setting (MARC: the same)
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def cache_budget(max_cache_gb: Optional[float]) -> float:
+    """Bytes a joint-logit cache may take: ``max_cache_gb`` GiB, or 80 % of the memory available now
+    (4 GiB when unknown)."""
+    return max_cache_gb * 2**30 if max_cache_gb is not None else 0.8 * (available_memory() or 4 * 2**30)
+
+
+@dataclass
+class JointLogits:
+    """The joint logits z = X Wᵀ + b of the train rows and of the val rows, as a fit uses them.
+
+    ``train``: (N, C) in ``dtype``, or None when they do not fit the budget (each batch's logits are
+    then computed from its features); ``val``: (Nv, C) (float32 when train is not cached) or None
+    without val rows; ``dtype``: the cache precision ("float16", "bfloat16", "float32"), None when
+    not cached.
+    """
+
+    train: Optional[torch.Tensor]
+    val: Optional[torch.Tensor]
+    dtype: Optional[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.train, self.val) if t is not None)
+
+    def check(self, rows: int, val_rows: int, num_classes: int) -> None:
+        """ValueError unless these are logits of ``rows`` train and ``val_rows`` val rows of C classes."""
+        for name, t, n in (("train", self.train, rows), ("val", self.val, val_rows)):
+            if t is not None and tuple(t.shape) != (n, num_classes):
+                raise ValueError(f"joint {name} logits have shape {tuple(t.shape)}, expected ({n}, {num_classes})")
+
+
+def cache_joint_logits(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, Xv: Optional[torch.Tensor],
+                       cache_dtype: str = "float16", max_cache_gb: Optional[float] = None) -> JointLogits:
+    """The joint logits of X (and Xv) with (W, b), one GEMM per split, a block of rows at a time.
+
+    Cached in ``cache_dtype`` when train and val together fit :func:`cache_budget`; float16 falls back
+    to bfloat16 when a logit overflows it; without room, train logits are left to each batch and
+    val logits are float32.
+    """
+    n_val = 0 if Xv is None else len(Xv)
+    fits = (len(X) + n_val) * W.shape[0] * CACHE_DTYPES[cache_dtype].itemsize <= cache_budget(max_cache_gb)
+    dtype = cache_dtype if fits else None
+
+    def cached(x: torch.Tensor) -> torch.Tensor:
+        nonlocal dtype
+        Z = linear_logits(x, W, b, dtype=CACHE_DTYPES[dtype])
+        if dtype == "float16" and not all_finite(Z):
+            dtype = "bfloat16"
+            Z = linear_logits(x, W, b, dtype=torch.bfloat16)
+        return Z
+
+    with torch.no_grad():
+        Z = cached(X) if dtype else None
+        Zv = None if Xv is None else cached(Xv) if dtype else linear_logits(Xv, W, b)
+    return JointLogits(Z, Zv, dtype)
 
 
 class JointLogitCalibration(LinearDecision, BaseHead):
@@ -93,10 +151,6 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         self.max_cache_gb = max_cache_gb
         self.progress = progress
 
-    def _cache_fits(self, rows: int, num_classes: int) -> bool:
-        budget = self.max_cache_gb * 2**30 if self.max_cache_gb is not None else 0.8 * (available_memory() or 4 * 2**30)
-        return rows * num_classes * CACHE_DTYPES[self.cache_dtype].itemsize <= budget
-
     def _init_params(self, W: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -107,45 +161,27 @@ class JointLogitCalibration(LinearDecision, BaseHead):
     def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
         return column_affine(z, *self._affine(params))
 
-    def _affine_of(self, weight: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(a, bias_): scores = (X weightᵀ) ⊙ a + bias_ when ``weight`` is the classifier this was fitted on."""
-        return (self._joint_scale, self.bias_) if weight is self.weight else None
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The sampler's p_j ∝ n_j^q (class-balanced: uniform): trained by cross-entropy on its draws."""
+        return final_class_probabilities(counts, self.sampler)
+
+    def logit_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, bias_): scores = (X Wᵀ) ⊙ a + bias_."""
+        return self._joint_scale, self.bias_
 
     def _fold(self, W: torch.Tensor, b: torch.Tensor, params: list[torch.Tensor]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _joint_logits(self, W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, Xv: Optional[torch.Tensor]
-                      ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The joint logits of the train rows (None when they are recomputed per batch) and of the val
-        rows (None without val) in ``cache_dtype_``, which this sets (float16 falls back to bfloat16
-        on overflow; val logits are float32 when the train ones are not cached)."""
-        n_val = 0 if Xv is None else len(Xv)
-        self.cache_dtype_ = self.cache_dtype if self._cache_fits(X.shape[0] + n_val, W.shape[0]) else None
-
-        def cached_logits(x: torch.Tensor) -> torch.Tensor:
-            Z = linear_logits(x, W, b, dtype=CACHE_DTYPES[self.cache_dtype_])
-            if self.cache_dtype_ == "float16" and not all_finite(Z):
-                self.cache_dtype_ = "bfloat16"
-                Z = linear_logits(x, W, b, dtype=torch.bfloat16)
-            return Z
-
-        with torch.no_grad():
-            Z = cached_logits(X) if self.cache_dtype_ else None
-            Zv = None if Xv is None else cached_logits(Xv) if self.cache_dtype_ else linear_logits(Xv, W, b)
-        return Z, Zv
-
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, *, logits_cache: Optional[dict] = None):
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, *,
+            joint_logits: Optional[JointLogits] = None):
         """Train the parameters on (X, y); (X_val, y_val) select the best epoch.
 
-        ``logits_cache``: a dict shared between fits (``ltr compare`` shares one between LWS and
-        MARC). The first fit leaves its cached joint logits there; a later fit given the very same
-        ``weight``, ``bias``, X and X_val objects, the same ``cache_dtype``, ``max_cache_gb`` and
-        device reuses them instead of computing them again (one entry is kept: a fit on other
-        inputs drops it first, and leaves its own when it caches).
+        ``joint_logits``: the joint logits of these very X and X_val with this ``weight`` and
+        ``bias``, already computed (:func:`cache_joint_logits`; ``ltr compare`` shares one between LWS
+        and MARC through :class:`lt_rebalance.logit_store.LogitStore`); None: computed here.
         """
         self._validate_params()
         device = resolve_device(self.device)
-        inputs = (self.weight, self.bias, X, X_val)
         W = check_weight(self.weight, device)
         C, D = W.shape
         b = check_bias(self.bias, C, device)
@@ -155,17 +191,10 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         Xv = yv = None
         if X_val is not None:
             Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
-        settings = (self.cache_dtype, self.max_cache_gb, device)
-        shared = (logits_cache or {}).get("entry")
-        if (shared is not None and all(a is b_ for a, b_ in zip(shared["inputs"], inputs))
-                and shared["settings"] == settings):
-            Z, Zv, self.cache_dtype_ = shared["logits"]
-        else:
-            if logits_cache is not None:
-                logits_cache.pop("entry", None)  # freed before this fit's cache is built
-            Z, Zv = self._joint_logits(W, b, X, Xv)
-            if logits_cache is not None and self.cache_dtype_ is not None:
-                logits_cache["entry"] = {"inputs": inputs, "settings": settings, "logits": (Z, Zv, self.cache_dtype_)}
+        if joint_logits is None:
+            joint_logits = cache_joint_logits(W, b, X, Xv, self.cache_dtype, self.max_cache_gb)
+        joint_logits.check(len(X), 0 if Xv is None else len(Xv), C)
+        Z, Zv, self.cache_dtype_ = joint_logits.train, joint_logits.val, joint_logits.dtype
         params = [p.requires_grad_() for p in self._init_params(W)]
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
@@ -198,7 +227,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
             step_work=plan.batch_size * C * (STEP_WORK_PER_LOGIT if Z is not None else D),
         )
         fitted = [p.detach() for p in params]
-        self._joint_scale = self._affine(fitted)[0]  # weight_ = a ⊙ W (see _affine_of)
+        self._joint_scale = self._affine(fitted)[0]  # weight_ = a ⊙ W (see logit_affine)
         self._fold(W, b, fitted)
         self.n_features_in_ = D
         self.classes_ = classes

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from ..blocks import CACHE_ROWS, row_blocks
+from ..priors import uniform_prior
 from .base import BaseHead, StrOptions, check_fit_data
 
 NCM_VARIANTS = ("cl2n", "l2n", "un", "cos")
@@ -90,6 +91,10 @@ class NCM(BaseHead):
         self.classes_ = classes
         self.centroids_ = sums / counts[:, None]
         return self
+
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """Uniform: one mean per class, whatever its size."""
+        return uniform_prior(counts)
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Scores float32 (N, C): -squared distance to each centroid (``cos``: scaled dot product).

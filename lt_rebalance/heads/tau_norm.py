@@ -9,6 +9,7 @@ import torch
 
 from ..blocks import chunked_matmul, linear_logits
 from ..metrics import accuracy_summary
+from ..priors import uniform_prior
 from .base import (
     ARRAY,
     NONE,
@@ -271,11 +272,17 @@ class TauNorm(BaseHead):
         self.classes_ = classes
         return self
 
-    def _affine_of(self, weight: Any) -> Optional[tuple[torch.Tensor, None]]:
-        """(||w||^-tau, None): scores = (X weightᵀ) ⊙ ||w||^-tau when ``weight`` is this head's own."""
-        if weight is not self.weight:
-            return None
-        return _norm_power(as_tensor(weight, torch.float32, self.weight_.device), self.tau_).reciprocal().float(), None
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """Uniform: τ-normalisation is the paper's balanced classifier."""
+        return uniform_prior(counts)
+
+    def logit_affine(self) -> tuple[torch.Tensor, None]:
+        """(||w||^-tau, None): scores = (X Wᵀ) ⊙ ||w||^-tau."""
+        return _norm_power(as_tensor(self.weight, torch.float32, self.weight_.device), self.tau_).reciprocal().float(), None
+
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w̃ float32 (C, D), zeros (C,)): the normalised weight, bias dropped."""
+        return self.weight_, torch.zeros(self.weight_.shape[0], device=self.weight_.device)
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) = X w̃ᵀ (no bias)."""

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from ..blocks import linear_logits
-from ..samplers import make_sampler
-from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features, resolve_device
+from ..devices import resolve_device
+from ..priors import normalise
+from ..samplers import final_class_probabilities, make_sampler
+from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features
 from .crt import class_balanced_weights
 from .linear import LinearDecision
 from .training import (
@@ -153,6 +155,11 @@ class WeightBalancing(LinearDecision, BaseHead):
         self.seed = seed
         self.device = device
         self.progress = progress
+
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The sampler's p_j ∝ n_j^q times the class-balanced loss weights (as cRT with ``class_weights="cb"``)."""
+        w = class_balanced_weights(torch.as_tensor(counts), self.beta).to(torch.float64)
+        return normalise(final_class_probabilities(counts, self.sampler) * w)
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> WeightBalancing:
         """Fine-tune on (X, y), float (N, D) and int (N,); (X_val, y_val) select the best epoch."""

@@ -1,11 +1,11 @@
 """``ltr demo``: the whole pipeline on scikit-learn's bundled handwritten digits, offline, on a CPU.
 
 1. Long-tailed digits: class i keeps n_i = int(n_max * (1/IF) ** (i / (C - 1))) train images (the
-   LDAM convention of REFERENCE.md); balanced val and test from held-out images; written as PNGs to
+   LDAM convention, docs/METHODS.md); balanced val and test from held-out images; written as PNGs to
    ``OUT/images/{train,val,test}/<digit>/``.
 2. Stage 1: a small CNN (``tiny_cnn``) trained jointly with instance-balanced sampling -> ``OUT/stage1.pth``.
 3. Extraction with ``ltr extract`` itself (imagefolder route) -> ``OUT/features.h5``.
-4. Every default method of ``compare`` (:data:`lt_rebalance.names.DEFAULT_METHODS`) on the features, and the plots.
+4. Every default method of ``compare`` (:data:`lt_rebalance.registry.DEFAULT_METHODS`) on the features, and the plots.
 """
 from __future__ import annotations
 
@@ -108,9 +108,9 @@ def train_stage1(images_root: Path, out: Path, cfg: DemoConfig, log: Callable[[s
     """
     import torch
 
-    from .extract.backbones import create_backbone
-    from .extract.datasets import DatasetOptions, eval_transform, load_dataset, reference_config
-    from .outputs import atomic_write
+    from ..extract.backbones import create_backbone
+    from ..extract.datasets import DatasetOptions, eval_transform, load_dataset, reference_config
+    from ..outputs import atomic_write
 
     data = load_dataset("imagefolder", DatasetOptions(str(images_root), ("train",)))
     src = data.sources["train"]
@@ -157,7 +157,7 @@ def run_extract(args: list[str], quiet: bool) -> dict:
 
     ``invoke`` rather than ``main``: click's ``main`` would turn Ctrl-C into its own ``Abort``.
     """
-    from .extract.cli import extract
+    from ..extract.cli import extract
 
     buf, argv = io.StringIO(), [*args, "--json", *(["--quiet"] if quiet else [])]
     with contextlib.redirect_stdout(buf), extract.make_context("extract", argv) as ctx:
@@ -172,7 +172,7 @@ def prepare_out(out: Path, overwrite: bool, files: list[str]) -> None:
     lists are deleted (with the folders they leave empty): the user's own files stay. The run is
     refused when the user's files sit under ``images/``, which the extraction would read as data.
     """
-    from .outputs import atomic_write, quietly, write_failure
+    from ..outputs import atomic_write, quietly, write_failure
 
     created = not out.exists()
     if not created:
@@ -275,9 +275,9 @@ def reproduce_commands(out: Path, cfg: DemoConfig) -> list[str]:
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = False, quiet: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """Run the four steps into ``out``; returns (and writes) ``out/results.json``."""
-    from .commands._common import Interrupted
-    from .heads.training import one_thread
-    from .outputs import WriteInterrupted
+    from ..heads.training import one_thread
+    from ..outputs import WriteInterrupted
+    from .errors import Interrupted
 
     with one_thread():
         try:
@@ -290,12 +290,14 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, overwrite: bool = Fal
 
 
 def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Callable[[str], None]) -> dict:
-    from .commands._common import to_json, training_overrides
-    from .experiments import DEFAULT_METHODS, Context, compare
-    from .head_io import head_state, save_head
-    from .metrics import group_sizes
-    from .outputs import atomic_write
-    from .store import FeatureStore
+    from ..head_io import head_state, save_head
+    from ..metrics import group_sizes
+    from ..outputs import atomic_write
+    from ..registry import DEFAULT_METHODS, schedule_options
+    from ..results import to_json
+    from ..session import Session
+    from ..store import FeatureStore
+    from ..study import compare
 
     t0 = time.perf_counter()
     images, labels = load_digits_uint8()
@@ -318,8 +320,8 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
     extracted = run_extract(extract_args(out, cfg), quiet)
 
     log(f"4/4 every default method of compare ({', '.join(DEFAULT_METHODS)}) on the cached features")
-    ctx = Context(FeatureStore(out / "features.h5"), seed=cfg.seed, thresholds=cfg.thresholds)
-    overrides = training_overrides(cfg.crt_epochs, cfg.lws_epochs)
+    ctx = Session(FeatureStore(out / "features.h5"), seed=cfg.seed, thresholds=cfg.thresholds)
+    overrides = schedule_options(cfg.crt_epochs, cfg.lws_epochs)
     heads: dict = {}
     result = compare(ctx, None, overrides, log=None if quiet else log, heads=heads)
     # compare's cRT head, saved for `ltr plot norms --head`
@@ -341,7 +343,7 @@ def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool, quiet: bool, log: Cal
 
 def draw_plots(ctx, result: dict, out: Path, crt_state: dict, overrides: dict, log: Callable[[str], None]) -> list[str]:
     """The four plots into ``out`` (none, with a note, when matplotlib is missing)."""
-    from . import plots
+    from .. import plots
 
     try:
         plots.require_matplotlib()

@@ -1,0 +1,58 @@
+"""Methods built on the stored stage-1 classifier without training: joint, τ-norm, logit adjustment
+and PC softmax (τ of the two selected on val, as ``compare`` runs them)."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..devices import resolve_device
+from ..heads import JointHead, TauNorm
+from ..logit_store import LogitStore
+from ..posthoc import LogitAdjustment, pc_softmax
+from ..session import Session
+from . import MethodRun, evaluated
+
+
+def joint_head(session: Session) -> JointHead:
+    """The stored classifier as a fitted head on the session's device."""
+    W, b = session.head()
+    return JointHead(W, b, device=session.device).fit()
+
+
+def run_joint(session: Session, logits: Optional[LogitStore] = None) -> MethodRun:
+    """The stored stage-1 classifier (logits = X Wᵀ + b)."""
+    return evaluated(session, joint_head(session), {"method": "joint"}, logits)
+
+
+def _val_logits(logits: Optional[LogitStore], device: Any) -> Optional[torch.Tensor]:
+    """The kept X Wᵀ of val (the sweep's GEMM), or None."""
+    return None if logits is None else logits.eval_logits("val", device)
+
+
+def run_tau_norm(session: Session, logits: Optional[LogitStore] = None) -> MethodRun:
+    """τ-norm with τ selected on val, reported on every evaluation split."""
+    if not session.has_rows("val"):
+        raise ValueError("tau-norm needs a 'val' split with rows to select tau on (see `ltr tau-sweep --select-on`)")
+    W, _ = session.head()
+    Xv, yv = session.load("val")
+    head = TauNorm(W, device=session.device)
+    head.fit(Xv, yv, session.counts, logits=_val_logits(logits, resolve_device(session.device)))
+    return evaluated(session, head, {"method": "tau_norm", "selected_tau": head.tau_, "selected_on": "val"}, logits)
+
+
+def run_logit_adjust(session: Session, logits: Optional[LogitStore] = None) -> MethodRun:
+    """Logit adjustment of the stored classifier, τ selected on val."""
+    if not session.has_rows("val"):
+        raise ValueError("logit adjustment needs a 'val' split with rows to select tau on "
+                         "(see `ltr logit-adjust --select-on`)")
+    base = joint_head(session)
+    head = LogitAdjustment(base, session.counts).fit(*session.load("val"), logits=_val_logits(logits, base._device))
+    return evaluated(session, head, {"method": "logit_adjust", "selected_tau": head.tau_, "selected_on": "val"},
+                     logits)
+
+
+def run_pc_softmax(session: Session, logits: Optional[LogitStore] = None) -> MethodRun:
+    """PC softmax: the stored classifier's logits minus log π (logit adjustment at τ = 1)."""
+    head = pc_softmax(joint_head(session), session.counts)
+    return evaluated(session, head, {"method": "pc_softmax", "tau": 1.0}, logits)
