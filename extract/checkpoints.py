@@ -1,6 +1,6 @@
 """Strict weight loading: plain state dicts and checkpoints of the reference implementation.
 
-Reference layout (REFERENCE.md): ``{"state_dict_best": {"feat_model": {"module.<key>": ...},
+Reference layout (docs/EXTRACT.md): ``{"state_dict_best": {"feat_model": {"module.<key>": ...},
 "classifier": {"module.fc.weight", "module.fc.bias"[, "module.scales"]}}, ...}``.
 """
 from __future__ import annotations

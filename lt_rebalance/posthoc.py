@@ -1,4 +1,4 @@
-"""Post-hoc corrections of a trained head (REFERENCE.md, "Post-hoc methods that fit cached features").
+"""Post-hoc corrections of a trained head (docs/METHODS.md, "Post-hoc methods and loss options").
 
 * Logit adjustment (Menon et al., ICLR 2021): z_j − τ·log π_j with π the train class prior;
   :func:`logit_adjust_sweep` scores every τ from one GEMM, :class:`LogitAdjustment` selects τ on val.

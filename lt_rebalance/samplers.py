@@ -1,4 +1,4 @@
-"""Stage-2 samplers over training labels (REFERENCE.md, "Samplers"), vectorised and seeded.
+"""Stage-2 samplers over training labels (docs/METHODS.md, "Samplers"), vectorised and seeded.
 
 Every sampler returns the row indices of one epoch as an int64 tensor of shape
 (num_batches, batch_size) with ``num_batches = int(N / batch_size)``, as the reference does

@@ -81,7 +81,7 @@ def cifar100_root(tmp_path_factory):
 
 
 def long_tailed_counts(num_classes: int, n_max: int, imbalance: float) -> np.ndarray:
-    """n_i = int(n_max * (1/IF) ** (i / (C - 1))), the CIFAR-LT convention of REFERENCE.md."""
+    """n_i = int(n_max * (1/IF) ** (i / (C - 1))), the CIFAR-LT convention (docs/EXTRACT.md)."""
     i = np.arange(num_classes)
     return (n_max * (1.0 / imbalance) ** (i / (num_classes - 1))).astype(np.int64)
 

@@ -218,7 +218,7 @@ def _demo_with_user_image(d: Path) -> str:
     """A folder of an earlier demo run (its manifest lists images/train/0/0001.png) plus a user's image."""
     import json
 
-    from lt_rebalance.demo import MANIFEST, MANIFEST_FORMAT
+    from lt_rebalance.commands.demo_pipeline import MANIFEST, MANIFEST_FORMAT
 
     pytest.importorskip("sklearn")
     out = d / "out"

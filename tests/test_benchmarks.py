@@ -22,7 +22,11 @@ def test_tiny_suite_reports_every_operation(tmp_path):
         assert r["status"] == "ok", (name, r["note"])
         for key in ("seconds", "floor_seconds", "ratio", "peak_rss_mib"):
             assert _number(r[key]), (name, key, r[key])
-        assert r["passed"] in (True, False, None)
+        # the verdict is the ratio against the goal, in the direction of the operation's kind
+        if r["goal"] is not None and r["kind"] == "speed":
+            assert r["passed"] == (r["ratio"] >= r["goal"]), name
+        elif r["goal"] is not None and r["kind"] in ("time", "excess", "memory"):
+            assert r["passed"] == (r["ratio"] <= r["goal"]), name
     assert doc["shapes"]["splits"] == {"train": 600, "val": 60, "test": 100}
     assert "cpu" in doc["machine"] and "torch" in doc["machine"]
     assert "| operation |" in doc["table_markdown"]

@@ -10,10 +10,10 @@ from scipy.special import log_softmax
 
 import lt_rebalance.metrics as metrics
 from lt_rebalance.blocks import chunked_matmul, linear_logits, row_blocks
-from lt_rebalance.experiments import Context
 from lt_rebalance.heads import CRT, LWS, NCM, JointHead, TauNorm, tau_sweep
 from lt_rebalance.heads.base import check_features
 from lt_rebalance.posthoc import calibration_metrics, fit_temperature
+from lt_rebalance.session import Session
 from lt_rebalance.store import FeatureStore, write_features
 
 
@@ -75,7 +75,7 @@ def test_store_and_context_keep_the_stored_dtype(tmp_path, d16):
     np.testing.assert_array_equal(X16.numpy(), d16["X_train"])
     assert store.features("train").dtype == torch.float32  # the default stays float32
     assert torch.equal(store.features("train"), X16.float())
-    assert Context(store).load("val")[0].dtype == torch.float16
+    assert Session(store).load("val")[0].dtype == torch.float16
 
 
 def test_heads_on_float16_equal_float32_and_numpy(d16, small_blocks):
@@ -173,13 +173,13 @@ def test_lws_cache_precision_rules(d16):
 def test_one_memory_plan_per_run(tmp_path, d16, monkeypatch):
     """Whether splits are mapped is decided once: memory freeing up (or filling) between two loads
     does not map one split and read the next."""
-    from lt_rebalance import experiments
+    from lt_rebalance import session as session_module
 
     splits = {s: (d16[f"X_{s}"], d16[f"y_{s}"]) for s in ("train", "val")}
     store = FeatureStore(write_features(tmp_path / "f.h5", splits, dtype="float16"))
     free = [store.feature_bytes()]  # features exceed half of it: mapped
-    monkeypatch.setattr(experiments, "available_memory", lambda: free[0])
-    ctx = Context(store)
+    monkeypatch.setattr(session_module, "available_memory", lambda: free[0])
+    ctx = Session(store)
     X, _ = ctx.load("train")
     free[0] = 100 * store.feature_bytes()
     Xv, _ = ctx.load("val")
@@ -194,8 +194,8 @@ def test_memory_mapped_splits_give_identical_results(tmp_path, d16):
     splits = {s: (d16[f"X_{s}"], d16[f"y_{s}"]) for s in ("train", "val", "test")}
     path = write_features(tmp_path / "f.h5", splits, weight=d16["W"], bias=d16["b"], dtype="float16")
     store = FeatureStore(path)
-    mapped = Context(store, max_memory=store.feature_bytes())  # features exceed half the budget
-    assert mapped.memory_mapped and not Context(store, max_memory=10 * store.feature_bytes()).memory_mapped
+    mapped = Session(store, max_memory=store.feature_bytes())  # features exceed half the budget
+    assert mapped.memory_mapped and not Session(store, max_memory=10 * store.feature_bytes()).memory_mapped
     X, _ = mapped.load("train")
     assert X.dtype == torch.float16 and not X.numpy().flags.owndata  # a view of the file's pages
     np.testing.assert_array_equal(X.numpy(), d16["X_train"])

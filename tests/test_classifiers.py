@@ -273,57 +273,6 @@ def test_compare_runs_marc_by_default_wb_knn_and_probe_when_named(files):
     assert doc["rows"][0]["test"] == knn["test"]
 
 
-def test_compare_computes_the_joint_logits_once_for_lws_and_marc(files, monkeypatch):
-    """LWS and MARC in one compare share the cached train/val logits, and every head built on the
-    stored classifier is scored from one X Wᵀ per evaluation split; rows equal lone runs (accuracies
-    exactly, NLL/ECE to float32 rounding)."""
-    from lt_rebalance import experiments
-    from lt_rebalance.heads import lws as lws_module
-    from lt_rebalance.store import FeatureStore
-
-    ctx = experiments.Context(FeatureStore(files["full"]))
-    n_train = ctx.store.splits["train"].rows
-    passes, eval_passes = [], []
-    real = lws_module.linear_logits
-    monkeypatch.setattr(lws_module, "linear_logits", lambda *a, **k: passes.append(len(a[0])) or real(*a, **k))
-    monkeypatch.setattr(experiments, "linear_logits", lambda *a, **k: eval_passes.append(len(a[0])) or real(*a, **k))
-    overrides = {m: {"epochs": 2} for m in ("lws", "marc")}
-    methods = ["lws", "joint", "tau_norm", "logit_adjust", "pc_softmax", "marc"]
-    doc = experiments.compare(ctx, methods, overrides)
-    assert passes.count(n_train) == 1 and len(passes) == 2  # one train pass, one val pass
-    assert sorted(eval_passes) == sorted(ctx.store.splits[s].rows for s in ("val", "test"))
-    assert not any(isinstance(k, tuple) and k[0] == "eval_logits" for k in ctx._cache)  # released
-    assert "joint_logits" not in ctx._cache and not ctx.share_joint_logits
-    small = experiments.Context(FeatureStore(files["full"]), max_memory=1000)  # R would exceed budget / 8
-    assert experiments.compare(small, methods, overrides)["rows"][1]["test"] == doc["rows"][1]["test"]
-    assert len(eval_passes) == 2  # nothing kept: each head scored the splits itself (joint: identical)
-    for row in doc["rows"]:  # each method alone: scored by its own head, nothing shared
-        (lone,) = experiments.compare(experiments.Context(FeatureStore(files["full"])), [row["method"]],
-                                      overrides)["rows"]
-        for split in ("val", "test"):
-            for key, value in row[split].items():
-                assert value == pytest.approx(lone[split][key], rel=1e-5, abs=1e-7), (row["method"], split, key)
-            assert row[split]["all"] == lone[split]["all"] and row[split]["few"] == lone[split]["few"]
-
-
-def test_single_runs_keep_no_logits_and_seeds_share_them(files, monkeypatch):
-    """`ltr lws`/`ltr marc` free their logit cache with the head (nothing kept on the context);
-    the seeds of one run share one logit pass and free it at the end."""
-    from lt_rebalance import experiments
-    from lt_rebalance.heads import lws as lws_module
-    from lt_rebalance.store import FeatureStore
-
-    ctx = experiments.Context(FeatureStore(files["full"]))
-    experiments.run_lws(ctx, epochs=1)
-    assert not ctx._cache.get("joint_logits") and not any(k[0] == "eval_logits" for k in ctx._cache if isinstance(k, tuple))
-    passes = []
-    real = lws_module.linear_logits
-    monkeypatch.setattr(lws_module, "linear_logits", lambda *a, **k: passes.append(len(a[0])) or real(*a, **k))
-    result, _ = experiments.run_seeds(ctx, "marc", [0, 1, 2], epochs=1)
-    assert len(passes) == 2 and len(result["over_seeds"]["seeds"]) == 3  # train + val, once for 3 seeds
-    assert not ctx._cache.get("joint_logits") and not any(k[0] == "eval_logits" for k in ctx._cache if isinstance(k, tuple))
-
-
 def test_precomputed_logits_of_the_wrong_shape_are_refused():
     from lt_rebalance.blocks import chunked_matmul
 

@@ -21,7 +21,7 @@ from lt_rebalance.cli import main
 from lt_rebalance.heads import CRT, LWS
 from lt_rebalance.heads.crt_grid import CRTGrid
 from lt_rebalance.heads.training import FewStepsWarning, plan_schedule
-from lt_rebalance.names import DEFAULT_METHODS, METHOD_NAMES, canonical_method, parse_methods
+from lt_rebalance.registry import DEFAULT_METHODS, METHOD_NAMES, canonical_method, parse_methods
 from lt_rebalance.store import FeatureStore, write_features
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -194,9 +194,12 @@ def test_options_a_method_does_not_use_never_block_it(small, tmp_path):
 
 # -- names -------------------------------------------------------------------------------------
 def test_one_name_per_method():
-    from lt_rebalance.experiments import METHODS
+    from lt_rebalance import registry
 
-    assert tuple(METHODS) == METHOD_NAMES
+    assert tuple(m.name for m in registry.METHODS) == METHOD_NAMES
+    assert len(set(registry.ALIASES) | set(METHOD_NAMES)) == len(registry.ALIASES) + len(METHOD_NAMES)
+    for name in METHOD_NAMES:  # every runner exists and takes a session first
+        assert callable(registry.runner(name))
     assert [canonical_method(a) for a in ("tau", "tau-norm", "TAU_NORM", "logit-adjust", "pc-softmax")] == [
         "tau_norm", "tau_norm", "tau_norm", "logit_adjust", "pc_softmax"]
     assert parse_methods("joint, tau,tau_norm,crt") == ["joint", "tau_norm", "crt"]
@@ -270,7 +273,7 @@ def test_import_prints_wrote_once(small, tmp_path):
 
 
 def test_demo_reproduce_commands_use_its_thresholds(tmp_path):
-    from lt_rebalance.demo import DemoConfig, reproduce_commands
+    from lt_rebalance.commands.demo_pipeline import DemoConfig, reproduce_commands
 
     cfg = DemoConfig()
     cmds = reproduce_commands(tmp_path, cfg)
@@ -371,7 +374,7 @@ def test_inputs_that_do_not_fit_together_name_the_argument(tmp_path):
 
 
 def test_help_text_states_the_library_rule():
-    from lt_rebalance.commands._common import BATCH_AUTO_HELP, EPOCHS_AUTO_HELP
+    from lt_rebalance.commands.options import BATCH_AUTO_HELP, EPOCHS_AUTO_HELP
     from lt_rebalance.heads.training import DEFAULT_BATCH_SIZE, MIN_BATCHES_PER_EPOCH, MIN_STEPS
 
     assert f"at least {MIN_STEPS} optimiser steps" in EPOCHS_AUTO_HELP

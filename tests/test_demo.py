@@ -21,7 +21,7 @@ def demo_run(tmp_path_factory):
 
 @needs_sklearn
 def test_results_have_every_method_and_group(demo_run):
-    from lt_rebalance.experiments import DEFAULT_METHODS
+    from lt_rebalance.registry import DEFAULT_METHODS
 
     out, result = demo_run
     assert json.loads((out / "results.json").read_text()) == result
@@ -79,7 +79,7 @@ def _files(folder):
 
 @needs_sklearn
 def test_manifest_lists_every_file_the_demo_wrote(demo_run):
-    from lt_rebalance.demo import MANIFEST
+    from lt_rebalance.commands.demo_pipeline import MANIFEST
 
     out, _ = demo_run
     listed = set(json.loads((out / MANIFEST).read_text())["files"])
@@ -104,7 +104,7 @@ def test_overwrite_keeps_the_users_files(demo_run, tmp_path):
 
 
 def _previous_run(out, listed):
-    from lt_rebalance.demo import MANIFEST, MANIFEST_FORMAT
+    from lt_rebalance.commands.demo_pipeline import MANIFEST, MANIFEST_FORMAT
 
     for rel in listed:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def _previous_run(out, listed):
 
 
 def test_overwrite_deletes_only_listed_files(tmp_path):
-    from lt_rebalance.demo import MANIFEST, prepare_out
+    from lt_rebalance.commands.demo_pipeline import MANIFEST, prepare_out
 
     out = tmp_path / "old"
     _previous_run(out, ["images/train/0/0001.png", "images/val/3/0002.png", "results.json", "stage1.pth"])
@@ -128,7 +128,7 @@ def test_overwrite_deletes_only_listed_files(tmp_path):
     ("images/val/7", "which the extraction would read as images"),  # a folder: a class of its own
 ])
 def test_overwrite_refuses_user_files_among_the_images(tmp_path, user_file, message):
-    from lt_rebalance.demo import prepare_out
+    from lt_rebalance.commands.demo_pipeline import prepare_out
 
     out = tmp_path / "old"
     _previous_run(out, ["images/train/0/0001.png", "results.json"])
@@ -141,7 +141,7 @@ def test_overwrite_refuses_user_files_among_the_images(tmp_path, user_file, mess
 
 
 def test_overwrite_refuses_a_manifest_pointing_outside(tmp_path):
-    from lt_rebalance.demo import MANIFEST, MANIFEST_FORMAT, prepare_out
+    from lt_rebalance.commands.demo_pipeline import MANIFEST, MANIFEST_FORMAT, prepare_out
 
     (tmp_path / "outside.txt").write_text("keep me")
     out = tmp_path / "old"

@@ -283,11 +283,11 @@ def test_os_faults_end_in_one_error_line(tmp_path, tmpfs, fs, case):
 
 def test_read_only_folder_fails_before_training(tmp_path, tmpfs, monkeypatch):
     """The output check runs before the work: crt never starts training on a read-only folder."""
-    import lt_rebalance.experiments as experiments
+    import lt_rebalance.runners.trained as trained
 
     m = tmpfs("ro", "size=64k,ro")
     feats = _small_features(tmp_path / "f.h5")
-    monkeypatch.setattr(experiments, "run_crt", lambda *a, **k: pytest.fail("trained before checking the output"))
+    monkeypatch.setattr(trained, "run_crt", lambda *a, **k: pytest.fail("trained before checking the output"))
     r = CliRunner().invoke(main, ["crt", "-f", str(feats), "--save", str(m / "crt.pt")])
     assert r.exit_code == 1 and r.output.startswith(f"Error: cannot write {m / 'crt.pt'}: Read-only file system")
 
@@ -323,7 +323,7 @@ def test_ctrl_c_during_extract_keeps_the_partial_for_resume(tmp_path, monkeypatc
 
 
 def test_ctrl_c_during_training_says_nothing_was_written(tmp_path, monkeypatch):
-    import lt_rebalance.experiments as experiments
+    import lt_rebalance.runners.features as features
 
     feats = _small_features(tmp_path / "f.h5")
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -331,7 +331,7 @@ def test_ctrl_c_during_training_says_nothing_was_written(tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiments, "run_ncm", interrupted)
+    monkeypatch.setattr(features, "run_ncm", interrupted)
     r = CliRunner().invoke(main, ["ncm", "-f", str(feats), "--save", str(tmp_path / "ncm.pt")])
     assert r.exit_code == 130 and r.output == "Error: interrupted; no output was written\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -339,7 +339,7 @@ def test_ctrl_c_during_training_says_nothing_was_written(tmp_path, monkeypatch):
 
 def test_ctrl_c_during_demo_leaves_a_folder_that_overwrite_replaces(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
-    import lt_rebalance.demo as demo
+    import lt_rebalance.commands.demo_pipeline as demo
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

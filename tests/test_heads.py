@@ -58,7 +58,7 @@ def min_top2_margin(logits):
 
 
 def np_ncm_scores(Xtr, ytr, X, variant):
-    """REFERENCE.md, NCM: cl2n / l2n / un score = -squared distance; cos = cl2n feature · centroid / D."""
+    """docs/METHODS.md, NCM: cl2n / l2n / un score = -squared distance; cos = cl2n feature · centroid / D."""
     Xtr, X = np.asarray(Xtr, np.float64), np.asarray(X, np.float64)
     mu = Xtr.mean(axis=0)
 
@@ -277,7 +277,7 @@ def test_lws_folded_head_and_cache_paths(lt_data):
 
 
 def test_lws_and_marc_share_one_logit_cache(lt_data, monkeypatch):
-    """A logits_cache filled by LWS serves MARC on the same inputs: one logit pass, results unchanged."""
+    """Joint logits computed once (cache_joint_logits) serve LWS and MARC: results as if each computed its own."""
     from lt_rebalance.heads import MARC
     from lt_rebalance.heads import lws as lws_module
 
@@ -290,16 +290,15 @@ def test_lws_and_marc_share_one_logit_cache(lt_data, monkeypatch):
     passes = []
     real = lws_module.linear_logits
     monkeypatch.setattr(lws_module, "linear_logits", lambda *a, **k: passes.append(len(a[0])) or real(*a, **k))
-    cache: dict = {}
-    LWS(W, b, **kw).fit(X, y, Xv, yv, logits_cache=cache)
-    shared = MARC(W, b, **kw).fit(X, y, Xv, yv, logits_cache=cache)
-    assert passes == [len(X), len(Xv)]  # train and val logits computed once, for LWS
-    assert torch.equal(shared.omega_, alone.omega_) and torch.equal(shared.beta_, alone.beta_)
-    assert shared.history_.val == alone.history_.val
-    # other inputs (a copy of X) or another cache precision: computed again, and the entry replaced
-    MARC(W, b, **kw).fit(X.copy(), y, Xv, yv, logits_cache=cache)
-    MARC(W, b, cache_dtype="float32", **kw).fit(X, y, Xv, yv, logits_cache=cache)
-    assert len(passes) == 6 and cache["entry"]["logits"][2] == "float32"
+    shared = lws_module.cache_joint_logits(torch.as_tensor(W), torch.as_tensor(b), torch.as_tensor(X),
+                                           torch.as_tensor(Xv))
+    LWS(W, b, **kw).fit(X, y, Xv, yv, joint_logits=shared)
+    marc = MARC(W, b, **kw).fit(X, y, Xv, yv, joint_logits=shared)
+    assert passes == [len(X), len(Xv)]  # train and val logits computed once
+    assert torch.equal(marc.omega_, alone.omega_) and torch.equal(marc.beta_, alone.beta_)
+    assert marc.history_.val == alone.history_.val and marc.cache_dtype_ == "float16"
+    with pytest.raises(ValueError, match="joint train logits have shape"):  # logits of other rows are refused
+        MARC(W, b, **kw).fit(X[:-1], y[:-1], Xv, yv, joint_logits=shared)
 
 # -- cRT -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

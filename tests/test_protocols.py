@@ -193,24 +193,37 @@ def test_paired_difference_on_the_same_resamples():
 
 
 def test_implied_priors():
-    from lt_rebalance.heads import CRT, LWS, JointHead, TauNorm
-    from lt_rebalance.posthoc import LogitAdjustment
+    """Each head's own answer, against the priors worked out by hand (docs/METHODS.md)."""
+    from lt_rebalance.heads import CRT, KNN, LWS, MARC, JointHead, LinearProbe, TauNorm, WeightBalancing
+    from lt_rebalance.posthoc import LogitAdjustment, TemperatureScaled
+    from lt_rebalance.priors import NoImpliedPrior
 
     counts = torch.tensor([60, 30, 10])
     W, b = torch.randn(3, 4), torch.randn(3)
     joint = JointHead(W, b).fit()
-    np.testing.assert_allclose(P.implied_prior(joint, counts).numpy(), [0.6, 0.3, 0.1])
+    np.testing.assert_allclose(joint.implied_prior(counts).numpy(), [0.6, 0.3, 0.1])
     uniform = [1 / 3] * 3
-    np.testing.assert_allclose(P.implied_prior(TauNorm(W, 1.0).fit(), counts).numpy(), uniform)
-    np.testing.assert_allclose(P.implied_prior(CRT(), counts).numpy(), uniform)  # class-balanced sampling
-    np.testing.assert_allclose(P.implied_prior(CRT(sampler="ib", loss="balanced-softmax"), counts).numpy(), uniform)
+    np.testing.assert_allclose(TauNorm(W, 1.0).fit().implied_prior(counts).numpy(), uniform)
+    np.testing.assert_allclose(CRT().implied_prior(counts).numpy(), uniform)  # class-balanced sampling
+    np.testing.assert_allclose(CRT(sampler="ib", loss="balanced-softmax").implied_prior(counts).numpy(), uniform)
     sq = np.sqrt([60, 30, 10])
-    np.testing.assert_allclose(P.implied_prior(LWS(W, b, sampler="sqrt"), counts).numpy(), sq / sq.sum())
-    np.testing.assert_allclose(P.implied_prior(LogitAdjustment(joint, counts, tau=1.0).fit(), counts).numpy(),
+    np.testing.assert_allclose(LWS(W, b, sampler="sqrt").implied_prior(counts).numpy(), sq / sq.sum())
+    np.testing.assert_allclose(MARC(W, b).implied_prior(counts).numpy(), uniform)  # class-balanced, like LWS
+    np.testing.assert_allclose(MARC(W, b, sampler="ib").implied_prior(counts).numpy(), [0.6, 0.3, 0.1])
+    cb = 1 / (1 - 0.99 ** np.array([60.0, 30.0, 10.0]))  # Cui et al. weights on instance-balanced draws
+    np.testing.assert_allclose(WeightBalancing(W, b, beta=0.99).implied_prior(counts).numpy(),
+                               np.array([60, 30, 10]) * cb / (np.array([60, 30, 10]) * cb).sum())
+    np.testing.assert_allclose(LinearProbe().implied_prior(counts).numpy(), uniform)
+    np.testing.assert_allclose(LinearProbe(class_weight="none").implied_prior(counts).numpy(), [0.6, 0.3, 0.1])
+    np.testing.assert_allclose(LogitAdjustment(joint, counts, tau=1.0).fit().implied_prior(counts).numpy(),
                                uniform, rtol=1e-6)
     half = np.sqrt([0.6, 0.3, 0.1])
-    np.testing.assert_allclose(P.implied_prior(LogitAdjustment(joint, counts, tau=0.5).fit(), counts).numpy(),
+    np.testing.assert_allclose(LogitAdjustment(joint, counts, tau=0.5).fit().implied_prior(counts).numpy(),
                                half / half.sum(), rtol=1e-6)
+    X, y = torch.randn(30, 4), torch.arange(30) % 3
+    np.testing.assert_allclose(TemperatureScaled(joint, 2.0).fit().implied_prior(counts).numpy(), [0.6, 0.3, 0.1])
+    with pytest.raises(NoImpliedPrior, match="kNN votes"):
+        KNN(k=3).fit(X, y).implied_prior(counts)
 
 
 def test_known_prior_correction_undoes_a_shift():

@@ -45,7 +45,7 @@ def np_softmax(z):
 
 
 def np_ncm_predict(Xtr, ytr, X, variant):
-    """REFERENCE.md, NCM, for 'cl2n' and 'un': label of the nearest class mean (classes = sorted labels)."""
+    """docs/METHODS.md, NCM, for 'cl2n' and 'un': label of the nearest class mean (classes = sorted labels)."""
     classes = np.unique(ytr)
     mu = Xtr.mean(0) if variant == "cl2n" else 0.0
 

@@ -1,4 +1,4 @@
-"""Eval and train transforms: the reference's (REFERENCE.md "Transforms"), CIFAR's, or timm's data config."""
+"""Eval and train transforms: the reference's (docs/EXTRACT.md, "Datasets"), CIFAR's, or timm's data config."""
 from __future__ import annotations
 
 import math

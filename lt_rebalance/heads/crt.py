@@ -1,4 +1,4 @@
-"""Classifier re-training (REFERENCE.md, "cRT"): a fresh linear head on frozen features."""
+"""Classifier re-training (docs/METHODS.md, "cRT"): a fresh linear head on frozen features."""
 from __future__ import annotations
 
 import math
@@ -230,7 +230,7 @@ class CRT(BaseHead):
             return g
 
         def logits(x: torch.Tensor) -> torch.Tensor:  # (n, G, C), one GEMM for all members
-            # class-major (W xᵀ + b)ᵀ: 105 vs 140 ms at 512 x 2048 x 8142 on 2 cores (blocks.linear_logits)
+            # class-major (W xᵀ + b)ᵀ: the faster layout of PyTorch's CPU GEMM (blocks.linear_logits)
             z = torch.addmm(b.detach().view(-1, 1), W.detach().view(G * C, D), x.T).T.contiguous()
             if torch.is_grad_enabled():  # a leaf: backward stops here, and the hook makes W's gradient
                 z.requires_grad_().register_hook(lambda g: weight_gradient(g, x))

@@ -9,7 +9,7 @@ and walk them in a dozen element-wise passes; here the gradient is written out:
 
 computed block by block of rows (each block small enough to stay in cache: :data:`BLOCK_LOGITS`)
 in one float32 buffer plus two matrix-vector products. At iNaturalist-2018 size (B 512, C 8142) a
-step takes a third to a half of the autograd version's time (7-10 vs 20-28 ms on 2 cores).
+step takes a third to a half of the autograd version's time (benchmarks/ measures it).
 
 ``EXP_FLOOR``: u - max u is clamped at -60 before the exponential, so softmax entries below
 e^-60 ≈ 9e-27 of the largest are raised to that value. Their true values are beyond float32's
@@ -29,11 +29,11 @@ from ..blocks import column_affine, row_blocks
 
 EXP_FLOOR = -60.0
 # logits per block of rows: a float32 block of 2 MiB and its upcast copy stay in a core's cache, which
-# makes a step at 512 x 8142 1.7x faster than passes over the whole batch (10.5 vs 18 ms, 2 threads)
+# makes a step at 512 x 8142 markedly faster than passes over the whole batch
 BLOCK_LOGITS = 2**19
 # multiply-adds one logit costs in a step (upcast, exponential, two products, reductions), the unit
 # of the training loop's one-thread rule (training.SMALL_STEP): two threads are faster from
-# 512 x 1000 logits up (2.8 vs 3.5 ms a step; 512 x 8142: 8.5 vs 13 ms)
+# 512 x 1000 logits up
 STEP_WORK_PER_LOGIT = 40
 
 

@@ -1,4 +1,4 @@
-"""Learnable weight scaling (REFERENCE.md, "LWS"): logit_j = s_j (w_j·x + b_j), only s trained.
+"""Learnable weight scaling (docs/METHODS.md, "LWS"): logit_j = s_j (w_j·x + b_j), only s trained.
 
 :class:`JointLogitCalibration` is the training path shared with MARC (:mod:`.marc`): a per-class
 affine map of the frozen joint logits, trained from cached logits with the SGD loop of cRT and

@@ -1,4 +1,4 @@
-"""Nearest class mean (REFERENCE.md, "NCM")."""
+"""Nearest class mean (docs/METHODS.md, "NCM")."""
 from __future__ import annotations
 
 from typing import Any

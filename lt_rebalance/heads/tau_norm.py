@@ -1,4 +1,4 @@
-"""tau-normalisation (REFERENCE.md, "τ-normalisation"): w_j / ||w_j||^tau, bias dropped."""
+"""tau-normalisation (docs/METHODS.md, "τ-normalisation"): w_j / ||w_j||^tau, bias dropped."""
 from __future__ import annotations
 
 import math

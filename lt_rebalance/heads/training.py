@@ -93,8 +93,8 @@ SMALL_STEP = 2**24  # multiply-adds of one step below which training runs on one
 def one_thread(enabled: bool = True) -> Iterator[None]:
     """One intra-op torch thread while inside (when ``enabled``).
 
-    Small tensors gain nothing from more threads, and on a loaded machine the threads contend: a
-    few-hundred-row cRT of 500 steps took 49 s on two threads and 2 s on one.
+    Small tensors gain nothing from more threads, and on a loaded machine the threads contend (a
+    few-hundred-row cRT runs an order of magnitude slower on two threads than on one).
     """
     before = torch.get_num_threads()
     if enabled:
@@ -250,7 +250,7 @@ def flush_tiny_gradient(logits: torch.Tensor) -> torch.Tensor:
     """Make the gradient reaching ``logits`` free of denormal floats (|g| < 1.2e-38 set to 0).
 
     Once a head fits well, softmax gradients underflow into denormals, and CPU matrix multiplies
-    on denormal inputs run several times slower (an ImageNet-LT cRT epoch: 11 s instead of 5 s).
+    on denormal inputs run several times slower (an ImageNet-LT cRT epoch about twice as long).
     Values that small do not change an SGD step. ``torch.set_flush_denormal`` would only cover
     the calling thread, not the GEMM's worker threads. Returns ``logits`` (hook registered).
     """

@@ -1,0 +1,49 @@
+"""lt_rebalance.registry: one declaration per method, read by the CLI, compare and the protocols."""
+import subprocess
+import sys
+
+import pytest
+
+from lt_rebalance import registry
+from lt_rebalance.cli import COMMANDS
+
+
+def test_every_entry_is_complete_and_its_runner_exists():
+    names = [m.name for m in registry.METHODS]
+    assert len(set(names)) == len(names) and set(registry.ALIASES).isdisjoint(names)
+    for m in registry.METHODS:
+        run = registry.runner(m.name)
+        assert run.__name__ == m.runner.split(":")[1] and m.summary and m.prior
+        if m.trained_on_stored:  # training on the stored classifier's logits needs that classifier
+            assert m.needs_head and m.scored_from_stored
+        if m.epochs_from:
+            assert m.trained and m.epochs_from in ("crt", "lws")
+
+
+def test_derived_tables():
+    assert registry.DEFAULT_METHODS == ("joint", "ncm", "crt", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc")
+    assert registry.OPT_IN_METHODS == ("wb", "knn", "linear_probe")
+    assert registry.TRAINED_METHODS == ("crt", "lws", "marc", "wb")
+    assert registry.HEAD_METHODS == ("joint", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc", "wb")
+    assert registry.get("tau-sweep").name == "tau_norm" and registry.get(" Linear-Probe ").name == "linear_probe"
+    with pytest.raises(ValueError, match="unknown method 'taunorm'; choose from joint, ncm"):
+        registry.get("taunorm")
+
+
+def test_schedule_options_follow_epochs_from():
+    opts = registry.schedule_options(3, 7, 64)
+    assert opts == {"crt": {"epochs": 3, "batch_size": 64}, "lws": {"epochs": 7, "batch_size": 64},
+                    "marc": {"epochs": 7, "batch_size": 64}, "wb": {}}
+
+
+def test_method_commands_are_the_cli_commands():
+    for name, (module, attr, summary) in registry.method_commands().items():
+        assert COMMANDS[name] == (module, attr, summary)
+    assert {"joint", "ncm", "tau-sweep", "crt", "lws", "marc", "wb", "knn", "linear-probe", "logit-adjust"} == set(
+        registry.method_commands())
+
+
+def test_registry_and_help_import_no_torch():
+    code = ("import sys, lt_rebalance.registry, lt_rebalance.cli; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    subprocess.run([sys.executable, "-c", code], check=True)
