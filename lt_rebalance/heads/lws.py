@@ -120,10 +120,12 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         self.progress = progress
 
     def _settings(self) -> dict[str, Any]:
-        """The training settings in effect: ``lr``, ``weight_decay``, ``sampler``, ``schedule``, ``loss``
-        and ``epoch_batches`` (:func:`~.training.plan_schedule`); MARC's authors' protocol overrides."""
+        """The training settings in effect: ``lr``, ``weight_decay``, ``sampler``, ``schedule``, ``loss``,
+        ``epoch_batches``, ``reference_epochs`` and ``reference_batch`` (what "auto" stands for, and
+        the batches of an epoch: :func:`~.training.plan_schedule`); MARC resolves its protocol here."""
         return {"lr": self.lr, "weight_decay": self.weight_decay, "sampler": self.sampler,
-                "schedule": self.schedule, "loss": self.loss, "epoch_batches": "full"}
+                "schedule": self.schedule, "loss": self.loss, "epoch_batches": "full",
+                "reference_epochs": self._reference_epochs, "reference_batch": self._reference_batch}
 
     def _loss_terms(self, loss: str, counts: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
         """``class_weights`` and ``smoothing`` (C,) of ``loss`` for train counts (C,) (None: unused)."""
@@ -136,7 +138,8 @@ class JointLogitCalibration(LinearDecision, BaseHead):
     def _record(self, settings: dict[str, Any]) -> dict[str, Any]:
         """``protocol_params_``: what was run (lr, batch, epochs, sampler, loss and its options)."""
         plan = self.schedule_
-        out = {**settings, "epochs": plan.epochs, "batch_size": plan.batch_size,
+        out = {k: v for k, v in settings.items() if not k.startswith("reference_")}
+        out = {**out, "epochs": plan.epochs, "batch_size": plan.batch_size,
                "steps_per_epoch": plan.batches_per_epoch, "steps": plan.steps}
         if settings["loss"] == "grw":
             out["rho"] = self.rho
@@ -232,8 +235,8 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         classes = np.arange(C)
         X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
         run = self._settings()
-        self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, self._reference_epochs,
-                                              reference_batch=self._reference_batch,
+        self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, run["reference_epochs"],
+                                              reference_batch=run["reference_batch"],
                                               epoch_batches=run["epoch_batches"])
         terms = self._loss_terms(run["loss"], torch.bincount(y, minlength=C))
         Xv = yv = None
