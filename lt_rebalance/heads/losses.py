@@ -88,15 +88,22 @@ def las_smoothing(counts: Any, head: float, tail: float, shape: str = "concave")
     return eps.to(torch.float32)
 
 
+def smoothed_nll(logits: torch.Tensor, y: torch.Tensor, smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row loss (n,) of logits (n, C): −log p_y, or with per-class ``smoothing`` ε (C,)
+    (1 − ε_y)(−log p_y) + ε_y · mean_j(−log p_j) (MiSLAS' ``LabelAwareSmoothing`` before its mean)."""
+    logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
+    loss = -logp.gather(1, y[:, None])[:, 0]
+    if smoothing is None:
+        return loss
+    eps = smoothing[y]
+    return (1 - eps) * loss - eps * logp.mean(1)
+
+
 def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, class_weights: Optional[torch.Tensor] = None,
                            smoothing: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loss of the module docstring by autograd: logits float (B, C), y int64 (B,), per-class
     ``class_weights`` and ``smoothing`` float32 (C,) or None. Returns a scalar."""
-    logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
-    loss = -logp.gather(1, y[:, None])[:, 0]
-    if smoothing is not None:
-        eps = smoothing[y]
-        loss = (1 - eps) * loss - eps * logp.mean(1)
+    loss = smoothed_nll(logits, y, smoothing)
     if class_weights is None:
         return loss.mean()
     w = class_weights[y]
