@@ -8,9 +8,8 @@ mean of the groups) and the imbalance of a train split (:func:`imbalance_stats`)
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
-
 import math
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -71,14 +70,16 @@ def per_class_records(pred: Any, labels: Any, counts: Any, many: int = DEFAULT_M
     """One dict per class, in class order, for a per-class CSV: ``class`` (index), ``train_count``,
     ``group`` (many/medium/few), ``support`` (evaluation rows), ``correct`` and ``accuracy``
     (None where ``support`` is 0)."""
+    pred, labels = _tensor(pred, torch.int64), _tensor(labels, torch.int64)
     acc, support = per_class_accuracy_table(pred, labels, len(counts))
+    correct = torch.bincount(labels[pred == labels.to(pred.device)].cpu(), minlength=len(counts))
     groups = shot_groups(counts, many, few)
     group_of = ["many" if m else "few" if f else "medium" for m, f in zip(groups["many"].tolist(), groups["few"].tolist())]
     return [
         {"class": j, "train_count": int(n), "group": g, "support": int(s),
-         "correct": int(round(a * s)) if s else 0, "accuracy": a if s else None}
-        for j, (n, g, s, a) in enumerate(zip(_tensor(counts, torch.int64).tolist(), group_of, support.tolist(),
-                                             acc.tolist()))
+         "correct": k, "accuracy": a if s else None}
+        for j, (n, g, s, k, a) in enumerate(zip(_tensor(counts, torch.int64).tolist(), group_of, support.tolist(),
+                                                correct.tolist(), acc.tolist()))
     ]
 
 

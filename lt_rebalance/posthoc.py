@@ -33,7 +33,6 @@ from .heads.base import (
 from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS, select_tau, sweep_inputs
 from .metrics import GROUPS, accuracy_summary, calibration_error, score_row_statistics, shot_groups
 
-
 EMPTY_CLASSES = ("one-row", "reference")
 REFERENCE_EPSILON = 1e-12  # google-research logit_adjustment: log(π^τ + 1e-12)
 

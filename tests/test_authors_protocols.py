@@ -176,3 +176,11 @@ def test_wb_authors_protocol_step_for_step(N, B, epochs):
                             keep_best=False, device="cpu").fit(X, y)
     assert paper.protocol_params_["projection"] == "step" and paper.schedule_.steps == epochs * (N // B)
     assert not np.allclose(paper.weight_.numpy(), W, atol=1e-3)
+
+
+def test_wb_implied_prior_is_the_sampler_times_the_cb_weights():
+    X, y, rng = data([30, 8, 2], seed=3)
+    head = WeightBalancing(rng.normal(size=(3, 4)), epochs=1, device="cpu").fit(X, y)
+    n = np.array([30.0, 8, 2])
+    p = n * np_cb_weights(n, 0.9999)  # instance-balanced batches, weights (1 - b) / (1 - b^n)
+    torch.testing.assert_close(head.implied_prior(n), torch.from_numpy(p / p.sum()))

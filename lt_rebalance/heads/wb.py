@@ -9,7 +9,17 @@ import torch.nn.functional as F
 
 from ..blocks import linear_logits
 from ..samplers import make_sampler
-from .base import ARRAY, NONE, BaseHead, Interval, StrOptions, as_tensor, check_features, resolve_device
+from .base import (
+    ARRAY,
+    NONE,
+    BaseHead,
+    Interval,
+    StrOptions,
+    as_tensor,
+    check_features,
+    check_is_fitted,
+    resolve_device,
+)
 from .crt import class_balanced_weights
 from .linear import LinearDecision
 from .training import (
@@ -232,3 +242,15 @@ class WeightBalancing(LinearDecision, BaseHead):
         self.n_features_in_ = D
         self.classes_ = classes
         return self
+
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The class prior float64 (C,) the scores are balanced for: the sampler's p_j ∝ n_j^q times the
+        class-balanced loss weights (docs/METHODS.md, "Implied priors of the re-weighted heads"; the
+        binary cross-entropy of each softmax output is a proper scoring rule, so the weighted loss is
+        minimised by the posterior under that prior). A class without train rows counts as one."""
+        from ..protocols import _sampler_power
+
+        check_is_fitted(self, "weight_")
+        n = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1)
+        p = n ** _sampler_power(self.sampler) * class_balanced_weights(n, self.beta).double()
+        return p / p.sum()
