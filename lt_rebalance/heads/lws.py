@@ -55,8 +55,10 @@ class JointLogitCalibration(LinearDecision, BaseHead):
     (|z| > 65504) are cached in bfloat16. When the cache does not fit ``max_cache_gb`` (None: 80 %
     of the memory available when ``fit`` starts, 4 GiB when unknown), each batch's logits are
     computed from its features (exact float32). ``cache_dtype_`` records the precision used (None:
-    recomputed). The constructor arguments (shared, so subclasses define none) are documented in
-    :class:`LWS`.
+    recomputed). The constructor arguments are documented in :class:`LWS` (MARC and DisAlign
+    restate them with their own defaults). Subclass hooks besides those: :meth:`_settings` (the
+    settings in effect), :meth:`_batch_loss` and :meth:`_calibrate` (heads whose logits are not a
+    per-class affine map, with ``_needs_features``), :meth:`_finish` (fitted attributes).
     """
 
     _parameter_constraints = {
