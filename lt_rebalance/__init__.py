@@ -30,6 +30,7 @@ _EXPORTS = {
     "KNN": "heads",
     "LinearProbe": "heads",
     "MARC": "heads",
+    "DisAlign": "heads",
     "WeightBalancing": "heads",
     "make_sampler": "samplers",
 }

@@ -1,11 +1,14 @@
 """Evaluation metrics for long-tailed classification.
 
-Accuracies are fractions in [0, 1]. Shot groups come from **training** counts (docs/METHODS.md, "Evaluation"):
-many > 100, few < 20, medium otherwise; a group's accuracy is the mean of the per-class accuracies
-of its classes that have evaluation images (the reference's ``shot_acc``), and NaN when none do.
+Accuracies are fractions in [0, 1]. Shot groups come from **training** counts (docs/METHODS.md,
+"Evaluation"): many > 100, few < 20, medium otherwise; a group's accuracy is the mean of the
+per-class accuracies of its classes that have evaluation images (the reference's ``shot_acc``),
+and NaN when none do. Tail metrics (:func:`tail_accuracies`: worst class, worst 10 %, harmonic
+mean of the groups) and the imbalance of a train split (:func:`imbalance_stats`) are here too.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional
 
 import torch
@@ -50,6 +53,83 @@ def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: in
     return hits / support  # 0/0 -> NaN for absent classes
 
 
+def per_class_accuracy_table(pred: Any, labels: Any, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accuracy float64 (C,), support int64 (C,)) of predictions int (N,): the rows of a per-class CSV.
+
+    ``support[j]`` is the number of evaluation rows of class j; ``accuracy[j]`` is NaN where it is 0.
+    """
+    pred, labels = _tensor(pred, torch.int64), _tensor(labels, torch.int64)
+    if pred.shape != labels.shape or pred.ndim != 1:
+        raise ValueError(f"pred and labels must both be (N,); got {tuple(pred.shape)} and {tuple(labels.shape)}")
+    labels = labels.to(pred.device)
+    return per_class_accuracy(pred, labels, num_classes), torch.bincount(labels, minlength=num_classes)
+
+
+def per_class_records(pred: Any, labels: Any, counts: Any, many: int = DEFAULT_MANY,
+                      few: int = DEFAULT_FEW) -> list[dict[str, Any]]:
+    """One dict per class, in class order, for a per-class CSV: ``class`` (index), ``train_count``,
+    ``group`` (many/medium/few), ``support`` (evaluation rows), ``correct`` and ``accuracy``
+    (None where ``support`` is 0)."""
+    pred, labels = _tensor(pred, torch.int64), _tensor(labels, torch.int64)
+    acc, support = per_class_accuracy_table(pred, labels, len(counts))
+    correct = torch.bincount(labels[pred == labels.to(pred.device)].cpu(), minlength=len(counts))
+    groups = shot_groups(counts, many, few)
+    group_of = ["many" if m else "few" if f else "medium" for m, f in zip(groups["many"].tolist(), groups["few"].tolist())]
+    return [
+        {"class": j, "train_count": int(n), "group": g, "support": int(s),
+         "correct": k, "accuracy": a if s else None}
+        for j, (n, g, s, k, a) in enumerate(zip(_tensor(counts, torch.int64).tolist(), group_of, support.tolist(),
+                                                correct.tolist(), acc.tolist()))
+    ]
+
+
+def tail_accuracies(class_acc: torch.Tensor, groups: dict[str, float]) -> dict[str, float]:
+    """Worst-case summaries of per-class accuracies float (C,) (NaN: class without evaluation rows).
+
+    ``worst_class``: the smallest accuracy over the classes with evaluation rows. ``worst_10pct``:
+    the mean of the k smallest, k = ceil(K / 10) of those K classes (at least one class; computed
+    in integers, -(-K // 10)). ``hmean``: the harmonic mean of the ``groups`` accuracies
+    (``many``, ``medium``, ``few``) that are not NaN (groups with evaluation rows); 0 when any of
+    them is 0. Each is NaN when there is nothing to summarise.
+    """
+    acc = class_acc[~torch.isnan(class_acc)].to(torch.float64)
+    K = acc.numel()
+    out = {"worst_class": float("nan"), "worst_10pct": float("nan")}
+    if K:
+        low = torch.sort(acc).values[: -(-K // 10)]
+        out = {"worst_class": low[0].item(), "worst_10pct": low.mean().item()}
+    vals = [float(groups[g]) for g in GROUPS if not math.isnan(float(groups[g]))]
+    out["hmean"] = (float("nan") if not vals else 0.0 if min(vals) == 0 else len(vals) / sum(1 / v for v in vals))
+    return out
+
+
+def imbalance_stats(counts: Any) -> dict[str, float]:
+    """How imbalanced a train split is, from its class counts int (C,).
+
+    ``imbalance_factor``: max n_j / min n_j over the classes with at least one row (classes with
+    no row are left out of the minimum, and counted in ``empty_classes``); NaN without rows.
+    ``gini``: the Gini coefficient of the counts of all C classes, empty ones included:
+    Σ_i Σ_k |n_i − n_k| / (2 C Σ_j n_j), 0 for equal counts, (C − 1) / C when one class holds
+    every row. ``top20_share``: the share of the train rows in the ceil(C / 5) largest classes.
+    """
+    n = _tensor(counts, torch.float64).flatten()
+    if n.numel() == 0 or (n < 0).any():
+        raise ValueError("counts must be a non-empty vector of non-negative class counts")
+    C, total = n.numel(), n.sum().item()
+    present = n[n > 0]
+    out = {"num_classes": C, "empty_classes": int(C - present.numel()), "imbalance_factor": float("nan"),
+           "gini": float("nan"), "top20_share": float("nan")}
+    if total > 0:
+        s = torch.sort(n).values  # ascending: Gini = Σ_i (2i − C − 1) s_i / (C Σ s), i = 1..C
+        rank = torch.arange(1, C + 1, dtype=torch.float64)
+        out.update(
+            imbalance_factor=(present.max() / present.min()).item(),
+            gini=((2 * rank - C - 1) * s).sum().item() / (C * total),
+            top20_share=s[C - -(-C // 5):].sum().item() / total,
+        )
+    return out
+
+
 def group_accuracies(class_acc: torch.Tensor, counts: Any, many: int = DEFAULT_MANY, few: int = DEFAULT_FEW) -> dict:
     """Mean per-class accuracy over all classes and over each shot group (NaN when empty).
 
@@ -63,13 +143,20 @@ def group_accuracies(class_acc: torch.Tensor, counts: Any, many: int = DEFAULT_M
 
 def accuracy_summary(pred: torch.Tensor, labels: torch.Tensor, counts: Any, **thresholds: int) -> dict:
     """Top-1 ("all", micro), mean-class and many/medium/few accuracy from predictions (N,) or (T, N)."""
+    return _accuracy_summary(pred, labels, counts, **thresholds)[0]
+
+
+def _accuracy_summary(pred: torch.Tensor, labels: torch.Tensor, counts: Any, **thresholds: int
+                      ) -> tuple[dict, torch.Tensor]:
+    """:func:`accuracy_summary` and the per-class accuracies it was built from."""
     labels = _tensor(labels, torch.int64).to(pred.device)
     num_classes = len(counts)
-    out = group_accuracies(per_class_accuracy(pred, labels, num_classes), counts, **thresholds)
+    class_acc = per_class_accuracy(pred, labels, num_classes)
+    out = group_accuracies(class_acc, counts, **thresholds)
     all_ = ((pred == labels).to(torch.float64).mean(dim=-1) if len(labels)
             else torch.full(pred.shape[:-1], float("nan"), dtype=torch.float64, device=pred.device))
     out["all"] = all_.item() if all_.ndim == 0 else all_
-    return out
+    return out, class_acc
 
 
 def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -192,7 +279,8 @@ def evaluate(
 
     Returns
     -------
-    dict with ``all`` (top-1, micro), ``mean_class``, ``many``, ``medium``, ``few``, ``top5``,
+    dict with ``all`` (top-1, micro), ``mean_class`` (= balanced accuracy), ``many``, ``medium``,
+    ``few``, ``worst_class``, ``worst_10pct``, ``hmean`` (:func:`tail_accuracies`), ``top5``,
     ``macro_f1``, ``nll``, ``ece`` (floats; NaN where undefined, e.g. an empty group) and ``n``.
     """
     return evaluate_rows(score_row_statistics(scores, labels, len(counts)), labels, counts, n_bins, many=many, few=few)
@@ -204,7 +292,8 @@ def evaluate_rows(rows: dict[str, torch.Tensor], labels: Any, counts: Any, n_bin
     ``thresholds``: ``many=``, ``few=``."""
     labels = _tensor(labels, torch.int64).cpu()
     pred = rows["pred"]
-    out = accuracy_summary(pred, labels, counts, **thresholds)
+    out, class_acc = _accuracy_summary(pred, labels, counts, **thresholds)
+    out.update(tail_accuracies(class_acc, out))
     if len(labels) == 0:
         return {**out, "top5": float("nan"), "macro_f1": float("nan"), "nll": float("nan"), "ece": float("nan"), "n": 0}
     out["top5"] = rows["top5"].double().mean().item()

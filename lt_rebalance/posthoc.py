@@ -34,11 +34,32 @@ from .heads.tau_norm import DEFAULT_TAUS, SELECT_METRICS, select_tau, sweep_inpu
 from .metrics import GROUPS, accuracy_summary, calibration_error, score_row_statistics, shot_groups
 from .priors import normalise, train_prior
 
+EMPTY_CLASSES = ("one-row", "reference")
+REFERENCE_EPSILON = 1e-12  # google-research logit_adjustment: log(π^τ + 1e-12)
+
 
 def log_prior(counts: Any) -> torch.Tensor:
     """log π_j = log(n_j / N), float32 (C,); classes without train rows count as one row."""
     n = as_tensor(counts, torch.float64).clamp_min(1)
     return (n / n.sum()).log().float()
+
+
+def adjustment_offsets(counts: Any, taus: Any, empty_classes: str = "one-row") -> torch.Tensor:
+    """What logit adjustment subtracts from the logits, float32 (T, C) for τ float (T,).
+
+    "one-row" (default): τ·log π_j with a class without train rows counted as one row
+    (:func:`log_prior`). "reference": log(π_j^τ + 1e-12) with π_j = n_j / N, the reference code's
+    form (google-research ``logit_adjustment``): an empty class gets +27.6 (−log 1e-12) and wins
+    nearly every row; for the other classes it differs from τ·log π_j only where π_j^τ is within a
+    few orders of magnitude of 1e-12. docs/METHODS.md, "Logit adjustment".
+    """
+    taus = as_tensor(taus, torch.float64).reshape(-1, 1)
+    if empty_classes == "one-row":
+        return (taus * log_prior(counts).double()).float()
+    if empty_classes == "reference":
+        n = as_tensor(counts, torch.float64)
+        return torch.log((n / n.sum()) ** taus + REFERENCE_EPSILON).float()
+    raise ValueError(f"unknown empty_classes {empty_classes!r}; choose one of {', '.join(EMPTY_CLASSES)}")
 
 
 def _offset_argmax(X: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor, chunk: int,
@@ -78,6 +99,7 @@ def logit_adjust_sweep(
     *,
     chunk: int = 8192,
     logits: Optional[torch.Tensor] = None,
+    empty_classes: str = "one-row",
     **thresholds: int,
 ) -> dict[str, torch.Tensor]:
     """Accuracy of logit-adjusted linear heads for every τ, from ONE matmul of X with W (none when
@@ -85,7 +107,8 @@ def logit_adjust_sweep(
 
     logits(τ) = X Wᵀ + b − τ·log π; X Wᵀ is computed once (in row chunks) and each τ only adds
     its (C,) offset before the argmax. ``weight`` float (C, D), ``bias`` (C,) or None,
-    ``counts`` the train counts (C,) that define π and the shot groups.
+    ``counts`` the train counts (C,) that define π and the shot groups; ``empty_classes`` as
+    :func:`adjustment_offsets`.
 
     Returns
     -------
@@ -93,7 +116,7 @@ def logit_adjust_sweep(
     """
     W, X, y, taus_t = sweep_inputs(X, y, weight, counts, taus)
     b = check_bias(bias, W.shape[0], W.device)
-    offsets = b[None, :] - taus_t[:, None] * log_prior(counts).to(W.device)[None, :]  # (T, C)
+    offsets = b[None, :] - adjustment_offsets(counts, taus_t, empty_classes).to(W.device)  # (T, C)
     if not torch.isfinite(offsets).all():
         limit = torch.finfo(torch.float32).max / 2 / float(log_prior(counts).abs().max().clamp_min(1))
         raise ValueError(f"tau * log prior overflows float32 for some tau; use --taus within |tau| <= {limit:.3g}")
@@ -114,6 +137,9 @@ class LogitAdjustment(BaseHead):
     taus : sequence of float, default=linspace(0, 2, 21)
     metric : {"top1", "mean_class", "few"}, default="top1"
         What the selection maximises (ties go to the smaller τ).
+    empty_classes : {"one-row", "reference"}, default="one-row"
+        How a class without train rows is adjusted: counted as one row, or the reference's
+        log(π^τ + 1e-12), which makes it win nearly every row (:func:`adjustment_offsets`).
 
     Attributes
     ----------
@@ -144,6 +170,7 @@ class LogitAdjustment(BaseHead):
         "counts": [ARRAY],
         "tau": [NONE, Interval(float, None, None)],
         "metric": [StrOptions(set(SELECT_METRICS))],
+        "empty_classes": [StrOptions(set(EMPTY_CLASSES))],
     }
     _state = "bias_"
 
@@ -155,12 +182,14 @@ class LogitAdjustment(BaseHead):
         *,
         taus: Sequence[float] = DEFAULT_TAUS,
         metric: str = "top1",
+        empty_classes: str = "one-row",
     ):
         self.head = head
         self.counts = counts
         self.tau = tau
         self.taus = taus
         self.metric = metric
+        self.empty_classes = empty_classes
 
     def fit(self, X: Any = None, y: Any = None, *, logits: Optional[torch.Tensor] = None) -> LogitAdjustment:
         """Select τ on (X, y) (the val split) unless ``tau`` is fixed. ``logits``: X Wᵀ of the base
@@ -174,12 +203,13 @@ class LogitAdjustment(BaseHead):
                 raise ValueError("LogitAdjustment with tau=None selects tau on data: pass X and y to fit")
             X, y = check_features(X, y, n_features=W.shape[1], classes=classes, device=W.device,
                                   expecting=type(self.head).__name__)
-            self.curve_ = logit_adjust_sweep(X, y, W, b, self.counts, self.taus, logits=logits)
+            self.curve_ = logit_adjust_sweep(X, y, W, b, self.counts, self.taus, logits=logits,
+                                             empty_classes=self.empty_classes)
             self.tau_ = select_tau(self.curve_, self.taus, self.metric)
         else:
             self.curve_, self.tau_ = None, float(self.tau)
         self.weight_ = W
-        self.bias_ = b - self.tau_ * log_prior(self.counts).to(b.device)
+        self.bias_ = b - adjustment_offsets(self.counts, [self.tau_], self.empty_classes)[0].to(b.device)
         self.n_features_in_ = W.shape[1]
         self.classes_ = classes
         return self

@@ -177,3 +177,116 @@ def test_evaluate_shape_errors():
         evaluate(np.zeros((2, 3)), [0, 1], [5, 5])
     with pytest.raises(ValueError, match="N = len"):
         evaluate(np.zeros((3, 2)), [0, 1], [5, 5])
+
+
+# -- tail metrics, per-class table, imbalance: numpy hand computations ----------------------------
+def np_tail(pred, labels, counts, many=100, few=20):
+    """worst_class, worst_10pct, hmean from scratch (numpy): classes with test rows only."""
+    pred, labels, counts = map(np.asarray, (pred, labels, counts))
+    present = [c for c in range(len(counts)) if (labels == c).any()]
+    acc = np.array([np.mean(pred[labels == c] == c) for c in present])
+    k = int(np.ceil(len(acc) / 10 - 1e-12))
+    groups = []
+    for lo, hi in ((many + 1, np.inf), (few, many + 1), (0, few)):
+        g = [a for c, a in zip(present, acc) if lo <= counts[c] < hi]
+        if g:
+            groups.append(np.mean(g))
+    hmean = 0.0 if min(groups) == 0 else len(groups) / np.sum(1 / np.array(groups))
+    return acc.min(), np.sort(acc)[:k].mean(), hmean
+
+
+def test_tail_metrics_hand_worked():
+    out = evaluate(one_hot_scores(PREDS, 4), LABELS, COUNTS)
+    # per-class 3/4, 1/2, 1/2, 1; 4 classes -> the worst ceil(0.4) = 1 class
+    assert out["worst_class"] == pytest.approx(0.5)
+    assert out["worst_10pct"] == pytest.approx(0.5)
+    # groups: many 0.75, medium 0.75, few 0.5 -> 3 / (1/0.75 + 1/0.75 + 1/0.5)
+    assert out["hmean"] == pytest.approx(3 / (4 / 3 + 4 / 3 + 2))
+    assert "balanced_accuracy" not in out  # it is mean_class (docs/METHODS.md)
+
+
+@pytest.mark.parametrize("C", [9, 10, 11, 30, 57])
+def test_tail_metrics_against_numpy(C):
+    rng = np.random.default_rng(C)
+    counts = rng.integers(1, 300, size=C)
+    labels = rng.integers(0, C, size=25 * C)
+    labels[: C // 3] = 0  # some classes may have no test row
+    pred = np.where(rng.random(len(labels)) < 0.6, labels, rng.integers(0, C, size=len(labels)))
+    out = evaluate(one_hot_scores(pred, C), labels, counts)
+    wc, w10, hm = np_tail(pred, labels, counts)
+    assert out["worst_class"] == pytest.approx(wc)
+    assert out["worst_10pct"] == pytest.approx(w10)
+    assert out["hmean"] == pytest.approx(hm)
+    # balanced accuracy (sklearn's definition: mean recall over classes present in y_true) is mean_class
+    present = np.unique(labels)
+    assert out["mean_class"] == pytest.approx(np.mean([np.mean(pred[labels == c] == c) for c in present]))
+
+
+def test_worst_10pct_rounds_up_in_integers():
+    # 30 classes: 0.1 * 30 is 3.0000000000000004 in floats, but the worst 3 (not 4) are averaged
+    C = 30
+    labels = np.repeat(np.arange(C), 10)
+    pred = labels.copy()
+    for c in range(C):  # class c gets max(10 - c, 0) of its 10 rows wrong: accuracies 0, 0.1, 0.2, ...
+        idx = np.flatnonzero(labels == c)[: max(10 - c, 0)]
+        pred[idx] = (c + 1) % C
+    out = evaluate(one_hot_scores(pred, C), labels, [50] * C)
+    acc = np.sort([np.mean(pred[labels == c] == c) for c in range(C)])
+    assert out["worst_10pct"] == pytest.approx(0.1) and acc[:3].mean() == pytest.approx(0.1)
+    assert out["worst_class"] == 0.0 and acc[2] < acc[3]  # the 4th worst would change the mean
+
+
+def test_hmean_zero_group_and_empty_groups():
+    # few group at 0 -> hmean 0; a group without test rows is left out (not 0, not NaN)
+    out = evaluate(one_hot_scores([0, 0, 1], 3), [0, 1, 1], [200, 50, 5])
+    assert out["few"] != out["few"] and out["hmean"] == pytest.approx(2 / (1 / 1.0 + 1 / 0.5))
+    out = evaluate(one_hot_scores([0, 1, 0], 3), [0, 1, 2], [200, 50, 5])
+    assert out["few"] == 0.0 and out["hmean"] == 0.0
+    out = evaluate(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), [200, 50, 5])
+    for k in ("worst_class", "worst_10pct", "hmean"):
+        assert math.isnan(out[k]), k
+
+
+def test_per_class_table_and_records():
+    from lt_rebalance.metrics import per_class_accuracy_table, per_class_records
+
+    acc, support = per_class_accuracy_table(np.array(PREDS + [1]), np.array(LABELS + [1]), 5)
+    np.testing.assert_allclose(acc[:4].numpy(), [3 / 4, 2 / 3, 1 / 2, 1.0])
+    assert math.isnan(acc[4]) and support.tolist() == [4, 3, 2, 2, 0]
+    rec = per_class_records(PREDS, LABELS, COUNTS + [0])
+    assert [r["group"] for r in rec] == ["many", "medium", "few", "medium", "few"]
+    assert [r["correct"] for r in rec] == [3, 1, 1, 2, 0] and rec[4]["accuracy"] is None
+    assert rec[0] == {"class": 0, "train_count": 150, "group": "many", "support": 4, "correct": 3, "accuracy": 0.75}
+    with pytest.raises(ValueError, match="must both be"):
+        per_class_accuracy_table(np.zeros(3, int), np.zeros(4, int), 2)
+
+
+def np_gini(x):
+    """Mean absolute difference over all ordered pairs / (2 * mean): the textbook definition."""
+    x = np.asarray(x, np.float64)
+    return np.abs(x[:, None] - x[None, :]).sum() / (2 * len(x) ** 2 * x.mean())
+
+
+def test_imbalance_stats_against_numpy():
+    from lt_rebalance.metrics import imbalance_stats
+
+    rng = np.random.default_rng(0)
+    for C in (1, 5, 10, 23, 1000):
+        counts = rng.integers(1, 1280, size=C)
+        s = imbalance_stats(counts)
+        assert s["imbalance_factor"] == pytest.approx(counts.max() / counts.min())
+        assert s["gini"] == pytest.approx(np_gini(counts), abs=1e-12)
+        k = int(np.ceil(C / 5 - 1e-12))
+        assert s["top20_share"] == pytest.approx(np.sort(counts)[::-1][:k].sum() / counts.sum())
+        assert s["num_classes"] == C and s["empty_classes"] == 0
+    # hand-worked: equal counts; one class holds everything; an empty class
+    assert imbalance_stats([7, 7, 7, 7])["gini"] == pytest.approx(0.0)
+    s = imbalance_stats([0, 0, 0, 12])
+    assert s["gini"] == pytest.approx(3 / 4) and s["imbalance_factor"] == 1.0 and s["empty_classes"] == 3
+    assert s["top20_share"] == 1.0
+    s = imbalance_stats([100, 0, 10, 1, 50])  # empty class left out of max/min
+    assert s["imbalance_factor"] == 100.0 and s["gini"] == pytest.approx(np_gini([100, 0, 10, 1, 50]))
+    assert s["top20_share"] == pytest.approx(100 / 161)
+    assert math.isnan(imbalance_stats([0, 0])["gini"])
+    with pytest.raises(ValueError, match="non-negative"):
+        imbalance_stats([3, -1])

@@ -293,3 +293,26 @@ def test_cli_errors_without_head(files):
         r = invoke([cmd[0], "-f", files["nohead"], *cmd[1:]])
         assert r.exit_code == 1 and "stored classifier" in r.output and r.exception is not None
         assert "Traceback" not in r.output
+
+
+# -- empty classes: the reference's log(π^τ + 1e-12) as an option ---------------------------------
+def test_logit_adjustment_empty_classes_option():
+    """google-research logit_adjustment: logits - log(prior**tau + 1e-12), prior = counts / sum."""
+    from lt_rebalance.posthoc import LogitAdjustment, adjustment_offsets
+
+    counts = np.array([500, 40, 3, 0])
+    rng = np.random.default_rng(0)
+    W, b = rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    X = rng.normal(size=(30, 5)).astype(np.float32)
+    prior = counts / counts.sum()
+    for tau in (0.5, 1.0, 2.0):
+        ref = X @ W.T + b - np.log(prior**tau + 1e-12)
+        la = LogitAdjustment(JointHead(W, b).fit(), counts, tau=tau, empty_classes="reference").fit()
+        np.testing.assert_allclose(la.scores(X), ref, rtol=1e-5, atol=1e-4)
+        assert (la.predict(X) == 3).all()  # the empty class (+27.6) wins every row
+        ours = LogitAdjustment(JointHead(W, b).fit(), counts, tau=tau).fit()  # counted as one row
+        one = np.maximum(counts, 1) / np.maximum(counts, 1).sum()
+        np.testing.assert_allclose(ours.scores(X), X @ W.T + b - tau * np.log(one), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(adjustment_offsets(counts, [1.0], "reference").numpy()[0, 3], np.log(1e-12), rtol=1e-6)
+    with pytest.raises(ValueError, match="empty_classes"):
+        LogitAdjustment(JointHead(W, b).fit(), counts, tau=1.0, empty_classes="drop").fit()

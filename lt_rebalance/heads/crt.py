@@ -13,6 +13,7 @@ from ..devices import resolve_device
 from ..priors import normalise
 from ..samplers import final_class_probabilities, make_sampler
 from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_fit_data
+from .losses import LAS_SHAPES, las_smoothing, smoothed_nll
 from .training import (
     AUTO,
     ProgressFn,
@@ -27,7 +28,7 @@ from .training import (
 
 REFERENCE_EPOCHS = 10  # the reference's cRT epochs (iNaturalist: 30)
 
-LOSSES = ("ce", "balanced-softmax")
+LOSSES = ("ce", "balanced-softmax", "las")
 CLASS_WEIGHTS = ("none", "cb")
 
 
@@ -76,12 +77,18 @@ class CRT(BaseHead):
         See above; ``sampler`` is 'ib', 'cb', 'sqrt', 'pb' or a power q.
     keep_best : bool, default=True
         Keep the epoch with the best val top-1 (when val data is given to ``fit``).
-    loss : {"ce", "balanced-softmax"}, default="ce"
+    loss : {"ce", "balanced-softmax", "las"}, default="ce"
         Balanced Softmax (Ren et al., NeurIPS 2020) trains on z_j + log n_j and predicts with z_j.
+        "las": label-aware smoothing (Zhong et al., MiSLAS, CVPR 2021): class j's label is
+        smoothed by ε_j, from ``smooth_tail`` (smallest class) to ``smooth_head`` (largest) along
+        ``smooth_shape`` (docs/METHODS.md); it replaces ``label_smoothing``.
     class_weights : {"none", "cb"}, default="none"
         "cb": class-balanced loss weights (Cui et al., CVPR 2019) with ``beta``.
     beta : float, default=0.9999
     label_smoothing : float, default=0.0
+    smooth_head, smooth_tail : float in [0, 1), default=0.3, 0.0
+        Label-aware smoothing of the largest and smallest class (loss="las"; MiSLAS' ImageNet-LT values).
+    smooth_shape : {"concave", "linear", "convex"}, default="concave"
     device : str, default="auto"
 
     Attributes
@@ -111,6 +118,9 @@ class CRT(BaseHead):
         "class_weights": [StrOptions(set(CLASS_WEIGHTS))],
         "beta": [Interval(float, 0, 1, closed="neither")],
         "label_smoothing": [Interval(float, 0, 1, closed="left")],
+        "smooth_head": [Interval(float, 0, 1, closed="left")],
+        "smooth_tail": [Interval(float, 0, 1, closed="left")],
+        "smooth_shape": [StrOptions(set(LAS_SHAPES))],
     }
     _state = "weight_"
 
@@ -129,6 +139,9 @@ class CRT(BaseHead):
         class_weights: str = "none",
         beta: float = 0.9999,
         label_smoothing: float = 0.0,
+        smooth_head: float = 0.3,
+        smooth_tail: float = 0.0,
+        smooth_shape: str = "concave",
         seed: int = 0,
         device: str = "auto",
         progress: Optional[ProgressFn] = None,
@@ -145,6 +158,9 @@ class CRT(BaseHead):
         self.class_weights = class_weights
         self.beta = beta
         self.label_smoothing = label_smoothing
+        self.smooth_head = smooth_head
+        self.smooth_tail = smooth_tail
+        self.smooth_shape = smooth_shape
         self.seed = seed
         self.device = device
         self.progress = progress
@@ -193,6 +209,9 @@ class CRT(BaseHead):
         """
         for lr, wd in grid:
             CRT(**{**self.get_params(), "lr": lr, "weight_decay": wd})._validate_params()
+        if self.loss == "las" and self.label_smoothing > 0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} applies to loss 'ce' only; loss 'las' sets its "
+                             "own per-class smoothing (smooth_head, smooth_tail)")
         device = resolve_device(self.device)
         X, y, classes = check_fit_data(X, y, num_classes, device)
         N, D = X.shape
@@ -214,6 +233,8 @@ class CRT(BaseHead):
         b = torch.stack([v for _, v in inits]).to(device).expand(G, -1).contiguous().requires_grad_()
         shift = torch.log(counts.float().clamp_min(1)) if self.loss == "balanced-softmax" else None
         cw = class_balanced_weights(counts, self.beta) if self.class_weights == "cb" else None
+        smoothing = (las_smoothing(counts.cpu(), self.smooth_head, self.smooth_tail, self.smooth_shape).to(device)
+                     if self.loss == "las" else None)
         view_gens = [torch.Generator(device=device).manual_seed(s + 1) for s in (seeds if seeds is not None
                                                                                   else [self.seed])]
 
@@ -256,10 +277,14 @@ class CRT(BaseHead):
                 yb = y[idx].T
             if shift is not None:
                 z = z + shift
-            loss = F.cross_entropy(
-                z.reshape(-1, C), yb.reshape(-1), weight=cw, label_smoothing=self.label_smoothing,
-                reduction="none",
-            ).view(-1, G)
+            if smoothing is not None:  # per-class smoothing, weighted as cross_entropy(weight=cw) weighs
+                loss = smoothed_nll(z.reshape(-1, C), yb.reshape(-1), smoothing)
+                loss = (loss if cw is None else loss * cw[yb.reshape(-1)]).view(-1, G)
+            else:
+                loss = F.cross_entropy(
+                    z.reshape(-1, C), yb.reshape(-1), weight=cw, label_smoothing=self.label_smoothing,
+                    reduction="none",
+                ).view(-1, G)
             return loss.sum(0) / (idx.shape[-1] if cw is None else cw[yb].sum(0))
 
         validate = None

@@ -26,8 +26,16 @@ from .base import (
     check_weight,
 )
 from .linear import LinearDecision
-from .losses import STEP_WORK_PER_LOGIT, affine_cross_entropy
-from .training import AUTO, ProgressFn, plan_schedule, sgd_constraints, train_sgd
+from .losses import LAS_SHAPES, LOSSES, STEP_WORK_PER_LOGIT, affine_cross_entropy, grw_weights, las_smoothing
+from .training import (
+    AUTO,
+    DEFAULT_BATCH_SIZE,
+    EpochBatches,
+    ProgressFn,
+    plan_schedule,
+    sgd_constraints,
+    train_sgd,
+)
 
 REFERENCE_EPOCHS = 5  # the paper's LWS setting (MARC: the same)
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -104,8 +112,10 @@ class JointLogitCalibration(LinearDecision, BaseHead):
     (|z| > 65504) are cached in bfloat16. When the cache does not fit ``max_cache_gb`` (None: 80 %
     of the memory available when ``fit`` starts, 4 GiB when unknown), each batch's logits are
     computed from its features (exact float32). ``cache_dtype_`` records the precision used (None:
-    recomputed). The constructor arguments (shared, so subclasses define none) are documented in
-    :class:`LWS`.
+    recomputed). The constructor arguments are documented in :class:`LWS` (MARC and DisAlign
+    restate them with their own defaults). Subclass hooks besides those: :meth:`_settings` (the
+    settings in effect), :meth:`_batch_loss` and :meth:`_calibrate` (heads whose logits are not a
+    per-class affine map, with ``_needs_features``), :meth:`_finish` (fitted attributes).
     """
 
     _parameter_constraints = {
@@ -114,7 +124,14 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         "bias": [ARRAY, NONE],
         "max_cache_gb": [Interval(float, 0, None), NONE],
         "cache_dtype": [StrOptions(set(CACHE_DTYPES))],
+        "loss": [StrOptions(set(LOSSES))],
+        "rho": [Interval(float, 0, None)],
+        "smooth_head": [Interval(float, 0, 1, closed="left")],
+        "smooth_tail": [Interval(float, 0, 1, closed="left")],
+        "smooth_shape": [StrOptions(set(LAS_SHAPES))],
     }
+    _reference_epochs = REFERENCE_EPOCHS
+    _reference_batch = DEFAULT_BATCH_SIZE
 
     def __init__(
         self,
@@ -133,6 +150,11 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         device: str = "auto",
         cache_dtype: str = "float16",
         max_cache_gb: Optional[float] = None,
+        loss: str = "ce",
+        rho: float = 1.2,
+        smooth_head: float = 0.3,
+        smooth_tail: float = 0.0,
+        smooth_shape: str = "concave",
         progress: Optional[ProgressFn] = None,
     ):
         self.weight = weight
@@ -149,7 +171,50 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         self.device = device
         self.cache_dtype = cache_dtype
         self.max_cache_gb = max_cache_gb
+        self.loss = loss
+        self.rho = rho
+        self.smooth_head = smooth_head
+        self.smooth_tail = smooth_tail
+        self.smooth_shape = smooth_shape
         self.progress = progress
+
+    def _settings(self) -> dict[str, Any]:
+        """The training settings in effect: ``lr``, ``weight_decay``, ``sampler``, ``schedule``, ``loss``,
+        ``epoch_batches``, ``reference_epochs`` and ``reference_batch`` (what "auto" stands for, and
+        the batches of an epoch: :func:`~.training.plan_schedule`); MARC resolves its protocol here."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "sampler": self.sampler,
+                "schedule": self.schedule, "loss": self.loss, "epoch_batches": "full",
+                "reference_epochs": self._reference_epochs, "reference_batch": self._reference_batch}
+
+    def _loss_terms(self, loss: str, counts: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
+        """``class_weights`` and ``smoothing`` (C,) of ``loss`` for train counts (C,) (None: unused)."""
+        return {
+            "class_weights": grw_weights(counts, self.rho).to(counts.device) if loss == "grw" else None,
+            "smoothing": (las_smoothing(counts.cpu(), self.smooth_head, self.smooth_tail, self.smooth_shape)
+                          .to(counts.device) if loss == "las" else None),
+        }
+
+    def _record(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """``protocol_params_``: what was run (lr, batch, epochs, sampler, loss and its options)."""
+        plan = self.schedule_
+        out = {k: v for k, v in settings.items() if not k.startswith("reference_")}
+        out = {**out, "epochs": plan.epochs, "batch_size": plan.batch_size,
+               "steps_per_epoch": plan.batches_per_epoch, "steps": plan.steps}
+        if settings["loss"] == "grw":
+            out["rho"] = self.rho
+        if settings["loss"] == "las":
+            out.update(smooth_head=self.smooth_head, smooth_tail=self.smooth_tail, smooth_shape=self.smooth_shape)
+        return out
+
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The class prior float64 (C,) the trained scores are balanced for (docs/METHODS.md,
+        "Implied priors"): the sampler's p_j ∝ n_j^q times the loss's class weights (GRW:
+        n_j^−ρ); label smoothing leaves it unchanged. A class without train rows counts as one."""
+        settings = self._settings()
+        logp = final_class_probabilities(counts, settings["sampler"]).log()
+        if settings["loss"] == "grw":
+            logp = logp - self.rho * torch.as_tensor(counts, dtype=torch.float64).clamp_min(1).log()
+        return torch.softmax(logp, 0)
 
     def _init_params(self, W: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -158,12 +223,23 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         """(a, c), float32 (C,) each (c may be None: no shift), with calibrated logits z ⊙ a + c."""
         raise NotImplementedError
 
-    def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    def _calibrate(self, z: torch.Tensor, params: list[torch.Tensor], x: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+        """Calibrated logits of joint logits z (n, C) whose features are x (n, D) (unused here)."""
         return column_affine(z, *self._affine(params))
 
-    def implied_prior(self, counts: Any) -> torch.Tensor:
-        """The sampler's p_j ∝ n_j^q (class-balanced: uniform): trained by cross-entropy on its draws."""
-        return final_class_probabilities(counts, self.sampler)
+    def _batch_loss(self, z: torch.Tensor, y: torch.Tensor, x: Optional[torch.Tensor], params: list[torch.Tensor],
+                    terms: dict) -> torch.Tensor:
+        """The mean loss of a batch: joint logits z (B, C), labels y (B,), features x (B, D) or None
+        when not needed (:attr:`_needs_features`); ``terms`` from :meth:`_loss_terms`."""
+        return affine_cross_entropy(z, y, *self._affine(params), **terms)
+
+    _needs_features = False  # whether _batch_loss and _calibrate use the features of the rows
+
+    def _finish(self, W: torch.Tensor, b: torch.Tensor, fitted: list[torch.Tensor]) -> None:
+        """Set the fitted attributes from the trained parameters."""
+        self._joint_scale = self._affine(fitted)[0]  # weight_ = a ⊙ W (see logit_affine)
+        self._fold(W, b, fitted)
 
     def logit_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, bias_): scores = (X Wᵀ) ⊙ a + bias_."""
@@ -187,7 +263,11 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         b = check_bias(self.bias, C, device)
         classes = np.arange(C)
         X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
-        self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, REFERENCE_EPOCHS)
+        run = self._settings()
+        self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, run["reference_epochs"],
+                                              reference_batch=run["reference_batch"],
+                                              epoch_batches=run["epoch_batches"])
+        terms = self._loss_terms(run["loss"], torch.bincount(y, minlength=C))
         Xv = yv = None
         if X_val is not None:
             Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
@@ -199,13 +279,14 @@ class JointLogitCalibration(LinearDecision, BaseHead):
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
             z = Z.index_select(0, idx) if Z is not None else torch.addmm(b, X[idx].float(), W.T)
-            return affine_cross_entropy(z, y[idx], *self._affine(params))
+            return self._batch_loss(z, y[idx], X[idx].float() if self._needs_features else None, params, terms)
 
         validate = None
         if Xv is not None:
 
             def validate() -> float:  # a block of val rows at a time, one device sync per epoch
-                hits = sum((self._calibrate(Zv[r].float(), params).argmax(1) == yv[r]).sum()
+                hits = sum((self._calibrate(Zv[r].float(), params, Xv[r].float() if self._needs_features else None)
+                            .argmax(1) == yv[r]).sum()
                            for r in row_blocks(len(yv), SCORE_ROWS))
                 return float(hits) / len(yv) if len(yv) else float("nan")
 
@@ -213,22 +294,21 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         self.history_ = train_sgd(
             params,
             batch_loss,
-            make_sampler(self.sampler, y.cpu(), C),
+            EpochBatches(make_sampler(run["sampler"], y.cpu(), C), run["epoch_batches"]),
             epochs=plan.epochs,
-            lr=self.lr,
+            lr=run["lr"],
             batch_size=plan.batch_size,
             momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            schedule=self.schedule,
+            weight_decay=run["weight_decay"],
+            schedule=run["schedule"],
             generator=gen,
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,
             step_work=plan.batch_size * C * (STEP_WORK_PER_LOGIT if Z is not None else D),
         )
-        fitted = [p.detach() for p in params]
-        self._joint_scale = self._affine(fitted)[0]  # weight_ = a ⊙ W (see logit_affine)
-        self._fold(W, b, fitted)
+        self._finish(W, b, [p.detach() for p in params])
+        self.protocol_params_ = self._record(run)
         self.n_features_in_ = D
         self.classes_ = classes
         return self
@@ -264,6 +344,15 @@ class LWS(JointLogitCalibration):
         Precision of the cached joint logits.
     max_cache_gb : float or None, default=None
         Largest cache (train + val logits) in GiB; None: 80% of the memory available at ``fit``.
+    loss : {"ce", "grw", "las"}, default="ce"
+        Cross-entropy; "grw": weighted by the generalized re-weighting w_j ∝ n_j^−``rho``
+        (DisAlign); "las": label-aware smoothing (MiSLAS stage 2) with ε from ``smooth_tail`` (the
+        smallest class) to ``smooth_head`` (the largest) along ``smooth_shape``. docs/METHODS.md.
+    rho : float, default=1.2
+        The GRW exponent (used by loss="grw").
+    smooth_head, smooth_tail : float in [0, 1), default=0.3, 0.0
+        Label-aware smoothing of the largest and the smallest class (MiSLAS' ImageNet-LT values).
+    smooth_shape : {"concave", "linear", "convex"}, default="concave"
 
     Attributes
     ----------
@@ -277,6 +366,9 @@ class LWS(JointLogitCalibration):
     history_ : TrainHistory
     schedule_ : Schedule
         The epochs, batch size and optimiser steps actually run.
+    protocol_params_ : dict
+        What was run: lr, weight_decay, sampler, schedule, loss (and rho or the smoothing), epochs,
+        batch_size, steps_per_epoch, steps.
 
     Notes
     -----

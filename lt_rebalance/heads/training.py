@@ -28,6 +28,7 @@ import torch
 from ..samplers import SAMPLERS, BaseSampler
 
 SCHEDULES = ("cosine", "cosine-reference", "constant")
+EPOCH_BATCHES = ("full", "partial", "drop-last")
 AUTO = "auto"
 DEFAULT_BATCH_SIZE = 512  # the reference's batch
 MIN_STEPS = 500  # optimiser steps that "auto" epochs guarantee (the reference runs >= 610 on its datasets)
@@ -53,22 +54,30 @@ class Schedule:
 
 
 def plan_schedule(n_rows: int, epochs: int | str, batch_size: int | str, reference_epochs: int,
-                  *, min_steps: int = MIN_STEPS, stacklevel: int = 3) -> Schedule:
+                  *, min_steps: int = MIN_STEPS, stacklevel: int = 3, reference_batch: int = DEFAULT_BATCH_SIZE,
+                  epoch_batches: str = "full") -> Schedule:
     """Resolve ``"auto"`` epochs and batch size for ``n_rows`` train rows (rule in the module docstring).
 
     An explicit ``batch_size`` larger than ``n_rows`` is a ValueError; explicit settings that give
-    fewer than ``min_steps`` steps warn (:class:`FewStepsWarning`) but are kept.
+    fewer than ``min_steps`` steps warn (:class:`FewStepsWarning`) but are kept. ``reference_batch``:
+    the batch "auto" stands for on a large file (512; the heads with other published batches pass
+    theirs). ``epoch_batches``: "full" (⌊N/B⌋ batches an epoch), "partial" (⌈N/B⌉: the last,
+    partial batch kept, as a DataLoader without drop_last) or "drop-last" (⌊N/B⌋ − 1, at least 1:
+    the MARC authors' loop, which stops at step ⌊N/B⌋); :class:`EpochBatches` draws them.
     """
     if n_rows < 1:
         raise ValueError("no train rows to train on")
+    if epoch_batches not in EPOCH_BATCHES:
+        raise ValueError(f"unknown epoch_batches {epoch_batches!r}; choose one of {', '.join(EPOCH_BATCHES)}")
     if batch_size == AUTO:
-        batch = max(1, min(DEFAULT_BATCH_SIZE, n_rows // MIN_BATCHES_PER_EPOCH))
+        batch = max(1, min(reference_batch, n_rows // MIN_BATCHES_PER_EPOCH))
     elif batch_size > n_rows:
         raise ValueError(f"batch_size={batch_size} is larger than the {n_rows} train rows; pass at most {n_rows}, "
                          f"or batch_size='auto' ({DEFAULT_BATCH_SIZE}, or N // {MIN_BATCHES_PER_EPOCH} on a small set)")
     else:
         batch = int(batch_size)
-    per_epoch = n_rows // batch
+    per_epoch = {"full": n_rows // batch, "partial": -(-n_rows // batch),
+                 "drop-last": max(1, n_rows // batch - 1)}[epoch_batches]
     auto = tuple(k for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v == AUTO)
     if epochs == AUTO:
         plan = Schedule(max(reference_epochs, math.ceil(min_steps / per_epoch)), batch, per_epoch, auto)
@@ -143,6 +152,7 @@ def train_sgd(
     keep_best: bool = True,
     progress: Optional[ProgressFn] = None,
     after_step: Optional[Callable[[], None]] = None,
+    after_epoch: Optional[Callable[[], None]] = None,
     step_work: Optional[int] = None,
 ) -> TrainHistory:
     """SGD (momentum, weight decay) over ``epochs`` of sampler batches.
@@ -151,7 +161,10 @@ def train_sgd(
     device). ``validate()`` returns a score (higher is better) after each epoch; with ``keep_best``
     the parameters of the best epoch are restored at the end (ties keep the earlier epoch).
     ``after_step()``, when given, runs (without autograd) after every optimizer step, e.g. a
-    projection of the parameters onto a constraint set (projected gradient descent).
+    projection of the parameters onto a constraint set (projected gradient descent); ``after_epoch()``
+    likewise after each epoch's last step, before its validation (the weight-balancing authors'
+    once-per-epoch projection). A sampler whose ``epoch`` returns a list of 1-D index tensors
+    (:class:`EpochBatches` with "partial") gives batches of unequal sizes.
     ``step_work``: multiply-adds of one step; below :data:`SMALL_STEP` training runs on one thread.
     """
     (hist,) = train_sgd_members(
@@ -170,6 +183,7 @@ def train_sgd(
         progress=progress,
         stacked=False,
         after_step=after_step,
+        after_epoch=after_epoch,
         step_work=step_work,
     )
     return hist
@@ -225,6 +239,7 @@ def train_sgd_members(
     progress: Optional[ProgressFn] = None,
     stacked: bool = True,
     after_step: Optional[Callable[[], None]] = None,
+    after_epoch: Optional[Callable[[], None]] = None,
     step_work: Optional[int] = None,
 ) -> list[TrainHistory]:
     """:func:`train_sgd` for G independent members sharing one sampler stream (a hyper-parameter grid).
@@ -238,12 +253,13 @@ def train_sgd_members(
     then draws its own batches, and ``batch_loss`` receives (G, batch_size) indices.
     A member whose loss stops being finite is marked ``diverged`` and frozen out of the selection;
     when every member has diverged, training stops with a ValueError. ``progress`` sees the mean
-    loss of the live members and their best val score. ``after_step`` as in :func:`train_sgd`.
+    loss of the live members and their best val score. ``after_step``, ``after_epoch`` as in
+    :func:`train_sgd`.
     """
     learning_rate(lrs[0], 0, epochs, schedule)  # validates the schedule name
     with one_thread(step_work is not None and step_work < SMALL_STEP and params[0].device.type == "cpu"):
         return _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weight_decays, schedule,
-                      generator, validate, keep_best, progress, stacked, after_step)
+                      generator, validate, keep_best, progress, stacked, after_step, after_epoch)
 
 
 def flush_tiny_gradient(logits: torch.Tensor) -> torch.Tensor:
@@ -265,7 +281,7 @@ def flush_denormals(g: torch.Tensor) -> torch.Tensor:
 
 
 def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weight_decays, schedule, generator,
-           validate, keep_best, progress, stacked, after_step=None) -> list[TrainHistory]:
+           validate, keep_best, progress, stacked, after_step=None, after_epoch=None) -> list[TrainHistory]:
     G = len(lrs)
     device = params[0].device
     opt = _MemberSGD(params, momentum, torch.tensor(weight_decays, dtype=params[0].dtype, device=device), stacked)
@@ -279,7 +295,9 @@ def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weigh
             h.lr.append(lr_e)
         lr_t = torch.tensor(epoch_lrs, dtype=params[0].dtype, device=device)
         if isinstance(generator, torch.Generator):
-            batches = sampler.epoch(epoch, epochs, batch_size, generator).to(device, non_blocking=True)
+            batches = sampler.epoch(epoch, epochs, batch_size, generator)
+            batches = (batches.to(device, non_blocking=True) if isinstance(batches, torch.Tensor)
+                       else [b.to(device, non_blocking=True) for b in batches])  # batches of unequal sizes
         else:  # one batch stream per member: (batches, G, batch_size)
             batches = torch.stack([sampler.epoch(epoch, epochs, batch_size, g) for g in generator], dim=1)
             batches = batches.to(device, non_blocking=True)
@@ -293,6 +311,9 @@ def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weigh
                     after_step()
             total += loss.detach()
             del loss  # its graph's leaves (cRT's logits and their gradient) are freed before the next step
+        if after_epoch is not None:
+            with torch.no_grad():
+                after_epoch()
         losses = (total / len(batches)).cpu().double()
         live &= torch.isfinite(losses)
         for g, h in enumerate(hists):
@@ -323,6 +344,28 @@ def _train(params, batch_loss, sampler, epochs, lrs, batch_size, momentum, weigh
         else:
             h.best_epoch = epochs - 1
     return hists
+
+
+class EpochBatches:
+    """A sampler whose epochs hold the batches of ``epoch_batches`` (:func:`plan_schedule`).
+
+    "full": ``base``'s own ⌊N/B⌋ batches. "drop-last": the first max(1, ⌊N/B⌋ − 1) of them.
+    "partial": ``base`` draws N rows (a permutation of all rows for "ib") split into ⌈N/B⌉
+    batches, the last one partial, returned as a list of 1-D tensors.
+    """
+
+    def __init__(self, base: BaseSampler, epoch_batches: str = "full"):
+        self.base, self.epoch_batches = base, epoch_batches
+
+    def epoch(self, epoch: int, num_epochs: int, batch_size: int, generator: torch.Generator):
+        if self.epoch_batches == "partial":
+            base = self.base
+            return list(base._draw(len(base.index.labels), epoch, num_epochs, generator).split(batch_size))
+        batches = self.base.epoch(epoch, num_epochs, batch_size, generator)
+        return batches[: max(1, len(batches) - 1)] if self.epoch_batches == "drop-last" else batches
+
+    def class_probabilities(self, epoch: int = 0, num_epochs: int = 1) -> torch.Tensor:
+        return self.base.class_probabilities(epoch, num_epochs)
 
 
 def sgd_constraints() -> dict[str, list]:

@@ -1,7 +1,6 @@
 """Weight balancing, stage 2 (Alshammari et al., CVPR 2022): fine-tune the classifier under MaxNorm."""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -12,12 +11,21 @@ from ..blocks import linear_logits
 from ..devices import resolve_device
 from ..priors import normalise
 from ..samplers import final_class_probabilities, make_sampler
-from .base import ARRAY, NONE, BaseHead, Interval, as_tensor, check_features
+from .base import (
+    ARRAY,
+    NONE,
+    BaseHead,
+    Interval,
+    StrOptions,
+    as_tensor,
+    check_features,
+)
 from .crt import class_balanced_weights
 from .linear import LinearDecision
 from .training import (
     AUTO,
-    MIN_BATCHES_PER_EPOCH,
+    SCHEDULES,
+    EpochBatches,
     ProgressFn,
     flush_tiny_gradient,
     plan_schedule,
@@ -26,6 +34,12 @@ from .training import (
 )
 
 REFERENCE_EPOCHS, REFERENCE_BATCH = 10, 64  # the authors' second stage
+PROTOCOLS = ("paper", "authors")
+# projection, the schedule None stands for, and the batches of an epoch (docs/METHODS.md, "Weight balancing")
+PROTOCOL_SETTINGS = {
+    "paper": {"projection": "step", "schedule": "cosine", "epoch_batches": "full"},
+    "authors": {"projection": "epoch", "schedule": "cosine-reference", "epoch_batches": "partial"},
+}
 
 
 def max_norm_radius(weight: torch.Tensor, thresh: float) -> torch.Tensor:
@@ -72,10 +86,13 @@ class WeightBalancing(LinearDecision, BaseHead):
     10 epochs (both "auto": lengthened on small files), cosine schedule, instance-balanced
     sampling, thresh 0.1, beta 0.9999; the epoch with the best val top-1 is kept.
 
-    Differences from the authors' code: it projects once per epoch (after the training pass), we
-    after every step, as the paper's PGD; it steps the cosine schedule before each epoch (last
-    epoch at lr 0: ``schedule="cosine-reference"``), our default ``cosine`` does not; it keeps the
-    epoch with the best *test* mean per-class accuracy, we select on val.
+    Two protocols (docs/METHODS.md): ``"paper"`` (default) projects after every step, as the
+    paper's PGD, runs ⌊N/B⌋ full batches an epoch and the ``cosine`` schedule; ``"authors"``
+    follows their code: it projects once per epoch (after the training pass, before validation),
+    keeps the last partial batch (⌈N/B⌉ batches: a DataLoader without drop_last) and steps the
+    cosine schedule before each epoch (``cosine-reference``: the last epoch runs at lr 0). Both
+    keep the epoch with the best *val* top-1 (their code selects on the test split's mean
+    per-class accuracy).
 
     Parameters
     ----------
@@ -86,7 +103,10 @@ class WeightBalancing(LinearDecision, BaseHead):
         500 optimiser steps (small files), the rule of cRT and LWS.
     batch_size : int or "auto", default="auto"
         "auto": the authors' 64, or N // 8 on fewer than 512 train rows (at least 8 batches an epoch).
-    lr, momentum, weight_decay, sampler, schedule, keep_best, seed
+    protocol : {"paper", "authors"}, default="paper"
+    schedule : str or None, default=None
+        None: the protocol's ("cosine"; authors: "cosine-reference").
+    lr, momentum, weight_decay, sampler, keep_best, seed
         As for :class:`~lt_rebalance.heads.CRT` (defaults above).
     thresh : float, default=0.1
         Where the MaxNorm radius sits between the smallest and the largest starting row norm.
@@ -106,6 +126,9 @@ class WeightBalancing(LinearDecision, BaseHead):
     history_ : TrainHistory
     schedule_ : Schedule
         The epochs, batch size and optimiser steps actually run.
+    protocol_params_ : dict
+        ``protocol`` and what it ran: lr, weight_decay, sampler, schedule, loss ("cb-softmax-bce"),
+        beta, projection ("step" or "epoch"), epoch_batches, epochs, batch_size, steps_per_epoch, steps.
 
     References
     ----------
@@ -119,6 +142,8 @@ class WeightBalancing(LinearDecision, BaseHead):
         "bias": [ARRAY, NONE],
         "thresh": [Interval(float, 0, None)],
         "beta": [Interval(float, 0, 1, closed="neither")],
+        "protocol": [StrOptions(set(PROTOCOLS))],
+        "schedule": [StrOptions(set(SCHEDULES)), NONE],
     }
 
     def __init__(
@@ -132,10 +157,11 @@ class WeightBalancing(LinearDecision, BaseHead):
         momentum: float = 0.9,
         weight_decay: float = 0.1,
         sampler: Any = "ib",
-        schedule: str = "cosine",
+        schedule: Optional[str] = None,
         keep_best: bool = True,
         thresh: float = 0.1,
         beta: float = 0.9999,
+        protocol: str = "paper",
         seed: int = 0,
         device: str = "auto",
         progress: Optional[ProgressFn] = None,
@@ -152,14 +178,10 @@ class WeightBalancing(LinearDecision, BaseHead):
         self.keep_best = keep_best
         self.thresh = thresh
         self.beta = beta
+        self.protocol = protocol
         self.seed = seed
         self.device = device
         self.progress = progress
-
-    def implied_prior(self, counts: Any) -> torch.Tensor:
-        """The sampler's p_j ∝ n_j^q times the class-balanced loss weights (as cRT with ``class_weights="cb"``)."""
-        w = class_balanced_weights(torch.as_tensor(counts), self.beta).to(torch.float64)
-        return normalise(final_class_probabilities(counts, self.sampler) * w)
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> WeightBalancing:
         """Fine-tune on (X, y), float (N, D) and int (N,); (X_val, y_val) select the best epoch."""
@@ -170,11 +192,11 @@ class WeightBalancing(LinearDecision, BaseHead):
         b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device).clone()
         classes = np.arange(C)
         X, y = check_features(X, y, n_features=D, classes=classes, device=device, min_samples=1, expecting="weight")
-        n = X.shape[0]
-        auto_batch = self.batch_size == AUTO
-        batch = max(1, min(REFERENCE_BATCH, n // MIN_BATCHES_PER_EPOCH)) if auto_batch else self.batch_size
-        plan = plan_schedule(n, self.epochs, batch, REFERENCE_EPOCHS)
-        self.schedule_ = replace(plan, auto=plan.auto + (("batch_size",) if auto_batch else ()))
+        run = dict(PROTOCOL_SETTINGS[self.protocol])
+        if self.schedule is not None:
+            run["schedule"] = self.schedule
+        self.schedule_ = plan = plan_schedule(X.shape[0], self.epochs, self.batch_size, REFERENCE_EPOCHS,
+                                              reference_batch=REFERENCE_BATCH, epoch_batches=run["epoch_batches"])
         cw = class_balanced_weights(torch.bincount(y, minlength=C), self.beta)
         radius = max_norm_radius(W, self.thresh)
         W.requires_grad_()
@@ -193,23 +215,38 @@ class WeightBalancing(LinearDecision, BaseHead):
         self.history_ = train_sgd(
             [W, b],
             batch_loss,
-            make_sampler(self.sampler, y.cpu(), C),
+            EpochBatches(make_sampler(self.sampler, y.cpu(), C), run["epoch_batches"]),
             epochs=plan.epochs,
             lr=self.lr,
             batch_size=plan.batch_size,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
-            schedule=self.schedule,
+            schedule=run["schedule"],
             generator=torch.Generator().manual_seed(self.seed),
             validate=validate,
             keep_best=self.keep_best,
             progress=self.progress,
-            after_step=lambda: project_max_norm(W, radius),
+            after_step=(lambda: project_max_norm(W, radius)) if run["projection"] == "step" else None,
+            after_epoch=(lambda: project_max_norm(W, radius)) if run["projection"] == "epoch" else None,
             step_work=plan.batch_size * C * D,
         )
         self.weight_, self.bias_ = W.detach(), b.detach()
         self.radius_ = radius.item()
         self.norms_ = torch.linalg.vector_norm(self.weight_, dim=1)
+        self.protocol_params_ = {
+            "protocol": self.protocol, "lr": self.lr, "weight_decay": self.weight_decay, "sampler": self.sampler,
+            "schedule": run["schedule"], "loss": "cb-softmax-bce", "beta": self.beta, "projection": run["projection"],
+            "epoch_batches": run["epoch_batches"], "epochs": plan.epochs, "batch_size": plan.batch_size,
+            "steps_per_epoch": plan.batches_per_epoch, "steps": plan.steps,
+        }
         self.n_features_in_ = D
         self.classes_ = classes
         return self
+
+    def implied_prior(self, counts: Any) -> torch.Tensor:
+        """The class prior float64 (C,) the scores are balanced for: the sampler's p_j ∝ n_j^q times the
+        class-balanced loss weights (docs/METHODS.md, "Implied priors of the re-weighted heads"; the
+        binary cross-entropy of each softmax output is a proper scoring rule, so the weighted loss is
+        minimised by the posterior under that prior). A class without train rows counts as one."""
+        w = class_balanced_weights(torch.as_tensor(counts), self.beta).to(torch.float64)
+        return normalise(final_class_probabilities(counts, self.sampler) * w)

@@ -45,6 +45,8 @@ def _trained_params(head: Any, drop: Sequence[str]) -> dict:
     """
     plan = head.schedule_
     shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", *drop)}
+    ran = getattr(head, "protocol_params_", {})  # settings a protocol resolved (None in get_params)
+    shown.update({k: ran[k] for k, v in shown.items() if v is None and k in ran})
     return {**shown, "epochs": plan.epochs, "batch_size": plan.batch_size, "steps": plan.steps,
             "auto": list(plan.auto)}
 
