@@ -231,7 +231,8 @@ def rlls_theta(Cm: np.ndarray, b: np.ndarray, rho: float) -> np.ndarray:
 
     The objective is convex but not smooth where C θ = b or θ = 0, so the minimiser is taken among
     three candidates by the exact objective: θ = 0 (optimal iff ‖Cᵀb‖ ≤ ρ‖b‖), the exact fit
-    C θ = b when it is feasible, and L-BFGS-B (scipy) from 0 with the bounds θ ≥ −1.
+    C θ = b when it is feasible, and L-BFGS-B (scipy) with the bounds θ ≥ −1, started
+    at half the best step along Cᵀb (away from both kinks).
     """
     from scipy.optimize import minimize
 
@@ -248,7 +249,10 @@ def rlls_theta(Cm: np.ndarray, b: np.ndarray, rho: float) -> np.ndarray:
             grad = grad + rho * x / nx
         return (nr + rho * nx) / nb, grad / nb
 
-    res = minimize(f, np.zeros(C), jac=True, method="L-BFGS-B", bounds=[(-1.0, None)] * C,
+    g = Cm.T @ b  # start off both kinks: half the best step along C'b
+    Cg = Cm @ g
+    x0 = np.maximum(0.5 * float(b @ Cg) / float(Cg @ Cg) * g, -1.0)
+    res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=[(-1.0, None)] * C,
                    options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
     candidates = [np.zeros(C), np.maximum(res.x, -1.0)]
     try:
