@@ -16,7 +16,7 @@ on the unlabelled test rows (and, for some estimators, on a labelled held-out so
   min ‖C θ − b‖ + ρ‖θ‖, θ = w − 1 ≥ −1 (:func:`rlls_theta`).
 
 ``calibration="temperature"|"bcts"`` first recalibrates the probabilities on val (temperature scaling;
-bias-corrected temperature scaling, Alexandari, Kundaje & Shrikumar, ICML 2020: :func:`fit_bcts`).
+bias-corrected temperature scaling, Alexandari, Kundaje & Shrikumar, ICML 2020: ``calibration.fit_bcts``).
 Fallbacks (singular confusion matrix, clipped weights, λ clipped) emit a :class:`LabelShiftWarning`.
 """
 from __future__ import annotations
@@ -29,11 +29,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .calibration import recalibrate
+
 METHODS = ("em", "bbse", "rlls", "mapls")
 CALIBRATIONS = (None, "temperature", "bcts")
 MODES = ("hard", "soft")
 ROW_SUM_TOL = 1e-4  # |sum of a probability row - 1| allowed (float32 softmax of 8k classes is within 1e-5)
-LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # log-probabilities floored at -87.3
 _OPTIONS = {  # each method's options and defaults (docs/METHODS.md gives their sources)
     "em": {"max_iter": 1000, "tol": 1e-6},
     "mapls": {"lam": None, "max_iter": 100, "tol": 0.0},
@@ -278,47 +279,6 @@ def _target_from_weights(w: np.ndarray, source: np.ndarray, method: str) -> np.n
     return q / q.sum()
 
 
-# -- calibration ---------------------------------------------------------------------------------------
-
-def fit_bcts(logits: Any, labels: Any, *, max_iter: int = 2000) -> tuple[float, np.ndarray]:
-    """(T, b): bias-corrected temperature scaling, softmax(z / T + b) minimising the mean NLL.
-
-    ``logits`` float (N, C), ``labels`` int (N,). The NLL is convex in (1/T, b), so L-BFGS-B (scipy)
-    from the temperature-scaling optimum (b = 0) finds the minimum; b is returned centred (softmax
-    ignores a common shift). At the optimum the mean calibrated probability equals the label
-    frequency of every class (the bias's stationarity condition).
-    """
-    from scipy.optimize import minimize
-
-    from .posthoc import fit_temperature
-
-    z = torch.as_tensor(logits).to(torch.float64)
-    y = torch.as_tensor(labels).to(torch.int64).to(z.device)
-    n, C = z.shape
-    freq = torch.bincount(y, minlength=C).to(z) / n
-    z_y = z.gather(1, y[:, None]).squeeze(1)
-
-    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
-        a, b = x[0], torch.from_numpy(x[1:]).to(z)
-        s = a * z + b
-        lse = torch.logsumexp(s, 1)
-        S = torch.exp(s - lse[:, None])
-        loss = float((lse - a * z_y - b[y]).mean())
-        ga = float(((S * z).sum(1) - z_y).mean())
-        gb = (S.mean(0) - freq).cpu().numpy()
-        return loss, np.concatenate([[ga], gb])
-
-    x0 = np.concatenate([[1.0 / fit_temperature(z, y)], np.zeros(C)])
-    res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=[(1e-8, None)] + [(None, None)] * C,
-                   options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-10})
-    b = res.x[1:] - res.x[1:].mean()
-    return float(1.0 / res.x[0]), b
-
-
-def _log(P: torch.Tensor) -> torch.Tensor:
-    return torch.log(P).clamp_min(LOG_FLOOR)
-
-
 # -- the entry point -------------------------------------------------------------------------------------
 
 def estimate_prior(test_probs: Any, method: str, *, val_probs: Any = None, val_labels: Any = None,
@@ -378,18 +338,7 @@ def estimate_prior_details(test_probs: Any, method: str, *, val_probs: Any = Non
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LabelShiftWarning)
         if calibration is not None:
-            zv, zt = _log(V), _log(P)
-            if calibration == "temperature":
-                from .posthoc import fit_temperature
-                T, b = fit_temperature(zv, y), torch.zeros(C, dtype=torch.float64)
-            else:
-                T, b_np = fit_bcts(zv, y)
-                b = torch.from_numpy(b_np)
-                out.bias = b_np
-            out.temperature = T
-            b = b.to(P.device)
-            P = torch.softmax(zt / T + b, dim=1)
-            V = torch.softmax(zv / T + b, dim=1)
+            V, P, out.temperature, out.bias = recalibrate(V, y, P, calibration)
         if needs_val:
             source = torch.bincount(y, minlength=C).to(torch.float64) / len(y)
         elif source_prior is not None:

@@ -9,6 +9,7 @@ from scipy.optimize import brentq, minimize, minimize_scalar
 
 from lt_rebalance import label_shift as L
 from lt_rebalance import protocols as P
+from lt_rebalance.calibration import fit_bcts
 
 MU = np.array([-3.0, -1.0, 1.0, 3.0])
 SOURCE = np.array([0.4, 0.3, 0.2, 0.1])
@@ -285,7 +286,7 @@ def test_bcts_fit_matches_a_numpy_nll_minimisation(miscalibrated):
 
     ref = minimize(nll, np.array([1.0, 0, 0, 0]), method="Nelder-Mead",
                    options={"xatol": 1e-10, "fatol": 1e-14, "maxiter": 40000, "maxfev": 40000})
-    T, b = L.fit_bcts(zb, yv)
+    T, b = fit_bcts(zb, yv)
     b_ref = np.concatenate([[0.0], ref.x[1:]])
     assert T == pytest.approx(1 / ref.x[0], rel=1e-4)
     np.testing.assert_allclose(b, b_ref - b_ref.mean(), atol=1e-4)
@@ -300,7 +301,7 @@ def test_bcts_fit_matches_a_numpy_nll_minimisation(miscalibrated):
 
 def test_bcts_then_em_and_mapls(miscalibrated):
     val, yv, test, yt = miscalibrated
-    T, b = L.fit_bcts(np.log(val), yv)
+    T, b = fit_bcts(np.log(val), yv)
     s = np.log(test) / T + b
     pt = np.exp(s - s.max(1, keepdims=True))
     pt /= pt.sum(1, keepdims=True)
@@ -371,3 +372,30 @@ def test_float32_rows_within_tolerance_and_torch_inputs_are_accepted():
     p = torch.softmax(torch.from_numpy(z), 1)  # float32 rows: sums within ~1e-6 of 1
     q = L.estimate_prior(p, "em", max_iter=3, tol=0.0)
     assert q.shape == (8142,) and q.sum() == pytest.approx(1)
+
+
+def test_mapls_lambda_near_a_uniform_source_is_unstable_and_clipped():
+    # uniform source, one-hot rows: the MLLS estimate is the label frequency 0.5 + k / 20000
+    src = np.array([0.5, 0.5])
+    lams = []
+    for k in range(5):
+        probs = np.zeros((20000, 2))
+        probs[: 10000 + k, 0] = 1
+        probs[10000 + k:, 1] = 1
+        ref = np_mapls_lambda(probs, src, 100)
+        if 0 <= ref <= 1:
+            lams.append(L.mapls_lambda(torch.as_tensor(probs), torch.as_tensor(src)))
+            assert lams[-1] == pytest.approx(ref, abs=1e-4)  # ill-conditioned: rounding moves it by ~2e-5
+        else:  # the authors' rule leaves [0, 1]: clipped, with a warning
+            assert ref == pytest.approx(1.1, abs=1e-3)
+            with pytest.warns(L.LabelShiftWarning, match="lambda = 1.1.*clipped to 1"):
+                lams.append(L.mapls_lambda(torch.as_tensor(probs), torch.as_tensor(src)))
+            assert lams[-1] == 1.0
+    np.testing.assert_allclose(lams, [0.74, 0.70, 0.10, 1.0, 0.973], atol=2e-3)
+
+
+def test_calibration_applies_to_bbse_too(problem):
+    val, yv, test, _ = problem
+    plain = L.estimate_prior(test, "bbse", val_probs=val, val_labels=yv)
+    scaled = L.estimate_prior(test, "bbse", val_probs=val, val_labels=yv, calibration="temperature")
+    np.testing.assert_allclose(scaled, plain, rtol=1e-12)  # hard mode: the argmax ignores a temperature
