@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .calibration import recalibrate
+from .calibration import log_probs, recalibrate
 
 METHODS = ("em", "bbse", "rlls", "mapls")
 CALIBRATIONS = (None, "temperature", "bcts")
@@ -65,6 +65,22 @@ class PriorEstimate:
         """Importance weights p_t / p_s (C,) (0 where the source prior is 0)."""
         s = self.source_prior
         return np.divide(self.prior, s, out=np.zeros_like(self.prior), where=s > 0)
+
+    def adjusted_scores(self, test_probs: Any) -> torch.Tensor:
+        """Test log-posteriors under the estimated prior, float64 (N, C), up to a per-row constant:
+        the (recalibrated) log-probabilities + log p̂ − log p_s. Their argmax is the corrected
+        prediction; a class of estimated prior 0 gets −inf."""
+        z = log_probs(_probs("test_probs", test_probs))
+        if self.temperature is not None:
+            b = 0.0 if self.bias is None else torch.from_numpy(self.bias).to(z.device)
+            z = z / self.temperature + b
+        shift = np.log(self.prior, out=np.full_like(self.prior, -np.inf), where=self.prior > 0) - np.log(self.source_prior)
+        return z + torch.from_numpy(shift).to(z.device)
+
+    def error(self, true_prior: Any) -> dict[str, float]:
+        """{"l1": ‖p̂ − p‖₁, "mse": mean (p̂ − p)²} against the true prior (C,)."""
+        d = self.prior - np.asarray(true_prior, dtype=np.float64)
+        return {"l1": float(np.abs(d).sum()), "mse": float(np.mean(d ** 2))}
 
 
 # -- input checks ------------------------------------------------------------------------------------

@@ -399,3 +399,22 @@ def test_calibration_applies_to_bbse_too(problem):
     plain = L.estimate_prior(test, "bbse", val_probs=val, val_labels=yv)
     scaled = L.estimate_prior(test, "bbse", val_probs=val, val_labels=yv, calibration="temperature")
     np.testing.assert_allclose(scaled, plain, rtol=1e-12)  # hard mode: the argmax ignores a temperature
+
+
+def test_adjusted_scores_and_prior_error(problem, miscalibrated):
+    _, _, test, _ = problem
+    d = L.estimate_prior_details(test, "em", source_prior=SOURCE)
+    # uncalibrated: the argmax of protocols.correct_known on any logits of these probabilities
+    logits = torch.as_tensor(np.log(test) + 3.0)
+    known = P.correct_known(logits, torch.as_tensor(d.prior), torch.as_tensor(SOURCE)).argmax(1)
+    np.testing.assert_array_equal(d.adjusted_scores(test).argmax(1).numpy(), known.numpy())
+    # calibrated: log softmax(z / T + b) + log p - log p_val, in numpy
+    val, yv, test, _ = miscalibrated
+    d = L.estimate_prior_details(test, "em", val_probs=val, val_labels=yv, calibration="bcts")
+    s = np.log(test) / d.temperature + d.bias
+    expect = s + np.log(d.prior) - np.log(np.bincount(yv) / len(yv))
+    got = d.adjusted_scores(test).numpy()
+    np.testing.assert_allclose(got - got[:, :1], expect - expect[:, :1], atol=1e-9)
+    err = d.error([0.25, 0.25, 0.25, 0.25])
+    assert err["l1"] == pytest.approx(np.abs(d.prior - 0.25).sum()) and err["mse"] == pytest.approx(
+        np.mean((d.prior - 0.25) ** 2))
