@@ -411,7 +411,7 @@ def test_adjusted_scores_and_prior_error(problem, miscalibrated):
     # calibrated: log softmax(z / T + b) + log p - log p_val, in numpy
     val, yv, test, _ = miscalibrated
     d = L.estimate_prior_details(test, "em", val_probs=val, val_labels=yv, calibration="bcts")
-    s = np.log(test) / d.temperature + d.bias
+    s = np.maximum(np.log(test), np.log(np.finfo(np.float32).tiny)) / d.temperature + d.bias  # the documented floor
     expect = s + np.log(d.prior) - np.log(np.bincount(yv) / len(yv))
     got = d.adjusted_scores(test).numpy()
     np.testing.assert_allclose(got - got[:, :1], expect - expect[:, :1], atol=1e-9)
