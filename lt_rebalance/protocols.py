@@ -145,17 +145,10 @@ def em_prior(scores: torch.Tensor, implied: torch.Tensor, *, max_iter: int = 100
     the prior moves less than ``tol`` (max-norm). A step is two matrix-vector products:
     p_t ← w ⊙ Pᵀ(1 / (P w)) / N. Returns (p_t, iterations run).
     """
-    if max_iter < 1:
-        raise ValueError(f"EM needs at least one iteration; got max_iter={max_iter}")
+    from .label_shift import em_iterate  # the iteration, shared with label_shift's "em" and "mapls"
+
     P = torch.softmax(scores.to(torch.float64), dim=1)
-    implied = implied.to(torch.float64).to(P.device)
-    p, iterations, moved = implied.clone(), 0, math.inf
-    while iterations < max_iter and moved >= tol:
-        w = p / implied
-        new = w * torch.mv(P.T, 1.0 / torch.mv(P, w)) / P.shape[0]
-        moved = float((new - p).abs().max())
-        p, iterations = new, iterations + 1
-    return p, iterations
+    return em_iterate(P, implied.to(torch.float64).to(P.device), max_iter=max_iter, tol=tol)
 
 
 def shifted_report(scores: torch.Tensor, labels: Any, counts: Any, implied: Optional[torch.Tensor],
