@@ -18,15 +18,16 @@ from .blocks import column_affine
 from .logit_store import LogitStore
 from .metrics import affine_row_statistics, evaluate, evaluate_rows
 from .priors import NoImpliedPrior
-from .protocols import protocol_report
+from .protocols import bootstrap_report
 from .session import Session
+from .shifted import shifted_report
 
 
 @dataclass
 class SplitEvaluation:
     """One split: ``metrics``; with a bootstrap ``ci`` ({metric: [lo, hi]}) and ``samples``
     ({metric: float64 (B,)}, for paired differences; not JSON); on the test split under shifted
-    priors ``shifted`` and ``shifted_corrected`` (:func:`lt_rebalance.protocols.shifted_report`)."""
+    priors ``shifted`` and ``shifted_corrected`` (:func:`lt_rebalance.shifted.shifted_report`)."""
 
     metrics: dict
     ci: Optional[dict] = None
@@ -93,16 +94,24 @@ def evaluate_split(session: Session, head: Any, split: str, *, protocol: bool = 
         return SplitEvaluation(head.evaluate(X, y, counts, **thresholds))
     scores = head.scores(X) if shared is None else column_affine(*shared)  # the protocols need every score
     out = SplitEvaluation(evaluate(scores, y, counts, **thresholds))
-    shifted = bool(p.test_priors) and split == "test"
-    implied, reason = None, None
-    if shifted:
+    boot = bootstrap_report(scores, y, counts, p, **thresholds)
+    out.ci, out.samples = boot.get("ci"), boot.get("samples")
+    if p.test_priors and split == "test":
+        implied, reason = None, None
         try:
             implied = head.implied_prior(counts)
         except NoImpliedPrior as e:
             reason = str(e)
-    extra = protocol_report(scores, y, counts, p, shifted=shifted, implied=implied, reason=reason, **thresholds)
-    out.ci, out.samples = extra.get("ci"), extra.get("samples")
-    out.shifted, out.shifted_corrected = extra.get("shifted"), extra.get("shifted_corrected")
+        val = None
+        if implied is not None and p.needs_val:
+            if not session.has_rows("val"):
+                raise ValueError(f"{', '.join(p.prior_estimators)} with calibration {p.calibration} need a labelled "
+                                 f"source sample, and {session.store.path} has no val rows; use --prior-estimators em")
+            Xv, yv = session.load("val")
+            shared_val = stored_affine(head, "val", logits)
+            val = (head.scores(Xv) if shared_val is None else column_affine(*shared_val), yv)
+        extra = shifted_report(scores, y, counts, implied, p, reason, val, **thresholds)
+        out.shifted, out.shifted_corrected = extra["shifted"], extra["shifted_corrected"]
     return out
 
 

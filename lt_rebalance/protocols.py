@@ -28,7 +28,6 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .metrics import GROUPS, accuracy_summary, group_accuracies
-from .priors import normalise
 
 CI_KEYS = ("all", "many", "medium", "few", "mean_class")
 _PRIOR_NAME = re.compile(r"^(forward|backward)-(\d+(?:\.\d+)?)$")
@@ -38,9 +37,15 @@ _PRIOR_NAME = re.compile(r"^(forward|backward)-(\d+(?:\.\d+)?)$")
 class Protocol:
     """What a run reports beyond the plain metrics (the options of ``protocol_options``).
 
-    ``test_priors``: names of :func:`parse_test_priors`; ``bootstrap``: resamples B (0: none);
-    ``ci_level``: e.g. 0.95; ``bootstrap_seed``: seeds the resamples (the same for every method,
-    so differences are paired); ``em_iterations``/``em_tol``: :func:`em_prior`.
+    ``test_priors``: shift names (:func:`lt_rebalance.shifts.parse_shifts`: LADE's forward-R,
+    backward-R, uniform, and step-R, dirichlet-A, knockout-P, tweakone-RHO); ``shift_seed``,
+    ``shift_draws``: the random kinds' seed and draws (mean ± std over draws); ``shift_replace``:
+    a class may give more rows than it has (drawn with replacement); ``prior_estimators``: the
+    test-prior estimators of :mod:`lt_rebalance.label_shift` whose corrections are reported beside
+    the known prior; ``calibration``: recalibration on val before em and mapls (None,
+    "temperature", "bcts"); ``bootstrap``: resamples B (0: none); ``ci_level``: e.g. 0.95;
+    ``bootstrap_seed``: seeds the resamples (the same for every method, so differences are
+    paired); ``em_iterations``/``em_tol``: :func:`em_prior`.
     """
 
     test_priors: tuple[str, ...] = ()
@@ -49,6 +54,17 @@ class Protocol:
     bootstrap_seed: int = 0
     em_iterations: int = 1000
     em_tol: float = 1e-6
+    shift_seed: int = 0
+    shift_draws: int = 1
+    shift_replace: bool = False
+    prior_estimators: tuple[str, ...] = ("em",)
+    calibration: Optional[str] = None
+
+    @property
+    def needs_val(self) -> bool:
+        """Whether the shifted-prior corrections need the val split's scores (BBSE, RLLS, calibration)."""
+        return bool(self.test_priors) and (
+            self.calibration is not None or any(m in ("bbse", "rlls") for m in self.prior_estimators))
 
     @property
     def active(self) -> bool:
@@ -57,7 +73,9 @@ class Protocol:
     def describe(self) -> dict:
         """The settings as results record them (JSON ``"protocol"``)."""
         return {"test_priors": list(self.test_priors), "bootstrap": self.bootstrap, "ci_level": self.ci_level,
-                "bootstrap_seed": self.bootstrap_seed, "interval": "percentile, stratified by class"}
+                "bootstrap_seed": self.bootstrap_seed, "interval": "percentile, stratified by class",
+                "shift_seed": self.shift_seed, "shift_draws": self.shift_draws, "shift_replace": self.shift_replace,
+                "prior_estimators": list(self.prior_estimators), "calibration": self.calibration}
 
     def resamples(self, labels: torch.Tensor) -> Iterator[torch.Tensor]:
         """The (b, N) index chunks of :func:`stratified_resamples` for ``labels`` (same for every method)."""
@@ -151,43 +169,6 @@ def em_prior(scores: torch.Tensor, implied: torch.Tensor, *, max_iter: int = 100
     return em_iterate(P, implied.to(torch.float64).to(P.device), max_iter=max_iter, tol=tol)
 
 
-def shifted_report(scores: torch.Tensor, labels: Any, counts: Any, implied: Optional[torch.Tensor],
-                   protocol: Protocol, reason: Optional[str] = None, **thresholds: int) -> dict:
-    """``{"shifted": {name: metrics}, "shifted_corrected": {name: {"known_prior", "em"}}}`` on one split.
-
-    ``scores`` (N, C) of the test split; ``implied``: the prior they are balanced for
-    (:meth:`~lt_rebalance.heads.base.BaseHead.implied_prior`). Without one (a head of unknown prior)
-    only the plain numbers are reported and ``shifted_corrected`` is ``{"reason": reason}``.
-    EM's metrics also hold ``em_iterations``.
-    """
-    labels = torch.as_tensor(labels, dtype=torch.int64).to(scores.device)
-    C = len(counts)
-    test_counts = torch.bincount(labels.cpu(), minlength=C)
-    if int(test_counts.min()) == 0:
-        missing = (test_counts == 0).nonzero().flatten().tolist()
-        raise ValueError(f"shifted test priors need test rows of every class; classes {missing[:10]} have none")
-    pred = scores.argmax(1)
-    shifted, corrected = {}, {}
-    for name in protocol.test_priors:
-        keep = shift_counts(name, counts, test_counts)
-        mask = shift_mask(labels.cpu(), keep).to(scores.device)
-        shifted[name] = shifted_metrics(pred, labels, counts, mask, **thresholds)
-        if implied is None:
-            continue
-        kept = scores[mask]
-        known = correct_known(kept, normalise(keep), implied).argmax(1)
-        p_em, iters = em_prior(kept, implied, max_iter=protocol.em_iterations, tol=protocol.em_tol)
-        em = correct_known(kept, p_em, implied).argmax(1)
-        all_rows = torch.ones(len(kept), dtype=torch.bool, device=scores.device)
-        corrected[name] = {
-            "known_prior": shifted_metrics(known, labels[mask], counts, all_rows, **thresholds),
-            "em": {**shifted_metrics(em, labels[mask], counts, all_rows, **thresholds), "em_iterations": iters},
-        }
-    if implied is None:
-        corrected = {"reason": reason or "the method declares no implied class prior"}
-    return {"shifted": shifted, "shifted_corrected": corrected}
-
-
 # -- bootstrap -------------------------------------------------------------------------------------------
 
 def stratified_resamples(labels: Any, B: int, seed: int = 0, max_elements: int = 1 << 24) -> Iterator[torch.Tensor]:
@@ -260,21 +241,14 @@ def paired_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], le
     return {"metric": key, "ci": [lo, hi], "differs": bool(differs)}
 
 
-def protocol_report(scores: torch.Tensor, labels: Any, counts: Any, protocol: Protocol, *,
-                    shifted: bool, implied: Optional[torch.Tensor] = None, reason: Optional[str] = None,
-                    **thresholds: int) -> dict:
-    """The protocol's numbers for one split: ``{"ci": {...}, "samples": {...}}`` (bootstrap; the
-    samples are for paired differences, not JSON) and, when ``shifted``, the keys of
-    :func:`shifted_report` (``implied``, ``reason``: its arguments)."""
-    out: dict[str, Any] = {}
-    if protocol.bootstrap > 0:
-        pred = scores.argmax(1)
-        samples = bootstrap_metrics(pred, labels, counts, protocol.resamples(torch.as_tensor(labels)), **thresholds)
-        out["ci"] = bootstrap_ci(samples, protocol.ci_level)
-        out["samples"] = samples
-    if shifted and protocol.test_priors:
-        out.update(shifted_report(scores, labels, counts, implied, protocol, reason, **thresholds))
-    return out
+def bootstrap_report(scores: torch.Tensor, labels: Any, counts: Any, protocol: Protocol, **thresholds: int) -> dict:
+    """``{"ci": {metric: [lo, hi]}, "samples": {metric: (B,)}}`` of the bootstrap on one split (the
+    samples are for paired differences, not JSON); ``{}`` without a bootstrap."""
+    if protocol.bootstrap <= 0:
+        return {}
+    pred = scores.argmax(1)
+    samples = bootstrap_metrics(pred, labels, counts, protocol.resamples(torch.as_tensor(labels)), **thresholds)
+    return {"ci": bootstrap_ci(samples, protocol.ci_level), "samples": samples}
 
 
 def seed_summary(results: Sequence[dict], splits: Sequence[str], keys: Sequence[str] = CI_KEYS) -> dict:

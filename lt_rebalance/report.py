@@ -137,6 +137,9 @@ def compare_tables(result: dict) -> list[Table]:
     return tables
 
 
+ESTIMATOR_NAMES = {"known_prior": "known", "em": "EM", "bbse": "BBSE", "rlls": "RLLS", "mapls": "MAPLS"}
+
+
 def shifted_table(result: dict) -> Optional[Table]:
     """Test top-1 under each shifted prior: plain predictions, known-prior and EM-corrected."""
     rows_in = [r for r in result["rows"] if r.get("shifted")]
@@ -152,8 +155,8 @@ def shifted_table(result: dict) -> Optional[Table]:
         if "reason" in corrected:  # a method without an implied prior: no corrected rows, and why
             uncorrected.append(f"{r['method']}: {corrected['reason']}")
         elif corrected:
-            variants += [("known prior", {n: c["known_prior"] for n, c in corrected.items()}),
-                         ("EM prior", {n: c["em"] for n, c in corrected.items()})]
+            variants += [(f"{ESTIMATOR_NAMES.get(k, k)} prior", {n: c[k] for n, c in corrected.items()})
+                         for k in next(iter(corrected.values()))]
         for kind, table in variants:
             cells = ([Cell(r.get("features", ""))] if several else []) + [Cell(r["method"]), Cell(kind)]
             cells += [_num((table.get(n) or {}).get("all"), {"data-prior": n}) for n in names]

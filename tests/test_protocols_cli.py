@@ -165,3 +165,52 @@ def test_each_file_is_read_once(files, monkeypatch):
     run_json(["compare", "-f", paths["a"], "-f", paths["b"], "--methods", "joint,crt,tau_norm,lws",
               "--crt-epochs", "1", "--lws-epochs", "1", "--batch-size", "32", "--seeds", "0,1", "-q"])
     assert len(reads) == len(set(reads)) == 2 * 4  # train, val, test and the head of each file, once
+
+
+def test_new_shift_kinds_and_estimators_through_the_cli(files):
+    """Random kinds over draws (mean ± std, true prior), each estimator with its prior error, BBSE's
+    correction against a numpy computation of its formula on the same subset."""
+    from lt_rebalance.shifts import shift_subset
+
+    paths, a = files
+    doc = run_json(["joint", "-f", paths["a"], "--test-priors", "step-2,dirichlet-1", "--shift-draws", "3",
+                    "--shift-seed", "4", "--prior-estimators", "em,bbse"])
+    logits = a["x_test"].astype(np.float64) @ a["weight"].T.astype(np.float64) + a["bias"]
+    y = a["y_test"]
+    idx, true = shift_subset("step-2", y, COUNTS, seed=4)
+    step = doc["shifted"]["step-2"]
+    assert step["n"] == len(idx) and step["prior"] == pytest.approx(true.tolist()) and "draws" not in step
+    assert step["all"] == pytest.approx(np.mean(logits[idx].argmax(1) == y[idx]))
+    # BBSE (Lipton et al. 2018): C[i, j] = P(pred i, y j) on val, mu = P(pred i) on the subset, C w = mu
+    v = a["x_val"].astype(np.float64) @ a["weight"].T.astype(np.float64) + a["bias"]
+    conf = np.zeros((C, C))
+    np.add.at(conf, (v.argmax(1), a["y_val"]), 1 / len(v))
+    mu = np.bincount(logits[idx].argmax(1), minlength=C) / len(idx)
+    w = np.clip(np.linalg.lstsq(conf, mu, rcond=None)[0], 0, None)
+    source = np.bincount(a["y_val"], minlength=C) / len(v)
+    p_hat = w * source / (w * source).sum()
+    bbse = doc["shifted_corrected"]["step-2"]["bbse"]
+    assert bbse["prior_error"]["l1"] == pytest.approx(np.abs(p_hat - true).sum(), abs=1e-6)
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        fixed = (logp[idx] + np.log(p_hat) - np.log(source)).argmax(1)
+    assert bbse["all"] == pytest.approx(np.mean(fixed == y[idx]))
+    dirichlet = doc["shifted"]["dirichlet-1"]
+    assert dirichlet["draws"] == 3 and set(dirichlet["std"]) >= {"all", "n"} and len(dirichlet["prior"]) == C
+    assert set(doc["shifted_corrected"]["dirichlet-1"]) == {"known_prior", "em", "bbse"}
+    assert doc["protocol"]["prior_estimators"] == ["em", "bbse"] and doc["protocol"]["shift_draws"] == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--test-priors", "dirichlet-0"], "A > 0"),
+    (["--test-priors", "knockout-1.5"], "0 < P < 1"),
+    (["--test-priors", "tweakone-0.99"], "RHO must lie in"),
+    (["--test-priors", "step-20"], "use R <= 9"),
+    (["--test-priors", "uniform", "--prior-estimators", "em,magic"], "give distinct names from em, bbse"),
+    (["--test-priors", "uniform", "--shift-draws", "0"], "--shift-draws"),
+])
+def test_shift_and_estimator_errors_are_one_line(files, args, message):
+    paths, _ = files
+    res = CliRunner().invoke(main, ["joint", "-f", paths["a"], *args])
+    assert res.exit_code in (1, 2) and message in res.output, res.output
+    assert "Traceback" not in res.output

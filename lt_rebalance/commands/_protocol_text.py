@@ -29,26 +29,40 @@ def ci_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+ESTIMATOR_LABELS = {"known_prior": "known", "em": "EM", "bbse": "BBSE", "rlls": "RLLS", "mapls": "MAPLS"}
+
+
+def corrections(corrected: dict) -> list[str]:
+    """The corrections present in a result's ``shifted_corrected`` (known prior first, then the
+    estimators in the order run); [] for a method without an implied prior."""
+    if not corrected or "reason" in corrected:
+        return []
+    return list(next(iter(corrected.values())))
+
+
 def shifted_text(result: dict) -> str:
-    """The shifted test priors: plain predictions, then known-prior and EM corrected, per prior."""
+    """The shifted test priors: plain predictions, then top-1 after each prior correction, per shift."""
     shifted = result.get("shifted")
     if not shifted:
         return ""
     corrected = result.get("shifted_corrected", {})
     reason = corrected.get("reason")
-    if reason:  # a method without an implied prior: plain numbers only, and why
-        corrected = {}
+    fixes = corrections(corrected)
     width = max(len(n) for n in shifted)
     cols = [f"{c:>6}" for c in SHIFT_COLUMNS] + [f"{'n':>6}"]
-    extra = ["known", "   EM"] if corrected else []
-    lines = ["test split under shifted priors (LADE protocol), accuracy %"
-             + ("; known / EM: all after prior correction" if corrected else ""),
-             f"{'prior':<{width}}  " + "  ".join(cols + [f"{e:>6}" for e in extra])]
+    labels = [ESTIMATOR_LABELS.get(k, k) for k in fixes]
+    lines = ["test split under shifted priors, accuracy %"
+             + (f"; {' / '.join(labels)}: all after prior correction (true prior / estimated)" if fixes else ""),
+             f"{'prior':<{width}}  " + "  ".join(cols + [f"{e:>6}" for e in labels])]
     for name, m in shifted.items():
-        cells = [fmt_acc(m.get(c)) for c in SHIFT_COLUMNS] + [f"{m['n']:>6}"]
-        if name in corrected:
-            cells += [fmt_acc(corrected[name]["known_prior"]["all"]), fmt_acc(corrected[name]["em"]["all"])]
-        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+        cells = [fmt_acc(m.get(c)) for c in SHIFT_COLUMNS] + [f"{m['n']:>6.0f}"]
+        cells += [fmt_acc(corrected[name][k]["all"]) for k in fixes]
+        draws = f"  (mean of {m['draws']} draws, std {100 * m['std']['all']:.2f})" if m.get("std") else ""
+        lines.append(f"{name:<{width}}  " + "  ".join(cells) + draws)
+    errors = [f"{ESTIMATOR_LABELS.get(k, k)} {sum(c[k]['prior_error']['l1'] for c in corrected.values()) / len(corrected):.3f}"
+              for k in fixes if k != "known_prior"]
+    if errors:
+        lines.append("mean L1 error of the estimated prior: " + ", ".join(errors))
     if reason:
         lines.append(f"(no prior correction: {reason})")
     return "\n".join(lines)

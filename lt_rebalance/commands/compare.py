@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..registry import METHOD_NAMES, OPT_IN_METHODS
-from ._protocol_text import fmt_ci
+from ._protocol_text import ESTIMATOR_LABELS, corrections, fmt_ci
 from .errors import handle_user_errors
 from .options import (
     MethodNames,
@@ -125,7 +125,8 @@ def _shifted_section(result: dict, width: int) -> str:
     names = list(rows[0]["shifted"])
     col = max(8, *(len(n) for n in names))
     several = isinstance(result.get("features"), list)
-    lines = ["test split under shifted priors (LADE protocol): top-1 %, plain / known prior / EM-estimated prior"]
+    lines = ["test split under shifted priors: top-1 %, plain / after correction with the true prior / with each "
+             "estimated prior"]
     lines.append(f"{'method':<{width}}  {'':<6}" + "".join(f"  {n:>{col}}" for n in names))
     notes = []
     for r in rows:
@@ -133,9 +134,9 @@ def _shifted_section(result: dict, width: int) -> str:
         variants = [("plain", r["shifted"])]
         if "reason" in corrected:  # a method without an implied prior
             notes.append(f"({r['method']}: no prior correction: {corrected['reason']})")
-        elif corrected:
-            variants += [("known", {n: c["known_prior"] for n, c in corrected.items()}),
-                         ("EM", {n: c["em"] for n, c in corrected.items()})]
+        else:
+            variants += [(ESTIMATOR_LABELS.get(k, k), {n: c[k] for n, c in corrected.items()})
+                         for k in corrections(corrected)]
         for k, (kind, table) in enumerate(variants):
             label = (r["method"] if k == 0 else "")
             cells = "".join(f"  {fmt_acc((table.get(n) or {}).get('all')):>{col}}" for n in names)

@@ -213,22 +213,45 @@ def training_options(f: Callable) -> Callable:
     return wrapper
 
 
-def protocol_options(f: Callable) -> Callable:
-    """--test-priors, --bootstrap, --ci-level and --bootstrap-seed; the command gets ``protocol``.
+PRIOR_ESTIMATORS = ("em", "bbse", "rlls", "mapls")  # lt_rebalance.label_shift.METHODS (tests check they agree)
 
-    ``protocol`` is a :class:`lt_rebalance.protocols.Protocol` (shifted test priors, bootstrap).
-    """
+
+class NameList(click.ParamType):
+    """A comma list of distinct names from ``choices``."""
+
+    def __init__(self, choices: tuple[str, ...]):
+        self.choices = choices
+        self.name = f"{{{','.join(choices)}}}[,...]"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(n.strip().lower() for n in str(value).split(",") if n.strip())
+        bad = [n for n in names if n not in self.choices]
+        if not names or bad or len(set(names)) != len(names):
+            self.fail(f"{value!r}: give distinct names from {', '.join(self.choices)}", param, ctx)
+        return names
+
+
+def protocol_options(f: Callable) -> Callable:
+    """--test-priors, the shift and prior-estimation options, --bootstrap, --ci-level and
+    --bootstrap-seed; the command gets ``protocol`` (a :class:`lt_rebalance.protocols.Protocol`)."""
 
     @functools.wraps(f)
-    def wrapper(test_priors: Optional[str], bootstrap: int, ci_level: float, bootstrap_seed: int,
-                **kwargs: Any) -> Any:
-        from ..protocols import Protocol, parse_test_priors
+    def wrapper(test_priors: Optional[str], shift_seed: int, shift_draws: int, shift_replace: bool,
+                prior_estimators: tuple, prior_calibration: str, bootstrap: int, ci_level: float,
+                bootstrap_seed: int, **kwargs: Any) -> Any:
+        from ..protocols import Protocol
+        from ..shifts import parse_shifts
 
         try:
-            names = parse_test_priors(test_priors) if test_priors is not None else ()
+            names = parse_shifts(test_priors) if test_priors is not None else ()
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--test-priors") from None
-        protocol = Protocol(test_priors=names, bootstrap=bootstrap, ci_level=ci_level, bootstrap_seed=bootstrap_seed)
+        protocol = Protocol(test_priors=names, bootstrap=bootstrap, ci_level=ci_level, bootstrap_seed=bootstrap_seed,
+                            shift_seed=shift_seed, shift_draws=shift_draws, shift_replace=shift_replace,
+                            prior_estimators=prior_estimators,
+                            calibration=None if prior_calibration == "none" else prior_calibration)
         return f(protocol=protocol, **kwargs)
 
     for opt in (
@@ -238,9 +261,21 @@ def protocol_options(f: Callable) -> Callable:
                      max_open=True), help="Confidence level of the bootstrap intervals."),
         click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(0), metavar="B",
                      help="Percentile bootstrap with B resamples of the rows, stratified by class (e.g. 1000)."),
+        click.option("--prior-calibration", type=click.Choice(["none", "temperature", "bcts"]), default="none",
+                     show_default=True, help="Recalibrate the scores on val before the em and mapls estimators "
+                     "(bcts: bias-corrected temperature scaling)."),
+        click.option("--prior-estimators", default="em", show_default=True, type=NameList(PRIOR_ESTIMATORS),
+                     help="Test-prior estimators reported beside the known prior under --test-priors: "
+                          "em, bbse, rlls, mapls (bbse and rlls use the val split)."),
+        click.option("--shift-replace", is_flag=True,
+                     help="Let a shift take more rows of a class than it has (drawn with replacement)."),
+        click.option("--shift-draws", default=1, show_default=True, type=click.IntRange(1), metavar="K",
+                     help="Draws of each random shift (dirichlet, knockout, tweakone): mean ± std over K."),
+        click.option("--shift-seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+                     help="Seed of the random shifts (draw d uses SEED + d)."),
         click.option("--test-priors", default=None, metavar="LIST",
-                     help="Shifted test priors (LADE protocol) on the test split, e.g. "
-                          "forward-50,forward-10,uniform,backward-10,backward-50 (R >= 1 in forward-R, backward-R)."),
+                     help="Shifted test priors on the test split, e.g. forward-50,uniform,backward-50 (LADE's), "
+                          "step-R, dirichlet-A, knockout-P, tweakone-RHO (R >= 1, A > 0, 0 < P, RHO < 1)."),
     ):
         wrapper = opt(wrapper)
     return wrapper
