@@ -110,7 +110,8 @@ def evaluate_split(session: Session, head: Any, split: str, *, protocol: bool = 
             Xv, yv = session.load("val")
             shared_val = stored_affine(head, "val", logits)
             val = (head.scores(Xv) if shared_val is None else column_affine(*shared_val), yv)
-        extra = shifted_report(scores, y, counts, implied, p, reason, val, **thresholds)
+        rescore = (lambda rows: head.scores(X[rows.to(X.device)])) if head.transductive else None
+        extra = shifted_report(scores, y, counts, implied, p, reason, val, rescore, **thresholds)
         out.shifted, out.shifted_corrected = extra["shifted"], extra["shifted_corrected"]
     return out
 

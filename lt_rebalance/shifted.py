@@ -10,7 +10,7 @@ the draws, with their standard deviation (docs/METHODS.md, "Evaluation protocols
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -77,12 +77,14 @@ def _corrections(kept: torch.Tensor, y: torch.Tensor, counts: Any, true: np.ndar
 
 def shifted_report(scores: torch.Tensor, labels: Any, counts: Any, implied: Optional[torch.Tensor],
                    protocol: Protocol, reason: Optional[str] = None,
-                   val: Optional[tuple[torch.Tensor, torch.Tensor]] = None, **thresholds: int) -> dict:
+                   val: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                   rescore: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **thresholds: int) -> dict:
     """``{"shifted": {name: metrics}, "shifted_corrected": {name: {"known_prior", <estimator>...}}}``.
 
     ``scores`` (N, C) of the test split; ``implied``: the prior they are balanced for
     (:meth:`~lt_rebalance.heads.base.BaseHead.implied_prior`); ``val``: (val scores (Nv, C), val
-    labels) for the estimators that need a labelled source sample (BBSE, RLLS, calibration).
+    labels) for the estimators that need a labelled source sample (BBSE, RLLS, calibration);
+    ``rescore(rows)``: the scores of a subset scored on its own (a transductive head), else ``scores[rows]``.
     ``"shifted"[name]`` holds ``all, many, medium, few, n`` and the subset's true ``"prior"`` (C,);
     random kinds also ``"draws"`` and ``"std"``. Without ``implied`` (a head of unknown prior)
     ``shifted_corrected`` is ``{"reason": reason}``.
@@ -97,7 +99,6 @@ def shifted_report(scores: torch.Tensor, labels: Any, counts: Any, implied: Opti
         raise ValueError(f"shifted test priors need test rows of every class; classes {missing[:10]} have none")
     if val is not None:
         val = (torch.softmax(val[0].to(torch.float64), 1), torch.as_tensor(val[1], dtype=torch.int64))
-    pred = scores.argmax(1)
     shifted, corrected = {}, {}
     for name in protocol.test_priors:
         draws = protocol.shift_draws if is_random(name) else 1
@@ -107,10 +108,11 @@ def shifted_report(scores: torch.Tensor, labels: Any, counts: Any, implied: Opti
                                      replace=protocol.shift_replace)
             rows = torch.from_numpy(idx).to(scores.device)
             y = labels[rows]
-            plain.append(shifted_metrics(pred[rows], y, counts, torch.ones_like(y, dtype=torch.bool), **thresholds))
+            sub = scores[rows] if rescore is None else rescore(rows)
+            plain.append(shifted_metrics(sub.argmax(1), y, counts, torch.ones_like(y, dtype=torch.bool), **thresholds))
             priors.append(true)
             if implied is not None:
-                fixed.append(_corrections(scores[rows], y, counts, true, implied, protocol, val, thresholds))
+                fixed.append(_corrections(sub, y, counts, true, implied, protocol, val, thresholds))
         shifted[name] = {**_mean(plain), "prior": np.mean(priors, axis=0).tolist(),
                          **({"draws": draws} if is_random(name) else {})}
         if fixed:

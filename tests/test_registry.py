@@ -22,9 +22,9 @@ def test_every_entry_is_complete_and_its_runner_exists():
 
 def test_derived_tables():
     assert registry.DEFAULT_METHODS == ("joint", "ncm", "crt", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc")
-    assert registry.OPT_IN_METHODS == ("wb", "knn", "linear_probe")
+    assert registry.OPT_IN_METHODS == ("wb", "experts", "knn", "linear_probe")
     assert registry.TRAINED_METHODS == ("crt", "lws", "marc", "wb")
-    assert registry.HEAD_METHODS == ("joint", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc", "wb")
+    assert registry.HEAD_METHODS == ("joint", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc", "wb", "experts")
     assert registry.get("tau-sweep").name == "tau_norm" and registry.get(" Linear-Probe ").name == "linear_probe"
     with pytest.raises(ValueError, match="unknown method 'taunorm'; choose from joint, ncm"):
         registry.get("taunorm")

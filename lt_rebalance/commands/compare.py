@@ -179,9 +179,9 @@ def compare_options(f):
 @handle_user_errors
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
             seed, seeds, protocol, device, max_memory):
-    """Run joint, ncm, crt, tau_norm (tau selected on val), lws, logit_adjust (tau selected on val),
-    pc_softmax and marc with defaults; print one table. wb, knn and linear_probe run when named in
-    --methods (on ImageNet-LT-sized files each costs more on a CPU than the rest of the study).
+    """Run every default method of the registry (joint, ncm, crt, tau_norm and logit_adjust with tau
+    selected on val, lws, pc_softmax, marc) with defaults; print one table. The opt-in methods (see
+    --methods) run when named: on ImageNet-LT-sized files each costs more on a CPU than the rest.
 
     Methods that need the stored classifier are skipped, with the reason, when the file has none
     or when it is a random initialisation (name them in --methods to run them anyway). cRT and LWS

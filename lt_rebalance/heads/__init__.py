@@ -2,6 +2,7 @@
 from .crt import CRT
 from .crt_grid import CRTGrid
 from .disalign import DisAlign
+from .experts import LogitAdjustedExperts
 from .knn import KNN
 from .linear import JointHead
 from .linear_probe import LinearProbe
@@ -11,5 +12,5 @@ from .ncm import NCM, NCM_VARIANTS
 from .tau_norm import DEFAULT_TAUS, TauNorm, tau_normalize, tau_sweep
 from .wb import WeightBalancing
 
-__all__ = ["CRT", "CRTGrid", "DisAlign", "JointHead", "KNN", "LinearProbe", "LWS", "MARC", "NCM", "NCM_VARIANTS", "DEFAULT_TAUS",
+__all__ = ["CRT", "CRTGrid", "DisAlign", "JointHead", "KNN", "LinearProbe", "LogitAdjustedExperts", "LWS", "MARC", "NCM", "NCM_VARIANTS", "DEFAULT_TAUS",
            "TauNorm", "WeightBalancing", "tau_normalize", "tau_sweep"]

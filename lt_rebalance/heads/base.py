@@ -165,6 +165,10 @@ class BaseHead:
     # -- prediction -------------------------------------------------------------------------------
     # -- capabilities: what the protocols and the evaluation may ask of a head --------------------------
 
+    # whether a row's scores depend on the other rows scored with it (a head that adapts to the test
+    # set): evaluations then score each test subset on its own instead of taking rows of one scoring
+    transductive = False
+
     def implied_prior(self, counts: Any) -> torch.Tensor:
         """The class prior float64 (C,) this fitted head's scores are balanced for, given the train
         ``counts``: what the shifted-prior correction divides out (docs/METHODS.md). Raises
