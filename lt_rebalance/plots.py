@@ -234,3 +234,35 @@ def compare_figure(result: dict, split: Optional[str] = None) -> Figure:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
     return fig
+
+
+SHIFT_LINES = {"known_prior": ("true prior (ceiling)", "black", "--"), "em": ("EM", "tab:blue", "-"),
+               "bbse": ("BBSE", "tab:orange", "-"), "rlls": ("RLLS", "tab:green", "-"),
+               "mapls": ("MAPLS", "tab:purple", "-")}
+
+
+def shift_figure(rows: Sequence[dict], max_methods: int = 4) -> Optional[Figure]:
+    """Test top-1 against the shifted prior, one panel per method (the first ``max_methods`` rows with
+    shifted numbers): the plain predictions and one line per prior correction, the true prior's as
+    the ceiling. None when no row has shifted numbers."""
+    rows = [r for r in rows if r.get("shifted")][:max_methods]
+    if not rows:
+        return None
+    fig, axes = _figure(len(rows))
+    for ax, r in zip(axes, rows):
+        names = list(r["shifted"])
+        x = range(len(names))
+        ax.plot(x, [100 * r["shifted"][n]["all"] for n in names], marker="o", color="gray", label="plain")
+        corrected = r.get("shifted_corrected") or {}
+        if "reason" not in corrected:
+            for key in next(iter(corrected.values()), {}):
+                label, color, style = SHIFT_LINES.get(key, (key, None, "-"))
+                ax.plot(x, [100 * corrected[n][key]["all"] for n in names], marker=".", color=color, ls=style,
+                        label=label)
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+        ax.set(title=r["method"], xlabel="test prior")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 accuracy on the shifted test subset (%)")
+    axes[-1].legend(loc="best", fontsize=8)
+    fig.suptitle("Accuracy under shifted test priors: plain, and corrected with each estimated prior")
+    return fig

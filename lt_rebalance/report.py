@@ -292,10 +292,19 @@ def build_report(result: dict, sessions: Sequence[Session], labels: Sequence[str
     shifted = shifted_table(result)
     if shifted is not None:
         tables.append(shifted)
+    from .plots import shift_figure
+
     figures = []
     for k, (ctx, label) in enumerate(zip(sessions, labels)):
         stem = f"f{k + 1}-{Path(label).stem}"
-        figures.append((label, report_figures(ctx, heads.get(label, {}), stem)))
+        file_figures = report_figures(ctx, heads.get(label, {}), stem)
+        shift = shift_figure([r for r in result["rows"] if r.get("features", label) == label])
+        if shift is not None:
+            file_figures.append(ReportFigure(
+                f"{stem}-shifts", "Accuracy against the shifted test prior",
+                "Top-1 on each shifted test subset: plain predictions, and after correcting with each estimated "
+                "prior; the true prior's correction is the ceiling.", shift))
+        figures.append((label, file_figures))
     return Report("Long-tailed classification report", meta, tables, figures)
 
 

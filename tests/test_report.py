@@ -89,7 +89,8 @@ def test_html_is_self_contained(page):
     assert "script" not in parser.tags and "link" not in parser.tags
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", text)  # nothing fetched from the network
     # tau curve, per-class accuracy, weight norms: SVG data URIs
-    assert len(parser.images) == 3
+    assert len(parser.images) == 4  # τ curve, per-class, norms, accuracy against the shifted priors
+    assert "Accuracy against the shifted test prior" in text
     for src in parser.images:
         assert src.startswith("data:image/svg+xml;base64,")
         assert b"<svg" in base64.b64decode(src.split(",", 1)[1])
