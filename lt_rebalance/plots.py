@@ -263,6 +263,7 @@ def shift_figure(rows: Sequence[dict], max_methods: int = 4) -> Optional[Figure]
         ax.set(title=r["method"], xlabel="test prior")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 accuracy on the shifted test subset (%)")
-    axes[-1].legend(loc="best", fontsize=8)
+    fullest = max(axes[:len(rows)], key=lambda ax: len(ax.get_lines()))
+    fullest.legend(loc="best", fontsize=8)
     fig.suptitle("Accuracy under shifted test priors: plain, and corrected with each estimated prior")
     return fig
