@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import gc
 import os
 import signal
 import subprocess
@@ -318,6 +319,10 @@ def test_ctrl_c_during_extract_keeps_the_partial_for_resume(tmp_path, monkeypatc
                         f"{out}.partial: continue with --resume\n")
     assert not out.exists() and not Path(f"{out}.lock").exists() and _temps(tmp_path) == []
     monkeypatch.setattr(FeatureFileWriter, "append", append)
+    # the interrupted run's traceback (held by its result) may keep its file handle until collected;
+    # a real resume is a new process, so collect it here rather than race the garbage collector
+    del r
+    gc.collect()
     r = CliRunner().invoke(main, ["extract", *_args(root, out), "--resume"])
     assert r.exit_code == 0, r.output
 
