@@ -7,8 +7,8 @@ and skip when that is not possible (not root, no mount permission); they unmount
 from __future__ import annotations
 
 import errno
-import hashlib
 import gc
+import hashlib
 import os
 import signal
 import subprocess
