@@ -108,3 +108,23 @@ def run_trained(session: Any, method: str, seeds: Optional[list[int]], **options
     if seeds and len(seeds) > 1:
         return run_seeds(session, method, seeds, **options)
     return runner(method)(session, **options)
+
+
+per_class_option = click.option(
+    "--per-class-out", "per_class_out", type=click.Path(dir_okay=False), default=None,
+    help="Also write per-class accuracy (CSV: method, split, class, train_count, group, support, correct, "
+         "accuracy) of every evaluated split to this file (replaced only with --overwrite).",
+)
+
+
+def write_per_class(path: Optional[str], overwrite: bool, session: Any, heads: dict, result: dict, features: Any,
+                    quiet: bool) -> None:
+    """``--per-class-out``: the per-class CSV of ``heads`` (method -> head) on ``session``'s splits;
+    ``result`` gains ``"per_class_out"``; nothing when None."""
+    if path:
+        from ..per_class import per_class_rows, write_per_class_csv
+
+        inputs = [features] if isinstance(features, str) else list(features)
+        write_per_class_csv(path, per_class_rows(session, heads), overwrite, inputs)
+        result["per_class_out"] = path
+        log(f"wrote per-class accuracy to {path}", quiet)
