@@ -167,4 +167,5 @@ disalign = stored_head_command(
     epochs=10, lr=0.1, sampler="ib", loss="grw",
     sampler_help="ib (instance-balanced, default: the authors'), cb, sqrt, pb or a power q.",
     batch_note=" DisAlign's auto is 256 (the authors') instead of 512.",
+    save=False,  # no linear layer (its gate depends on the features): no --save, no export
 )

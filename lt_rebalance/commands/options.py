@@ -268,14 +268,15 @@ def seeds_option(f: Callable) -> Callable:
 
 def sgd_options(epochs: Any, lr: Optional[float], sampler_help: str, grid: bool = False, *,
                 weight_decay: float = 5e-4, sampler: Optional[str] = "cb", schedule: Optional[str] = "cosine",
-                lr_help: str = "", schedule_help: str = "", batch_note: str = ""):
+                lr_help: str = "", schedule_help: str = "", batch_note: str = "", save: bool = True):
     """The training options shared by crt, lws, marc, disalign and wb (defaults: the reference's, or the
     method's).
 
     ``grid``: --lr and --weight-decay take comma lists (:class:`FloatList`), a grid trained in one pass.
     ``epochs``: what "auto" epochs stand for on a large file (a number, or words). A default of None
     (``lr``, ``sampler``, ``schedule``) is "the protocol's", explained by ``lr_help``,
-    ``sampler_help``, ``schedule_help``; ``batch_note`` is appended to --batch-size's help.
+    ``sampler_help``, ``schedule_help``; ``batch_note`` is appended to --batch-size's help. ``save``:
+    offer --save (not for a head that is no linear layer).
     """
     if grid:
         lr_type, wd_type, grid_help = FloatList(positive=True), FloatList(), " A comma list trains a grid in one pass."
@@ -300,7 +301,7 @@ def sgd_options(epochs: Any, lr: Optional[float], sampler_help: str, grid: bool 
         seed_option,
         device_option,
         splits_option,
-        save_option,
+        *([save_option] if save else []),
         overwrite_option,
         max_memory_option,
     ]

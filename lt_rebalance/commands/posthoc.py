@@ -76,8 +76,8 @@ def _calibration_human(result: dict) -> str:
               help=f"The head to calibrate: {', '.join(METHOD_NAMES)} (tau_norm and logit_adjust with tau "
                    "selected on val; old spellings such as tau accepted).")
 @click.option("--eval-split", default="test", show_default=True, help="Split the NLL and ECE are reported on.")
-@epochs_option("--epochs", 10, "Training epochs of crt/lws/marc/wb (auto: theirs, 10, 5, 5 and 10)")
-@batch_size_option("Batch size of crt/lws/marc/wb")
+@epochs_option("--epochs", 10, "Training epochs of crt/lws/marc/wb/disalign (auto: theirs, 10, 5, 5, 10 and 10)")
+@batch_size_option("Batch size of crt/lws/marc/wb/disalign")
 @seed_option
 @device_option
 @max_memory_option

@@ -122,7 +122,7 @@ def crt_human(result: dict) -> str:
 
 
 def train_command(method: str, human: Callable[[dict], str], *, features, as_json, quiet, allow_incomplete,
-                  thresholds, seed, device, splits, save, overwrite, seeds, protocol, max_memory=None,
+                  thresholds, seed, device, splits, overwrite, seeds, protocol, save=None, max_memory=None,
                   needs_head: bool = True, preset: Optional[str] = None, per_class_out: Optional[str] = None,
                   **options: Any) -> None:
     """Check the options, train ``method`` (its registry runner; once per --seeds seed), print it.
@@ -155,10 +155,12 @@ def stored_head_command(name: str, help: str, *, epochs: Any = 5, lr: Optional[f
                         sampler: Optional[str] = "cb",
                         sampler_help: str = "cb (class-balanced, default), ib, sqrt, pb or a power q.",
                         loss: Optional[str] = "ce", lr_help: str = "", loss_help: str = "", batch_note: str = "",
-                        presets: Sequence[str] = (), extra: Sequence[Callable] = ()) -> click.Command:
+                        presets: Sequence[str] = (), extra: Sequence[Callable] = (), save: bool = True
+                        ) -> click.Command:
     """``ltr <name>``: per-class parameters trained on the frozen stored classifier, with LWS's options,
     --loss ce|grw|las and its smoothing options, --preset (``presets``: the preset methods, default
-    ``name``) and ``extra`` options (e.g. :func:`train_protocol_option`)."""
+    ``name``) and ``extra`` options (e.g. :func:`train_protocol_option`); ``save``: offer --save (a
+    head that is no linear layer cannot be saved)."""
 
     def command(**options: Any) -> None:
         train_command(name, trained_human, **options)
@@ -166,7 +168,7 @@ def stored_head_command(name: str, help: str, *, epochs: Any = 5, lr: Optional[f
     command.__name__ = name
     for opt in reversed([
         common_options, thresholds_options,
-        sgd_options(epochs, lr, sampler_help, sampler=sampler, lr_help=lr_help, batch_note=batch_note),
+        sgd_options(epochs, lr, sampler_help, sampler=sampler, lr_help=lr_help, batch_note=batch_note, save=save),
         loss_options(("ce", "grw", "las"), loss, loss_help), *extra, preset_option(*(presets or (name,))),
         per_class_option, seeds_option, protocol_options, handle_user_errors,
     ]):
