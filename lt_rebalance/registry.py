@@ -104,8 +104,9 @@ METHODS: tuple[Method, ...] = (
            prior="the sampler's p_j ∝ n_j^q times the class-balanced loss weights", aliases=("weight-balancing",),
            command=("wb", _CLASSIFIER_COMMANDS, "wb"), needs_head=True, needs_train=True,
            selects="the best epoch (keep-best)", trained=True, default=False),
-    # trained on the joint logits (and the features, for its gate); not scored from the kept logits (its
-    # gate depends on x); its own "auto" schedule (the authors' 10 epochs of batch 256)
+    # opt-in as a later method (not one of the default study's); trained on the joint logits (and the
+    # features, for its gate); not scored from the kept logits (its gate depends on x); its own "auto"
+    # schedule (the authors' 10 epochs of batch 256)
     Method("disalign", f"{_RUNNERS}.trained:run_disalign",
            "DisAlign: confidence-gated per-class scale and bias on the stored classifier.",
            prior="p_j ∝ n_j^(1 − ρ) with the GRW loss and instance-balanced sampling (the sampler's p_j ∝ n_j^q "

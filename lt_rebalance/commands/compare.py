@@ -202,8 +202,9 @@ def compare_options(f):
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, per_class_out,
             overwrite, seed, seeds, protocol, device, max_memory):
     """Run joint, ncm, crt, tau_norm (tau selected on val), lws, logit_adjust (tau selected on val),
-    pc_softmax and marc with defaults; print one table. wb, knn and linear_probe run when named in
-    --methods (on ImageNet-LT-sized files each costs more on a CPU than the rest of the study).
+    pc_softmax and marc with defaults; print one table. wb, disalign, knn and linear_probe run when named
+    in --methods (on ImageNet-LT-sized files wb, knn and linear_probe each cost more on a CPU than the
+    rest of the study; disalign is a later method, not in the default set).
 
     Methods that need the stored classifier are skipped, with the reason, when the file has none
     or when it is a random initialisation (name them in --methods to run them anyway). cRT and LWS
