@@ -389,6 +389,8 @@ CASES = [
          ("--preset", "choose one of imagenet_lt, places_lt, inat2018")),
     Case("preset-not-published", lambda d, g: ["disalign", "-f", _copy(g, d), "--preset", "inat2018"], 2,
          ("no published configuration of disalign for 'inat2018'", "choose one of imagenet_lt")),
+    Case("preset-batch-larger-than-train", lambda d, g: ["lws", "-f", _copy(g, d), "--preset", "imagenet_lt"], 2,
+         ("--preset imagenet_lt sets batch size 512, larger than the 71 train rows", "give --batch-size")),
     Case("empty-classes-unknown", lambda d, g: ["logit-adjust", "-f", _copy(g, d), "--empty-classes", "zero"], 2,
          ("--empty-classes", "'one-row', 'reference'")),
     Case("per-class-out-exists", lambda d, g: ["joint", "-f", _copy(g, d), "--per-class-out",

@@ -139,7 +139,7 @@ def crt(features, as_json, quiet, allow_incomplete, thresholds, seed, device, sp
     session = make_session(features, allow_incomplete, splits, device, seeds[0] if seeds else seed, thresholds,
                            protocol, max_memory)
     require_split(session.store, "train", "to train on")
-    check_batch_fits(session.store, batch_size)
+    check_batch_fits(session.store, batch_size, chosen)
     stored = session.store.splits["train"].views
     if views > stored:
         raise click.BadParameter(f"{views} views asked for, but {features} stores {stored} train views",

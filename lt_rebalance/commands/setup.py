@@ -55,11 +55,16 @@ def require_head(store, command: str) -> None:
         click.echo(f"warning: {store.path}: {RANDOM_HEAD_NOTE}; `ltr {command}` builds on it", err=True)
 
 
-def check_batch_fits(store, batch_size: Any) -> None:
+def check_batch_fits(store, batch_size: Any, preset: Optional[dict] = None) -> None:
     """An explicit --batch-size must not exceed the train rows ("auto" shrinks to them; no check
-    when the file has no train split)."""
+    when the file has no train split). ``preset``: the JSON ``"preset"`` of the run, when its
+    batch size came from there (the message then says so)."""
     rows = store.splits["train"].rows if "train" in store.splits else None
     if batch_size != "auto" and rows is not None and batch_size > rows:
+        if preset is not None and "batch_size" not in preset["overridden"]:
+            raise click.BadParameter(f"--preset {preset['name']} sets batch size {batch_size}, larger than the "
+                                     f"{rows} train rows; give --batch-size (at most {rows}, or auto) to override "
+                                     "it", param_hint="--batch-size")
         raise click.BadParameter(f"{batch_size} is larger than the {rows} train rows; give at most {rows}, "
                                  "or leave it at auto", param_hint="--batch-size")
 

@@ -142,7 +142,7 @@ def train_command(method: str, human: Callable[[dict], str], *, features, as_jso
     if needs_head:
         require_head(session.store, method)
     require_split(session.store, "train", "to train on")
-    check_batch_fits(session.store, options["batch_size"])
+    check_batch_fits(session.store, options["batch_size"], chosen)
     run = run_trained(session, method, seeds, log=None if quiet else log, **options)
     if chosen is not None:
         run.result["preset"] = chosen
