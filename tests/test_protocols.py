@@ -194,7 +194,17 @@ def test_paired_difference_on_the_same_resamples():
 
 def test_implied_priors():
     """Each head's own answer, against the priors worked out by hand (docs/METHODS.md)."""
-    from lt_rebalance.heads import CRT, KNN, LWS, MARC, DisAlign, JointHead, LinearProbe, TauNorm, WeightBalancing
+    from lt_rebalance.heads import (
+        CRT,
+        KNN,
+        LWS,
+        MARC,
+        DisAlign,
+        JointHead,
+        LinearProbe,
+        TauNorm,
+        WeightBalancing,
+    )
     from lt_rebalance.posthoc import LogitAdjustment, TemperatureScaled
     from lt_rebalance.priors import NoImpliedPrior
 
