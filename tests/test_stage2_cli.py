@@ -345,3 +345,16 @@ def test_las_shapes_of_the_cli_are_the_library_s():
     from lt_rebalance.heads.losses import LAS_SHAPES as LIBRARY
 
     assert tuple(LAS_SHAPES) == tuple(LIBRARY)
+
+
+def test_per_class_out_of_compare_on_several_files(full, tmp_path):
+    other = tmp_path / "other.h5"
+    b = make_arrays(seed=1)  # same classes and train counts, another representation
+    write_features(other, _splits(b), weight=b["weight"], bias=b["bias"])
+    out = tmp_path / "two.csv"
+    run(["compare", "-f", full, "-f", other, "--methods", "joint", "--splits", "test", "--per-class-out", out, "-q"])
+    rows = _read_csv(out)
+    assert list(rows[0])[:3] == ["features", "method", "split"]
+    assert [r["features"] for r in rows] == [full] * C + [str(other)] * C
+    pred = (b["x_test"].astype(np.float64) @ b["weight"].T + b["bias"]).argmax(1)
+    assert [int(r["correct"]) for r in rows[C:]] == _numpy_per_class(pred, b["y_test"])[1].tolist()
