@@ -6,8 +6,9 @@ Two kinds, both of the file's stored classifier W (and bias b):
   scores are a per-class affine map of it (joint, τ-norm, LWS, MARC, logit adjustment, PC softmax:
   registry ``scored_from_stored``) are scored from it, and the τ and logit-adjustment sweeps
   run on it: one GEMM per split for all of them.
-* ``"joint"``: X Wᵀ + b of train and val in a compact precision, which LWS and MARC train on
-  (registry ``trained_on_stored``; :class:`~lt_rebalance.heads.lws.JointLogits`).
+* ``"joint"``: X Wᵀ + b of train and val in a compact precision, which LWS, MARC and DisAlign train
+  on (registry ``trained_on_stored``; :class:`~lt_rebalance.heads.lws.JointLogits`; DisAlign's gate
+  reads each batch's features from the train rows beside them).
 
 Each entry has an explicit key (:class:`LogitKey`: file, kind, splits, precision, device, budget) and
 lives until :meth:`LogitStore.release` or the end of the ``with`` block that owns the store. The

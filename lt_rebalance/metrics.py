@@ -4,7 +4,8 @@ Accuracies are fractions in [0, 1]. Shot groups come from **training** counts (d
 "Evaluation"): many > 100, few < 20, medium otherwise; a group's accuracy is the mean of the
 per-class accuracies of its classes that have evaluation images (the reference's ``shot_acc``),
 and NaN when none do. Tail metrics (:func:`tail_accuracies`: worst class, worst 10 %, harmonic
-mean of the groups) and the imbalance of a train split (:func:`imbalance_stats`) are here too.
+mean of the groups) are here too; the imbalance of a train split (:func:`imbalance_stats`) and the
+shot-group sizes (:func:`group_sizes`) are re-exported from the torch-free :mod:`lt_rebalance.imbalance`.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .blocks import SCORE_ROWS, all_finite, column_affine, row_blocks
+from .imbalance import DEFAULT_FEW, DEFAULT_MANY, group_sizes, imbalance_stats  # noqa: F401 (torch-free there)
 
 GROUPS = ("many", "medium", "few")
-DEFAULT_MANY, DEFAULT_FEW = 100, 20
 
 
 def _tensor(a: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -31,10 +32,6 @@ def shot_groups(counts: Any, many: int = DEFAULT_MANY, few: int = DEFAULT_FEW) -
     c = _tensor(counts, torch.int64)
     m, f = c > many, c < few
     return {"many": m, "medium": ~m & ~f, "few": f}
-
-
-def group_sizes(counts: Any, many: int = DEFAULT_MANY, few: int = DEFAULT_FEW) -> dict[str, int]:
-    return {g: int(mask.sum()) for g, mask in shot_groups(counts, many, few).items()}
 
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -100,33 +97,6 @@ def tail_accuracies(class_acc: torch.Tensor, groups: dict[str, float]) -> dict[s
         out = {"worst_class": low[0].item(), "worst_10pct": low.mean().item()}
     vals = [float(groups[g]) for g in GROUPS if not math.isnan(float(groups[g]))]
     out["hmean"] = (float("nan") if not vals else 0.0 if min(vals) == 0 else len(vals) / sum(1 / v for v in vals))
-    return out
-
-
-def imbalance_stats(counts: Any) -> dict[str, float]:
-    """How imbalanced a train split is, from its class counts int (C,).
-
-    ``imbalance_factor``: max n_j / min n_j over the classes with at least one row (classes with
-    no row are left out of the minimum, and counted in ``empty_classes``); NaN without rows.
-    ``gini``: the Gini coefficient of the counts of all C classes, empty ones included:
-    Σ_i Σ_k |n_i − n_k| / (2 C Σ_j n_j), 0 for equal counts, (C − 1) / C when one class holds
-    every row. ``top20_share``: the share of the train rows in the ceil(C / 5) largest classes.
-    """
-    n = _tensor(counts, torch.float64).flatten()
-    if n.numel() == 0 or (n < 0).any():
-        raise ValueError("counts must be a non-empty vector of non-negative class counts")
-    C, total = n.numel(), n.sum().item()
-    present = n[n > 0]
-    out = {"num_classes": C, "empty_classes": int(C - present.numel()), "imbalance_factor": float("nan"),
-           "gini": float("nan"), "top20_share": float("nan")}
-    if total > 0:
-        s = torch.sort(n).values  # ascending: Gini = Σ_i (2i − C − 1) s_i / (C Σ s), i = 1..C
-        rank = torch.arange(1, C + 1, dtype=torch.float64)
-        out.update(
-            imbalance_factor=(present.max() / present.min()).item(),
-            gini=((2 * rank - C - 1) * s).sum().item() / (C * total),
-            top20_share=s[C - -(-C // 5):].sum().item() / total,
-        )
     return out
 
 

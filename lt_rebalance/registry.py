@@ -29,7 +29,7 @@ class Method:
     ``default``: run by ``compare`` unless methods are named. ``scored_from_stored``: its scores
     are a per-class affine map of the stored classifier's logits X Wᵀ (scored from the logits
     ``compare`` keeps; its head's :meth:`logit_affine` gives the map). ``trained_on_stored``:
-    trained on the joint logits of train and val (LWS, MARC: one cache shared by a run). The
+    trained on the joint logits of train and val (LWS, MARC, DisAlign: one cache shared by a run). The
     runner of a method with either takes ``logits`` (a :class:`~lt_rebalance.logit_store.LogitStore`).
     ``prior``: the class prior its scores are balanced for (what the shifted-prior correction
     divides out), in words; the head's :meth:`implied_prior` computes it. ``epochs_from``: which of
@@ -104,6 +104,15 @@ METHODS: tuple[Method, ...] = (
            prior="the sampler's p_j ∝ n_j^q times the class-balanced loss weights", aliases=("weight-balancing",),
            command=("wb", _CLASSIFIER_COMMANDS, "wb"), needs_head=True, needs_train=True,
            selects="the best epoch (keep-best)", trained=True, default=False),
+    # opt-in as a later method (not one of the default study's); trained on the joint logits (and the
+    # features, for its gate); not scored from the kept logits (its gate depends on x); its own "auto"
+    # schedule (the authors' 10 epochs of batch 256)
+    Method("disalign", f"{_RUNNERS}.trained:run_disalign",
+           "DisAlign: confidence-gated per-class scale and bias on the stored classifier.",
+           prior="p_j ∝ n_j^(1 − ρ) with the GRW loss and instance-balanced sampling (the sampler's p_j ∝ n_j^q "
+                 "times n_j^−ρ; ρ = 1: uniform)",
+           command=("disalign", _CLASSIFIER_COMMANDS, "disalign"), needs_head=True, needs_train=True,
+           selects="the best epoch (keep-best)", trained=True, default=False, trained_on_stored=True),
     Method("experts", f"{_RUNNERS}.experts:run_experts",
            "Logit-adjusted experts of the stored classifier, weighted for the estimated test prior.",
            prior="none fixed: the combination adapts to the test prior it estimates", needs_head=True,

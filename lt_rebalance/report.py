@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ._version import __version__
-from .metrics import group_sizes
+from .imbalance import group_sizes, imbalance_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from .session import Session
 
-METRIC_COLUMNS = ("many", "medium", "few", "all", "mean_class")
+METRIC_COLUMNS = ("many", "medium", "few", "all", "mean_class", "worst_class", "worst_10pct", "hmean")
 FORMATS = ("html", "md")
 
 
@@ -71,10 +71,12 @@ def _ci_cell(ci: Optional[list], attrs: dict) -> Cell:
 # -- tables ------------------------------------------------------------------------------------------
 
 def files_table(sessions: Sequence[Session], labels: Sequence[str]) -> Table:
-    """One row per feature file: classes, feature dimension, rows per split, classes per shot group."""
+    """One row per feature file: classes, feature dimension, rows per split, classes per shot group, and
+    the imbalance of the train counts (:func:`~lt_rebalance.imbalance.imbalance_stats`)."""
     t = sessions[0].group_thresholds
     header = ["features", "model / dataset", "classes", "dim", "rows per split",
-              f"many (> {t['many']})", f"medium ({t['few']}–{t['many']})", f"few (< {t['few']})"]
+              f"many (> {t['many']})", f"medium ({t['few']}–{t['many']})", f"few (< {t['few']})",
+              "imbalance factor", "Gini", "top 20 % share (%)"]
     rows = []
     for ctx, label in zip(sessions, labels):
         s = ctx.store
@@ -83,12 +85,25 @@ def files_table(sessions: Sequence[Session], labels: Sequence[str]) -> Table:
         model = " / ".join(str(s.attrs.get(k) or "–") for k in ("model", "dataset"))
         rows.append([Cell(label), Cell(model),
                      Cell(str(s.num_classes)), Cell(str(s.dim)), Cell(splits),
-                     *(Cell(str(sizes[g])) for g in ("many", "medium", "few"))])
-    return Table("Feature files and shot groups (classes by training images)", header, rows)
+                     *(Cell(str(sizes[g])) for g in ("many", "medium", "few")), *_imbalance_cells(ctx.counts)])
+    note = ("Train imbalance: imbalance factor = largest / smallest class count (classes without train rows left "
+            "out); Gini coefficient of the class counts (0: balanced, (C − 1) / C: one class holds every row); "
+            "share of the train rows in the largest 20 % of classes.")
+    return Table("Feature files, shot groups (classes by training images) and train imbalance", header, rows,
+                 note=note)
+
+
+def _imbalance_cells(counts: Any) -> list[Cell]:
+    s = imbalance_stats(counts)
+    f, g = s["imbalance_factor"], s["gini"]
+    return [Cell("–" if f != f else f"{f:.4g}", f, {"data-metric": "imbalance_factor"}),
+            Cell("–" if g != g else f"{g:.3f}", g, {"data-metric": "gini"}),
+            _num(s["top20_share"], {"data-metric": "top20_share"})]
 
 
 def compare_tables(result: dict) -> list[Table]:
-    """Per evaluation split: method × many / medium / few / all / mean-class, with intervals if asked."""
+    """Per evaluation split: method × many / medium / few / all / mean-class (balanced accuracy) / worst class /
+    worst 10 % / harmonic mean of the groups, with intervals if asked."""
     several = isinstance(result.get("features"), list)
     tables = []
     for split in result["eval_splits"]:
@@ -287,7 +302,9 @@ def build_report(result: dict, sessions: Sequence[Session], labels: Sequence[str
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = [f"lt-rebalance {__version__}, {now}.",
             f"Shot groups by training images: many > {t['many']}, medium {t['few']}–{t['many']}, few < {t['few']}; "
-            "group accuracy = mean of per-class accuracies. Hyper-parameters (τ, epochs kept) selected on val."]
+            "group accuracy = mean of per-class accuracies. mean_class is the balanced accuracy; worst_class the "
+            "lowest per-class accuracy, worst_10pct the mean of the lowest 10 % (classes with evaluation rows), "
+            "hmean the harmonic mean of many/medium/few. Hyper-parameters (τ, epochs kept) selected on val."]
     tables = [files_table(sessions, labels), *compare_tables(result)]
     shifted = shifted_table(result)
     if shifted is not None:

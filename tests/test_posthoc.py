@@ -236,7 +236,8 @@ def test_cli_logit_adjust_json(data, files):
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     tau_json = json.loads(invoke(["tau-sweep", "-f", files["full"], "--json"]).output)
-    assert set(out) == set(tau_json) and out["method"] == "logit_adjust"
+    assert set(out) == set(tau_json) | {"empty_classes"} and out["method"] == "logit_adjust"
+    assert out["empty_classes"] == "one-row"  # the default rule for classes without train rows
     assert set(out["curves"]) == {"val", "test"} and len(out["taus"]) == 21
     la = LogitAdjustment(JointHead(data["W"], data["b"]).fit(), data["counts"]).fit(data["X_val"], data["y_val"])
     assert out["selected_tau"] == pytest.approx(la.tau_) and out["selected_on"] == "val"

@@ -194,7 +194,17 @@ def test_paired_difference_on_the_same_resamples():
 
 def test_implied_priors():
     """Each head's own answer, against the priors worked out by hand (docs/METHODS.md)."""
-    from lt_rebalance.heads import CRT, KNN, LWS, MARC, JointHead, LinearProbe, TauNorm, WeightBalancing
+    from lt_rebalance.heads import (
+        CRT,
+        KNN,
+        LWS,
+        MARC,
+        DisAlign,
+        JointHead,
+        LinearProbe,
+        TauNorm,
+        WeightBalancing,
+    )
     from lt_rebalance.posthoc import LogitAdjustment, TemperatureScaled
     from lt_rebalance.priors import NoImpliedPrior
 
@@ -213,6 +223,9 @@ def test_implied_priors():
     cb = 1 / (1 - 0.99 ** np.array([60.0, 30.0, 10.0]))  # Cui et al. weights on instance-balanced draws
     np.testing.assert_allclose(WeightBalancing(W, b, beta=0.99).implied_prior(counts).numpy(),
                                np.array([60, 30, 10]) * cb / (np.array([60, 30, 10]) * cb).sum())
+    tail = np.array([60.0, 30.0, 10.0]) ** -0.2  # DisAlign: GRW rho 1.2 on instance-balanced draws, n^(1 - rho)
+    np.testing.assert_allclose(DisAlign(W, b).implied_prior(counts).numpy(), tail / tail.sum())
+    np.testing.assert_allclose(DisAlign(W, b, rho=1.0).implied_prior(counts).numpy(), uniform)
     np.testing.assert_allclose(LinearProbe().implied_prior(counts).numpy(), uniform)
     np.testing.assert_allclose(LinearProbe(class_weight="none").implied_prior(counts).numpy(), [0.6, 0.3, 0.1])
     np.testing.assert_allclose(LogitAdjustment(joint, counts, tau=1.0).fit().implied_prior(counts).numpy(),

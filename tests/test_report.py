@@ -9,6 +9,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -67,7 +68,7 @@ def test_html_numbers_are_those_of_compare(page):
     checked = 0
     for r in cmp["rows"]:
         for split in cmp["eval_splits"]:
-            for k in ("many", "medium", "few", "all", "mean_class"):
+            for k in ("many", "medium", "few", "all", "mean_class", "worst_class", "worst_10pct", "hmean"):
                 v = r[split][k]
                 if v is not None:
                     assert parser.values[(split, r["method"], k)] == pytest.approx(v, abs=1e-12)
@@ -77,7 +78,20 @@ def test_html_numbers_are_those_of_compare(page):
             assert parser.shifted[(r["method"], "plain", prior)] == pytest.approx(r["shifted"][prior]["all"])
             em = r["shifted_corrected"][prior]["em"]["all"]
             assert parser.shifted[(r["method"], "EM prior", prior)] == pytest.approx(em)
-    assert checked >= 4 * 2 * 4
+    assert checked >= 4 * 2 * 7
+
+
+def test_html_describes_the_train_imbalance(page):
+    from test_protocols_cli import COUNTS
+
+    out, _, _ = page
+    text = out.read_text(encoding="utf-8")
+    n = COUNTS.astype(float)  # 120 80 40 25 12 6: factor 20, the ceil(6 / 5) = 2 largest hold 200 / 283
+    gini = np.abs(n[:, None] - n[None, :]).sum() / (2 * len(n) * n.sum())
+    cells = {m: float(v) for v, m in re.findall(r'data-value="([^"]+)" data-metric="(imbalance_factor|gini|'
+                                                  r'top20_share)"', text)}
+    assert cells == pytest.approx({"imbalance_factor": 20.0, "gini": gini, "top20_share": 200 / 283})
+    assert "imbalance factor" in text and "Gini" in text
 
 
 def test_html_is_self_contained(page):

@@ -1,4 +1,4 @@
-"""``ltr knn | linear-probe | wb | marc``: more classifiers on the cached features (docs/METHODS.md)."""
+"""``ltr knn | linear-probe | wb | marc | disalign``: more classifiers on the cached features (docs/METHODS.md)."""
 from __future__ import annotations
 
 import click
@@ -19,8 +19,15 @@ from .options import (
     thresholds_options,
 )
 from .render import emit, fmt_acc, log, splits_table, trained_human
-from .setup import check_writable, make_session, require_split, save_head_file
-from .trained import stored_head_command, train_command
+from .setup import (
+    check_writable,
+    make_session,
+    per_class_option,
+    require_split,
+    save_head_file,
+    write_per_class,
+)
+from .trained import preset_option, stored_head_command, train_command, train_protocol_option
 
 
 @click.command()
@@ -33,15 +40,20 @@ from .trained import stored_head_command, train_command
               help="Class-balanced votes: divide by n_c^BALANCE (0: plain, 1: per train image).")
 @device_option
 @splits_option
+@per_class_option
+@overwrite_option
 @protocol_options
 @handle_user_errors
-def knn(features, as_json, quiet, allow_incomplete, thresholds, k, temperature, balance, device, splits, protocol):
+def knn(features, as_json, quiet, allow_incomplete, thresholds, k, temperature, balance, device, splits, per_class_out,
+        overwrite, protocol):
     """Weighted kNN: the k most cosine-similar train rows vote with weight exp(sim / T)."""
     from ..runners.features import run_knn
 
+    check_writable(per_class_out, overwrite, [features])
     session = make_session(features, allow_incomplete, splits, device, thresholds=thresholds, protocol=protocol)
     require_split(session.store, "train", "for the neighbours")
     run = run_knn(session, k=k, temperature=temperature, balance=balance)
+    write_per_class(per_class_out, overwrite, session, {"knn": run.head}, run.result, features, quiet)
     title = f"weighted kNN (k {k}, T {temperature:g}" + (f", votes / n_c^{balance:g}" if balance else "") + "), accuracy %"
     emit(run.result, as_json, splits_human(lambda r: title, session.eval_splits))
 
@@ -78,11 +90,12 @@ def _probe_human(result: dict) -> str:
 @device_option
 @splits_option
 @save_option
+@per_class_option
 @overwrite_option
 @protocol_options
 @handle_user_errors
 def linear_probe(features, as_json, quiet, allow_incomplete, thresholds, C, C_grid, class_weight, max_iter, tol, precision,
-                 device, splits, save, overwrite, protocol):
+                 device, splits, save, per_class_out, overwrite, protocol):
     """Logistic regression with full-batch L-BFGS: scikit-learn's LogisticRegression objective."""
     from ..runners.features import run_linear_probe
 
@@ -91,6 +104,7 @@ def linear_probe(features, as_json, quiet, allow_incomplete, thresholds, C, C_gr
     if C_grid is not None and any(c <= 0 for c in C_grid):
         raise click.BadParameter(f"every C must be positive; got {C_grid}", param_hint="--C-grid")
     check_writable(save, overwrite, [features])
+    check_writable(per_class_out, overwrite, [features, save])
     session = make_session(features, allow_incomplete, splits, device, thresholds=thresholds, protocol=protocol)
     require_split(session.store, "train", "to fit on")
     if C_grid is not None:
@@ -102,6 +116,7 @@ def linear_probe(features, as_json, quiet, allow_incomplete, thresholds, C, C_gr
         log(f"warning: L-BFGS stopped after {result['n_iter']} iterations before reaching --tol {tol:g}; "
             "raise --max-iter", quiet)
     save_head_file(save, overwrite, run.head, result, features, quiet)
+    write_per_class(per_class_out, overwrite, session, {"linear_probe": run.head}, result, features, quiet)
     emit(result, as_json, with_protocol(_probe_human))
 
 
@@ -115,11 +130,17 @@ def _wb_human(result: dict) -> str:
 @common_options
 @thresholds_options
 @sgd_options(10, 0.01, "ib (instance-balanced, default: the authors'), cb, sqrt, pb or a power q.",
-             weight_decay=0.1, sampler="ib")
+             weight_decay=0.1, sampler="ib", schedule=None,
+             schedule_help=" Default: the protocol's (paper: cosine; authors: cosine-reference).")
 @click.option("--thresh", default=0.1, show_default=True, type=click.FloatRange(0),
               help="MaxNorm radius = min norm + THRESH x (max norm - min norm) of the stored classifier.")
 @click.option("--beta", default=0.9999, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Class-balanced loss weights (1 - beta) / (1 - beta^n_c).")
+@train_protocol_option("paper: MaxNorm projection after every step, full batches only, cosine schedule; authors "
+                       "(ShadeAlsha/LTR-weight-balancing): projection once per epoch, the last partial batch kept, "
+                       "cosine stepped before each epoch (cosine-reference). docs/METHODS.md, \"Weight balancing\".")
+@preset_option("wb")
+@per_class_option
 @seeds_option
 @protocol_options
 @handle_user_errors
@@ -128,4 +149,23 @@ def wb(**options):
     train_command("wb", _wb_human, **options)
 
 
-marc = stored_head_command("marc", "MARC: learn z'_j = omega_j z_j + beta_j ||w_j|| on the frozen stored classifier.")
+marc = stored_head_command(
+    "marc", "MARC: learn z'_j = omega_j z_j + beta_j ||w_j|| on the frozen stored classifier.",
+    epochs="5 (authors: 10)", lr=None, sampler=None, loss=None,
+    lr_help=" Default: the protocol's (paper 0.2, authors 0.05).",
+    sampler_help="ib, cb, sqrt, pb or a power q; default: the protocol's (paper cb, authors ib).",
+    loss_help=" Default: the protocol's (paper ce, authors grw).",
+    batch_note=" With --protocol authors auto is 256 instead of 512.",
+    extra=[train_protocol_option(
+        "paper: LWS's recipe (class-balanced sampling, cross-entropy, lr 0.2, batch 512, 5 epochs); authors "
+        "(microsoft/robustlearn marc): GRW loss (rho 1.2), instance-balanced sampling, lr 0.05, batch 256, 10 epochs, "
+        "floor(N/B) - 1 steps an epoch. Explicit flags win. docs/METHODS.md, \"MARC\".")],
+)
+
+disalign = stored_head_command(
+    "disalign", "DisAlign: confidence-gated per-class scale and bias on the frozen stored classifier.",
+    epochs=10, lr=0.1, sampler="ib", loss="grw",
+    sampler_help="ib (instance-balanced, default: the authors'), cb, sqrt, pb or a power q.",
+    batch_note=" DisAlign's auto is 256 (the authors') instead of 512.",
+    save=False,  # no linear layer (its gate depends on the features): no --save, no export
+)

@@ -20,7 +20,7 @@ from .options import (
     training_options,
 )
 from .render import emit, fmt_acc, log
-from .setup import check_training_fits, check_writable, eval_splits, open_store
+from .setup import check_training_fits, check_writable, eval_splits, open_store, per_class_option
 
 
 def _by_file(rows: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -60,9 +60,31 @@ def compare_table(result: dict) -> str:
     for s in result.get("skipped", []):
         where = f" in {s['features']}" if several and "features" in s else ""
         lines.append(f"(skipped {s['method']}{where}: {s['reason']})")
-    for section in (_seeds_section(result, width), _ci_section(result, width), _shifted_section(result, width)):
+    for section in (_tail_section(result, width), _seeds_section(result, width), _ci_section(result, width),
+                    _shifted_section(result, width)):
         if section:
             lines += ["", section]
+    return "\n".join(lines)
+
+
+TAIL_COLUMNS = (("mean_class", "mcls"), ("worst_class", "worst"), ("worst_10pct", "w10%"), ("hmean", "hmean"))
+
+
+def _tail_section(result: dict, width: int) -> str:
+    """Per split: balanced (mean-class) accuracy, the worst class, the mean of the worst 10 % of classes
+    and the harmonic mean of the shot groups (accuracy %)."""
+    splits = result["eval_splits"]
+    if not result["rows"]:
+        return ""
+    lines = ["balanced and tail accuracy % per split: mean-class (= balanced accuracy), worst class, mean of the "
+             "worst 10 % of classes, harmonic mean of many/medium/few",
+             f"{'method':<{width}}  " + "   ".join(" ".join(f"{(s[:4] + '/' + c):>10}" for _, c in TAIL_COLUMNS)
+                                                   for s in splits)]
+    several = isinstance(result.get("features"), list)
+    for r in result["rows"]:
+        cells = "   ".join(" ".join(f"{fmt_acc((r.get(s) or {}).get(k)):>10}" for k, _ in TAIL_COLUMNS)
+                           for s in splits)
+        lines.append(f"{r['method']:<{width}}  {cells}" + (f"  {r['features']}" if several else ""))
     return "\n".join(lines)
 
 
@@ -175,23 +197,39 @@ def compare_options(f):
 @click.command()
 @compare_options
 @click.option("--out", "out", type=click.Path(dir_okay=False), help="Also write the JSON results to this file.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@per_class_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out or --per-class-out file.")
 @handle_user_errors
-def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
-            seed, seeds, protocol, device, max_memory):
+def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, per_class_out,
+            overwrite, seed, seeds, protocol, device, max_memory):
     """Run every default method of the registry (joint, ncm, crt, tau_norm and logit_adjust with tau
     selected on val, lws, pc_softmax, marc) with defaults; print one table. The opt-in methods (see
-    --methods) run when named: on ImageNet-LT-sized files each costs more on a CPU than the rest.
+    --methods) run when named: on ImageNet-LT-sized files wb, knn and linear_probe each cost more on a
+    CPU than the rest; disalign and experts are later methods, not in the default set.
 
     Methods that need the stored classifier are skipped, with the reason, when the file has none
     or when it is a random initialisation (name them in --methods to run them anyway). cRT and LWS
     use --batch-size auto (512, or N // 8 on fewer than 4096 train rows) and auto epochs (at least
     500 optimiser steps). With several --features, every method runs on each file (each file is
-    read once).
+    read once). --per-class-out writes one CSV with a row per method, split and class (and a
+    features column with several files).
     """
     check_writable(out, overwrite, features)  # fail early if --out cannot be written
-    result, _ = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds,
-                                    protocol, device, quiet, max_memory=max_memory)
+    if per_class_out:
+        check_writable(per_class_out, overwrite, [*features, out])
+    heads: dict = {}
+    result, sessions = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed,
+                                           seeds, protocol, device, quiet, heads=heads if per_class_out else None,
+                                           max_memory=max_memory)
+    if per_class_out:
+        from ..per_class import per_class_rows, write_per_class_csv
+
+        rows = [{"features": path, **r} if len(features) > 1 else r
+                for session, path in zip(sessions, features)
+                for r in per_class_rows(session, heads[path])]
+        write_per_class_csv(per_class_out, rows, overwrite, [*features, out])
+        result["per_class_out"] = per_class_out
+        log(f"wrote per-class accuracy to {per_class_out}", quiet)
     if out:
         from ..results import to_json
         from ..store import atomic_write

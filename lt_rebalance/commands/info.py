@@ -10,9 +10,13 @@ from .setup import open_store
 
 
 def file_summary(store) -> dict:
-    """The ``ltr info`` document: the keys are a pinned contract, extend rather than rename."""
-    from ..metrics import group_sizes
+    """The ``ltr info`` document: the keys are a pinned contract, extend rather than rename.
 
+    ``imbalance_factor``, ``gini``, ``top20_share``: the imbalance of the train counts
+    (:func:`lt_rebalance.imbalance.imbalance_stats`; NaN → null without train rows)."""
+    from ..imbalance import group_sizes, imbalance_stats
+
+    stats = imbalance_stats(store.counts)
     return {
         "path": str(store.path),
         "format_version": store.format_version,
@@ -28,6 +32,10 @@ def file_summary(store) -> dict:
         },
         "groups": group_sizes(store.counts),
         "train_images": int(store.counts.sum()),
+        "imbalance_factor": stats["imbalance_factor"],
+        "gini": stats["gini"],
+        "top20_share": stats["top20_share"],
+        "empty_classes": stats["empty_classes"],
     }
 
 
@@ -40,6 +48,15 @@ def _head_text(d: dict) -> str:
     return "yes"
 
 
+def _imbalance_text(d: dict) -> str:
+    """imbalance factor, Gini and top-20 % share of a summary (or of a report's train counts)."""
+    if d.get("imbalance_factor") is None or d["imbalance_factor"] != d["imbalance_factor"]:
+        return "no train rows"
+    empty = f" ({d['empty_classes']} classes without rows left out)" if d.get("empty_classes") else ""
+    return (f"factor {d['imbalance_factor']:.4g} (max / min class count{empty}), Gini {d['gini']:.3f}, "
+            f"top 20 % of classes hold {100 * d['top20_share']:.1f} % of the rows")
+
+
 def _human(d: dict) -> str:
     lines = [
         f"{d['path']}: lt-rebalance feature file v{d['format_version']}",
@@ -47,6 +64,7 @@ def _human(d: dict) -> str:
         f"  {d['num_classes']} classes, {d['dim']}-d features, stored classifier: {_head_text(d)}",
         f"  shot groups (train counts): many {d['groups']['many']}, medium {d['groups']['medium']}, "
         f"few {d['groups']['few']}",
+        f"  train imbalance: {_imbalance_text(d)}",
         "  splits:",
     ]
     for name, s in d["splits"].items():

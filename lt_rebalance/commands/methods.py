@@ -24,13 +24,15 @@ from .setup import (
     check_batch_fits,
     check_writable,
     make_session,
+    per_class_option,
     require_head,
     require_split,
     run_trained,
     save_head_file,
+    write_per_class,
 )
 from .sweeps import run_sweep_command
-from .trained import crt_human, stored_head_command
+from .trained import apply_preset, crt_human, loss_options, preset_option, stored_head_command
 
 
 def splits_human(title: Callable[[dict], str], splits) -> Callable[[dict], str]:
@@ -42,17 +44,22 @@ def splits_human(title: Callable[[dict], str], splits) -> Callable[[dict], str]:
 @common_options
 @thresholds_options
 @splits_option
+@per_class_option
+@overwrite_option
 @protocol_options
 @max_memory_option
 @handle_user_errors
-def joint(features, as_json, quiet, allow_incomplete, thresholds, splits, protocol, max_memory):
+def joint(features, as_json, quiet, allow_incomplete, thresholds, splits, per_class_out, overwrite, protocol,
+          max_memory):
     """Evaluate the stored stage-1 (joint) classifier: the baseline every method is compared with."""
     from ..runners.stored_head import run_joint
 
+    check_writable(per_class_out, overwrite, [features])
     session = make_session(features, allow_incomplete, splits, thresholds=thresholds, protocol=protocol,
                            max_memory=max_memory)
     require_head(session.store, "joint")
     run = run_joint(session)
+    write_per_class(per_class_out, overwrite, session, {"joint": run.head}, run.result, features, quiet)
     emit(run.result, as_json, splits_human(lambda r: "joint (stored stage-1 classifier), accuracy %",
                                            session.eval_splits))
 
@@ -64,21 +71,24 @@ def joint(features, as_json, quiet, allow_incomplete, thresholds, splits, protoc
               help="cl2n: centre on the train mean then L2-normalise; l2n: normalise; un: raw; cos: reference's cosine.")
 @splits_option
 @save_option
+@per_class_option
 @overwrite_option
 @protocol_options
 @max_memory_option
 @handle_user_errors
-def ncm(features, as_json, quiet, allow_incomplete, thresholds, variant, splits, save, overwrite, protocol,
-        max_memory):
+def ncm(features, as_json, quiet, allow_incomplete, thresholds, variant, splits, save, per_class_out, overwrite,
+        protocol, max_memory):
     """Nearest class mean on the cached train features (needs no stored classifier)."""
     from ..runners.features import run_ncm
 
     check_writable(save, overwrite, [features])
+    check_writable(per_class_out, overwrite, [features, save])
     session = make_session(features, allow_incomplete, splits, thresholds=thresholds, protocol=protocol,
                            max_memory=max_memory)
     require_split(session.store, "train", "to compute class means")
     run = run_ncm(session, variant)
     save_head_file(save, overwrite, run.head, run.result, features, quiet)
+    write_per_class(per_class_out, overwrite, session, {"ncm": run.head}, run.result, features, quiet)
     emit(run.result, as_json, splits_human(lambda r: f"NCM ({variant}), accuracy %", session.eval_splits))
 
 
@@ -86,10 +96,12 @@ def ncm(features, as_json, quiet, allow_incomplete, thresholds, variant, splits,
 @common_options
 @thresholds_options
 @sweep_options
+@per_class_option
+@overwrite_option
 @protocol_options
 @handle_user_errors
-def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split, protocol,
-              max_memory):
+def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split,
+              per_class_out, overwrite, protocol, max_memory):
     """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM.
 
     --bootstrap and --test-priors are reported at the selected tau.
@@ -97,7 +109,7 @@ def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, sele
     from ..runners.sweeps import run_tau_sweep
 
     run_sweep_command("tau-sweep", run_tau_sweep, features, as_json, allow_incomplete, thresholds, taus, select_on,
-                      metric, eval_split, protocol, max_memory)
+                      metric, eval_split, protocol, max_memory, per_class_out, overwrite, quiet)
 
 
 @click.command()
@@ -106,35 +118,41 @@ def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, sele
 @sgd_options(10, 0.2, "ib, cb (class-balanced, default), sqrt, pb or a power q.", grid=True)
 @click.option("--views", default=0, show_default=True, type=click.IntRange(0),
               help="Train on K stored augmented views (a random view per row per step; at most the stored K).")
-@click.option("--loss", type=click.Choice(["ce", "balanced-softmax"]), default="ce", show_default=True)
+@loss_options(("ce", "balanced-softmax", "las"), "ce")
 @click.option("--class-weights", type=click.Choice(["none", "cb"]), default="none", show_default=True,
               help="cb: class-balanced loss weights (Cui et al.) with --beta.")
 @click.option("--beta", default=0.9999, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
-@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Uniform label smoothing ε (--loss ce or balanced-softmax).")
+@preset_option("crt")
+@per_class_option
 @seeds_option
 @protocol_options
 @handle_user_errors
-def crt(features, as_json, quiet, allow_incomplete, thresholds, epochs, lr, batch_size, weight_decay, momentum, sampler,
-        schedule, keep_best, seed, device, splits, save, overwrite, views, loss, class_weights, beta,
-        label_smoothing, seeds, protocol, max_memory):
+def crt(features, as_json, quiet, allow_incomplete, thresholds, seed, device, splits, save, overwrite, views, preset,
+        per_class_out, seeds, protocol, max_memory, **options):
     """Re-train the linear classifier on the cached features (class-balanced sampling by default)."""
     check_writable(save, overwrite, [features])
+    check_writable(per_class_out, overwrite, [features, save])
+    chosen = apply_preset("crt", preset, options, quiet, lists=("lr", "weight_decay")) if preset else None
+    lr, weight_decay, batch_size = options.pop("lr"), options.pop("weight_decay"), options["batch_size"]
     session = make_session(features, allow_incomplete, splits, device, seeds[0] if seeds else seed, thresholds,
                            protocol, max_memory)
     require_split(session.store, "train", "to train on")
-    check_batch_fits(session.store, batch_size)
+    check_batch_fits(session.store, batch_size, chosen)
     stored = session.store.splits["train"].views
     if views > stored:
         raise click.BadParameter(f"{views} views asked for, but {features} stores {stored} train views",
                                  param_hint="--views")
     grid = None if len(lr) == len(weight_decay) == 1 else (lr, weight_decay)
-    run = run_trained(
-        session, "crt", seeds, views=views, log=None if quiet else log, grid=grid, epochs=epochs, lr=lr[0],
-        batch_size=batch_size, weight_decay=weight_decay[0], momentum=momentum, sampler=sampler, schedule=schedule,
-        keep_best=keep_best, loss=loss, class_weights=class_weights, beta=beta, label_smoothing=label_smoothing,
-    )
+    run = run_trained(session, "crt", seeds, views=views, log=None if quiet else log, grid=grid, lr=lr[0],
+                      weight_decay=weight_decay[0], **options)
+    if chosen is not None:
+        run.result["preset"] = chosen
     save_head_file(save, overwrite, run.head, run.result, features, quiet)
+    write_per_class(per_class_out, overwrite, session, {"crt": run.head}, run.result, features, quiet)
     emit(run.result, as_json, with_protocol(crt_human))
 
 
-lws = stored_head_command("lws", "Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1).")
+lws = stored_head_command("lws", "Learn one scale per class on the frozen stored classifier (Places-LT: --lr 0.1).",
+                          presets=("lws", "lws_las"))

@@ -29,7 +29,7 @@ splits_option = click.option(
     "--splits", "splits", default=None, help="Comma-separated splits to evaluate (default: val and test)."
 )
 save_option = click.option("--save", type=click.Path(dir_okay=False), help="Save the fitted head to this .pt file.")
-overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --save file.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing --save or --per-class-out file.")
 
 
 class Device(click.ParamType):
@@ -174,9 +174,9 @@ def epochs_option(name: str, reference: int, what: str = "Training epochs") -> C
                         help=f"{what}; " + EPOCHS_AUTO_HELP.format(n=reference))
 
 
-def batch_size_option(what: str = "Batch size") -> Callable:
+def batch_size_option(what: str = "Batch size", note: str = "") -> Callable:
     return click.option("--batch-size", default="auto", show_default=True, type=AutoIntRange(1),
-                        help=f"{what}; " + BATCH_AUTO_HELP)
+                        help=f"{what}; " + BATCH_AUTO_HELP + note)
 
 
 def thresholds_options(f: Callable) -> Callable:
@@ -301,35 +301,42 @@ def seeds_option(f: Callable) -> Callable:
                              "seed's head is the one reported in full (and saved). Overrides --seed.")(wrapper)
 
 
-def sgd_options(epochs: int, lr: float, sampler_help: str, grid: bool = False, *, weight_decay: float = 5e-4,
-                sampler: str = "cb"):
-    """The training options shared by crt, lws, marc and wb (defaults: the reference's, or the method's).
+def sgd_options(epochs: Any, lr: Optional[float], sampler_help: str, grid: bool = False, *,
+                weight_decay: float = 5e-4, sampler: Optional[str] = "cb", schedule: Optional[str] = "cosine",
+                lr_help: str = "", schedule_help: str = "", batch_note: str = "", save: bool = True):
+    """The training options shared by crt, lws, marc, disalign and wb (defaults: the reference's, or the
+    method's).
 
     ``grid``: --lr and --weight-decay take comma lists (:class:`FloatList`), a grid trained in one pass.
+    ``epochs``: what "auto" epochs stand for on a large file (a number, or words). A default of None
+    (``lr``, ``sampler``, ``schedule``) is "the protocol's", explained by ``lr_help``,
+    ``sampler_help``, ``schedule_help``; ``batch_note`` is appended to --batch-size's help. ``save``:
+    offer --save (not for a head that is no linear layer).
     """
     if grid:
         lr_type, wd_type, grid_help = FloatList(positive=True), FloatList(), " A comma list trains a grid in one pass."
-        lr_help, wd_help = f" [{lr_type.range_text}]", f" [{wd_type.range_text}]"
+        lr_help, wd_help = f"{lr_help} [{lr_type.range_text}]", f" [{wd_type.range_text}]"
     else:
         lr_type, wd_type, grid_help = click.FloatRange(0, min_open=True), click.FloatRange(0), ""
-        lr_help = wd_help = ""
+        wd_help = ""
     opts = [
         epochs_option("--epochs", epochs),
-        click.option("--lr", default=lr, show_default=True, type=lr_type,
+        click.option("--lr", default=lr, show_default=lr is not None, type=lr_type,
                      help="Base learning rate (cosine schedule)." + grid_help + lr_help),
-        batch_size_option(),
+        batch_size_option(note=batch_note),
         click.option("--weight-decay", default=weight_decay, show_default=True, type=wd_type,
                      help=(grid_help.strip() + wd_help).strip() or None),
         click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
-        click.option("--sampler", default=sampler, show_default=True, type=Sampler(), help=sampler_help),
-        click.option("--schedule", type=click.Choice(["cosine", "cosine-reference", "constant"]), default="cosine",
-                     show_default=True, help="cosine-reference: the reference's (last epoch at lr = 0)."),
+        click.option("--sampler", default=sampler, show_default=sampler is not None, type=Sampler(), help=sampler_help),
+        click.option("--schedule", type=click.Choice(["cosine", "cosine-reference", "constant"]), default=schedule,
+                     show_default=schedule is not None,
+                     help="cosine-reference: the reference's (last epoch at lr = 0)." + schedule_help),
         click.option("--keep-best/--last-epoch", default=True, show_default=True,
                      help="Keep the epoch with the best val top-1 (needs a val split)."),
         seed_option,
         device_option,
         splits_option,
-        save_option,
+        *([save_option] if save else []),
         overwrite_option,
         max_memory_option,
     ]

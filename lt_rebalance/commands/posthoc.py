@@ -14,13 +14,14 @@ from .options import (
     device_option,
     epochs_option,
     max_memory_option,
+    overwrite_option,
     protocol_options,
     seed_option,
     sweep_options,
     thresholds_options,
 )
 from .render import emit, log
-from .setup import check_batch_fits, make_session, require_head
+from .setup import check_batch_fits, make_session, per_class_option, require_head
 from .sweeps import run_sweep_command
 
 
@@ -28,10 +29,15 @@ from .sweeps import run_sweep_command
 @common_options
 @thresholds_options
 @sweep_options
+@click.option("--empty-classes", type=click.Choice(["one-row", "reference"]), default="one-row", show_default=True,
+              help="A class without train rows: counted as one row, or the reference's log(π^tau + 1e-12), which "
+                   "makes it win nearly every row.")
+@per_class_option
+@overwrite_option
 @protocol_options
 @handle_user_errors
 def logit_adjust(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split,
-                 protocol, max_memory):
+                 empty_classes, per_class_out, overwrite, protocol, max_memory):
     """Logit adjustment of the stored classifier (z - tau log prior) for every tau in one GEMM.
 
     tau = 1 is PC softmax. The JSON has the shape of `ltr tau-sweep` (method "logit_adjust").
@@ -39,7 +45,8 @@ def logit_adjust(features, as_json, quiet, allow_incomplete, thresholds, taus, s
     from ..runners.sweeps import run_logit_adjust_sweep
 
     run_sweep_command("logit-adjust", run_logit_adjust_sweep, features, as_json, allow_incomplete, thresholds, taus,
-                      select_on, metric, eval_split, protocol, max_memory)
+                      select_on, metric, eval_split, protocol, max_memory, per_class_out, overwrite, quiet,
+                      empty_classes=empty_classes)
 
 
 def _num(v: float, fmt: str) -> str:
@@ -69,8 +76,8 @@ def _calibration_human(result: dict) -> str:
               help=f"The head to calibrate: {', '.join(METHOD_NAMES)} (tau_norm and logit_adjust with tau "
                    "selected on val; old spellings such as tau accepted).")
 @click.option("--eval-split", default="test", show_default=True, help="Split the NLL and ECE are reported on.")
-@epochs_option("--epochs", 10, "Training epochs of crt/lws/marc/wb (auto: theirs, 10, 5, 5 and 10)")
-@batch_size_option("Batch size of crt/lws/marc/wb")
+@epochs_option("--epochs", 10, "Training epochs of crt/lws/marc/wb/disalign (auto: theirs, 10, 5, 5, 10 and 10)")
+@batch_size_option("Batch size of crt/lws/marc/wb/disalign")
 @seed_option
 @device_option
 @max_memory_option

@@ -55,11 +55,16 @@ def require_head(store, command: str) -> None:
         click.echo(f"warning: {store.path}: {RANDOM_HEAD_NOTE}; `ltr {command}` builds on it", err=True)
 
 
-def check_batch_fits(store, batch_size: Any) -> None:
+def check_batch_fits(store, batch_size: Any, preset: Optional[dict] = None) -> None:
     """An explicit --batch-size must not exceed the train rows ("auto" shrinks to them; no check
-    when the file has no train split)."""
+    when the file has no train split). ``preset``: the JSON ``"preset"`` of the run, when its
+    batch size came from there (the message then says so)."""
     rows = store.splits["train"].rows if "train" in store.splits else None
     if batch_size != "auto" and rows is not None and batch_size > rows:
+        if preset is not None and "batch_size" not in preset["overridden"]:
+            raise click.BadParameter(f"--preset {preset['name']} sets batch size {batch_size}, larger than the "
+                                     f"{rows} train rows; give --batch-size (at most {rows}, or auto) to override "
+                                     "it", param_hint="--batch-size")
         raise click.BadParameter(f"{batch_size} is larger than the {rows} train rows; give at most {rows}, "
                                  "or leave it at auto", param_hint="--batch-size")
 
@@ -108,3 +113,23 @@ def run_trained(session: Any, method: str, seeds: Optional[list[int]], **options
     if seeds and len(seeds) > 1:
         return run_seeds(session, method, seeds, **options)
     return runner(method)(session, **options)
+
+
+per_class_option = click.option(
+    "--per-class-out", "per_class_out", type=click.Path(dir_okay=False), default=None,
+    help="Also write per-class accuracy (CSV: method, split, class, train_count, group, support, correct, "
+         "accuracy) of every evaluated split to this file (replaced only with --overwrite).",
+)
+
+
+def write_per_class(path: Optional[str], overwrite: bool, session: Any, heads: dict, result: dict, features: Any,
+                    quiet: bool) -> None:
+    """``--per-class-out``: the per-class CSV of ``heads`` (method -> head) on ``session``'s splits;
+    ``result`` gains ``"per_class_out"``; nothing when None."""
+    if path:
+        from ..per_class import per_class_rows, write_per_class_csv
+
+        inputs = [features] if isinstance(features, str) else list(features)
+        write_per_class_csv(path, per_class_rows(session, heads), overwrite, inputs)
+        result["per_class_out"] = path
+        log(f"wrote per-class accuracy to {path}", quiet)

@@ -7,7 +7,7 @@ import click
 
 from ._protocol_text import with_protocol
 from .render import emit, metrics_table
-from .setup import make_session, require_head, require_split
+from .setup import check_writable, make_session, require_head, require_split, write_per_class
 
 SWEEP_TITLES = {"tau_norm": "tau-normalisation", "logit_adjust": "logit adjustment"}
 
@@ -33,8 +33,10 @@ def tau_table(result: dict) -> str:
 
 def run_sweep_command(command: str, runner: Callable, features: str, as_json: bool, allow_incomplete: bool,
                       thresholds: dict, taus: str, select_on: Optional[str], metric: str, eval_split: str,
-                      protocol: Any, max_memory: Optional[int] = None) -> None:
-    """Parse and check the sweep options, run ``runner`` (run_tau_sweep's signature), print the result."""
+                      protocol: Any, max_memory: Optional[int] = None, per_class_out: Optional[str] = None,
+                      overwrite: bool = False, quiet: bool = False, **runner_options: Any) -> None:
+    """Parse and check the sweep options, run ``runner`` (run_tau_sweep's signature, and ``runner_options``),
+    print the result; ``per_class_out``: the per-class CSV of the head at the selected τ on ``eval_split``."""
     from ..runners.sweeps import parse_taus
 
     try:
@@ -44,6 +46,10 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
     if protocol.test_priors and eval_split != "test":
         raise click.BadParameter("--test-priors are evaluated on the test split; use --eval-split test",
                                  param_hint="--eval-split")
+    if per_class_out and select_on == "none":
+        raise click.BadParameter("--select-on none reports no head; select tau to write per-class accuracy",
+                                 param_hint="--per-class-out")
+    check_writable(per_class_out, overwrite, [features])
     session = make_session(features, allow_incomplete, None, thresholds=thresholds, protocol=protocol,
                            max_memory=max_memory)
     require_head(session.store, command)
@@ -55,5 +61,10 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
             )
         select_on = "val"
     require_split(session.store, eval_split, "for --eval-split")
-    run = runner(session, tau_list, None if select_on == "none" else select_on, metric, eval_split)
+    run = runner(session, tau_list, None if select_on == "none" else select_on, metric, eval_split, **runner_options)
+    if per_class_out:
+        from dataclasses import replace
+
+        write_per_class(per_class_out, overwrite, replace(session, eval_splits=[eval_split]),
+                        {run.result["method"]: run.head}, run.result, features, quiet)
     emit(run.result, as_json, with_protocol(tau_table))

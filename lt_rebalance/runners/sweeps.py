@@ -105,11 +105,17 @@ def run_logit_adjust_sweep(
     select_on: Optional[str] = "val",
     metric: str = "top1",
     eval_split: str = "test",
+    empty_classes: str = "one-row",
 ) -> MethodRun:
-    """Logit adjustment of the stored classifier (z − τ·log π); the result shape of :func:`run_tau_sweep`."""
+    """Logit adjustment of the stored classifier (z − τ·log π); the result shape of :func:`run_tau_sweep`,
+    with ``"empty_classes"``: how a class without train rows is adjusted (:class:`LogitAdjustment`)."""
     base = joint_head(session)
-    return _sweep(
+    run = _sweep(
         session, "logit_adjust",
-        lambda X, y: logit_adjust_sweep(X, y, base.weight_, base.bias_, session.counts, taus, **session.thresholds),
-        lambda tau: LogitAdjustment(base, session.counts, tau).fit(), taus, select_on, metric, eval_split,
+        lambda X, y: logit_adjust_sweep(X, y, base.weight_, base.bias_, session.counts, taus,
+                                        empty_classes=empty_classes, **session.thresholds),
+        lambda tau: LogitAdjustment(base, session.counts, tau, empty_classes=empty_classes).fit(), taus, select_on,
+        metric, eval_split,
     )
+    run.result["empty_classes"] = empty_classes
+    return run

@@ -1,12 +1,12 @@
-"""Methods trained by SGD on the cached features: cRT (a fresh linear head), and LWS, MARC and weight
-balancing (trained from the stored classifier)."""
+"""Methods trained by SGD on the cached features: cRT (a fresh linear head), and LWS, MARC, DisAlign and
+weight balancing (trained from the stored classifier)."""
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, Optional, Sequence
 
 from ..evaluation import report
-from ..heads import CRT, LWS, MARC, WeightBalancing
+from ..heads import CRT, LWS, MARC, DisAlign, WeightBalancing
 from ..heads.crt_grid import CRTGrid, fit_seeds
 from ..heads.lws import JointLogitCalibration
 from ..logit_store import LogitStore, joint_cache_gb
@@ -16,6 +16,8 @@ from . import MethodRun, evaluated
 
 Log = Optional[Callable[[str], None]]
 MAX_EPOCH_LINES = 20  # per-epoch progress lines of a run (many short epochs are logged every k-th)
+# what a head's protocol_params_ records beyond its parameters, copied into a result's params
+RECORDED = ("protocol", "loss", "projection", "epoch_batches", "steps_per_epoch")
 
 
 def epoch_logger(method: str, log: Log):
@@ -41,12 +43,15 @@ def _trained_params(head: Any, drop: Sequence[str]) -> dict:
     """``params`` of a trained result: its settings, with the epochs and batch size actually run.
 
     ``auto`` lists the settings that were "auto" (:func:`~lt_rebalance.heads.training.plan_schedule`),
-    ``steps`` the optimiser steps.
+    ``steps`` the optimiser steps. Settings a protocol resolved (None in ``get_params``: MARC's lr,
+    sampler, loss; weight balancing's schedule) are the values run, and what the head records of its
+    protocol beyond its parameters (:data:`RECORDED`) is added.
     """
     plan = head.schedule_
     shown = {k: v for k, v in head.get_params().items() if k not in ("progress", "device", *drop)}
     ran = getattr(head, "protocol_params_", {})  # settings a protocol resolved (None in get_params)
     shown.update({k: ran[k] for k, v in shown.items() if v is None and k in ran})
+    shown.update({k: ran[k] for k in RECORDED if k in ran and k not in shown})
     return {**shown, "epochs": plan.epochs, "batch_size": plan.batch_size, "steps": plan.steps,
             "auto": list(plan.auto)}
 
@@ -118,9 +123,10 @@ def run_crt(
 
 def _run_on_stored(session: Session, method: str, cls: type, log: Log, params: dict,
                    logits: Optional[LogitStore]) -> MethodRun:
-    """A head trained by SGD from the stored classifier (LWS, MARC, WB): ``cls(W, b, **params)``.
+    """A head trained by SGD from the stored classifier (LWS, MARC, DisAlign, WB): ``cls(W, b, **params)``.
 
-    LWS and MARC train on the joint logits of train and val: ``logits`` holds them for the run
+    LWS, MARC and DisAlign train on the joint logits of train and val (DisAlign's gate also reads
+    each batch's features, from the train rows): ``logits`` holds them for the run
     (shared by the methods and seeds of one ``compare``); without it the head computes its own.
     """
     W, b = session.head()
@@ -147,6 +153,16 @@ def run_marc(session: Session, log: Log = None, logits: Optional[LogitStore] = N
     """MARC (ω_j z_j + β_j ‖w_j‖) on the stored classifier; the result adds ``omega`` and ``beta`` (C,)."""
     run = _run_on_stored(session, "marc", MARC, log, params, logits)
     run.result.update(omega=run.head.omega_, beta=run.head.beta_)
+    return run
+
+
+def run_disalign(session: Session, log: Log = None, logits: Optional[LogitStore] = None, **params: Any
+                 ) -> MethodRun:
+    """DisAlign on the stored classifier with ``params`` (DisAlign's keyword arguments); the result adds
+    ``alpha`` and ``beta`` (C,), the per-class scale and bias. Its scores are no affine map of the kept
+    logits (the gate depends on x): it is evaluated from the features."""
+    run = _run_on_stored(session, "disalign", DisAlign, log, params, logits)
+    run.result.update(alpha=run.head.alpha_, beta=run.head.beta_)
     return run
 
 
