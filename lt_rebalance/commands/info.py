@@ -9,9 +9,14 @@ from .render import emit
 from .setup import open_store
 
 
+# root attributes that say which features a foundation-model extraction stored (docs/FORMAT.md)
+EMBEDDING_ATTRS = ("embedding", "l2_normalized", "preprocess")
+
+
 def file_summary(store) -> dict:
     """The ``ltr info`` document: the keys are a pinned contract, extend rather than rename."""
     from ..metrics import group_sizes
+    from ..text_store import text_head_summary
 
     return {
         "path": str(store.path),
@@ -28,6 +33,8 @@ def file_summary(store) -> dict:
         },
         "groups": group_sizes(store.counts),
         "train_images": int(store.counts.sum()),
+        "text_head": text_head_summary(store),
+        "embedding": {k: store.attrs[k] for k in EMBEDDING_ATTRS if k in store.attrs},
     }
 
 
@@ -47,8 +54,14 @@ def _human(d: dict) -> str:
         f"  {d['num_classes']} classes, {d['dim']}-d features, stored classifier: {_head_text(d)}",
         f"  shot groups (train counts): many {d['groups']['many']}, medium {d['groups']['medium']}, "
         f"few {d['groups']['few']}",
-        "  splits:",
     ]
+    if d.get("text_head"):
+        t = d["text_head"]
+        lines.append(f"  text head: {t['model']} ({t['pretrained']}), {t['templates']} template(s), "
+                     f"logit scale {t['logit_scale']:.4g}{', forced across models' if t['forced'] else ''}")
+    if d.get("embedding"):
+        lines.append("  embedding: " + ", ".join(f"{k} {v}" for k, v in d["embedding"].items()))
+    lines.append("  splits:")
     for name, s in d["splits"].items():
         state = "complete" if s["complete"] else "INCOMPLETE"
         views = f", {s['views']} augmented views" if s["views"] else ""
