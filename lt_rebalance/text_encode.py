@@ -84,7 +84,8 @@ def load_tower(arch: str, pretrained: Optional[str], random_init: bool = False, 
             raise ValueError(f"could not get the {arch} weights {source!r} ({type(e).__name__}: {first}); they are "
                              "downloaded on first use, so run once with network access, or download the "
                              "checkpoint and pass --pretrained PATH") from None
-        raise ValueError(f"could not load {source or arch} as {arch} weights ({type(e).__name__}: {first})") from None
+        what = f"load {source} as {arch} weights" if source else f"build {arch}"
+        raise ValueError(f"could not {what} ({type(e).__name__}: {first})") from None
     finally:
         logging.disable(logging.NOTSET)
     model.eval()
