@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from lt_rebalance.extract.foundation import embedding_function, is_foundation_model, transform_kind
 
 from lt_rebalance.cli import main
-from lt_rebalance.extract.foundation import embedding_function, is_foundation_model, transform_kind
 
 timm = pytest.importorskip("timm")
 

@@ -8,7 +8,6 @@ from .options import json_option
 from .render import emit
 from .setup import open_store
 
-
 # root attributes that say which features a foundation-model extraction stored (docs/FORMAT.md)
 EMBEDDING_ATTRS = ("embedding", "l2_normalized", "preprocess")
 

@@ -44,7 +44,7 @@ def text_head(features: str, arch: str, pretrained: Optional[str], random_init: 
     prompts, normalised again. The zero_shot, zero_shot_debiased, gla and text_init methods use it.
     """
     from ..templates import load_templates
-    from ..text_encode import load_tower, model_mismatch, encode_class_names, require_open_clip
+    from ..text_encode import encode_class_names, load_tower, model_mismatch, require_open_clip
     from ..text_store import TextHead, check_names, has_text_head, write_text_head
 
     require_open_clip()

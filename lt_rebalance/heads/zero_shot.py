@@ -49,12 +49,14 @@ def confidence_temperature(logits: Any, labels: Any, lo: float = 1e-3, hi: float
     """
     from scipy.optimize import brentq
 
-    z = as_tensor(logits, torch.float64)
+    z = as_tensor(logits, torch.float32)
     y = as_tensor(labels, torch.int64, z.device)
-    acc = (z.argmax(1) == y).double().mean().item()
+    blocks = list(row_blocks(len(z), SCORE_ROWS))  # float64 a block of rows at a time
+    acc = sum(int((z[s].argmax(1) == y[s]).sum()) for s in blocks) / len(z)
 
     def gap(log_t: float) -> float:
-        return torch.softmax(z / math.exp(log_t), dim=1).amax(1).mean().item() - acc
+        t = math.exp(log_t)
+        return sum(torch.softmax(z[s].double() / t, dim=1).amax(1).sum().item() for s in blocks) / len(z) - acc
 
     a, b = math.log(lo), math.log(hi)
     if gap(a) <= 0:
@@ -200,7 +202,9 @@ class ZeroShotDebiased(ZeroShot):
         self.log_prior_ = estimate_log_prior(z, target).to(device)
         taus = [float(self.tau)] if self.tau is not None else [float(t) for t in self.taus]
         lq = self.log_prior_.float()
-        self.val_top1_ = {t: (z - t * lq).argmax(1).eq(y).double().mean().item() for t in taus}
+        hits = {t: sum(int((z[s] - t * lq).argmax(1).eq(y[s]).sum()) for s in row_blocks(len(z), SCORE_ROWS))
+                for t in taus}
+        self.val_top1_ = {t: h / len(z) for t, h in hits.items()}
         best = max(self.val_top1_.values())
         self.tau_ = min(t for t, v in self.val_top1_.items() if v == best)  # ties: the smaller τ
         return self
