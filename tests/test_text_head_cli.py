@@ -95,10 +95,14 @@ def test_text_methods_in_compare(tmp_path):
     skipped = {s["method"]: s["reason"] for s in json.loads(r.stdout)["skipped"]}
     assert set(skipped) == set(methods.split(",")) and all("text head" in v for v in skipped.values())
     assert _run("text-head", "--features", f, "--model", TINY, "--random-init", "--templates", "photo").exit_code == 0
-    r = _run("compare", "-f", f, "--methods", methods, "--json", "-q")
+    r = _run("compare", "-f", f, "--methods", methods, "--json", "-q", "--test-priors", "forward-5,uniform",
+             "--bootstrap", "20", "--seeds", "0,1")
     assert r.exit_code == 0, r.output
     rows = {row["method"]: row for row in json.loads(r.stdout)["rows"]}
     assert set(rows) == set(methods.split(","))
+    assert "pre-training" in json.dumps(rows["zero_shot"]["shifted_corrected"])  # no implied prior: the reason
+    assert "reason" not in json.dumps(rows["gla"]["shifted_corrected"]) and "ci" in rows["gla"]
+    assert rows["text_init"]["over_seeds"]["seeds"] == [0, 1]
     assert rows["gla"]["classifier"] == "linear_probe"  # no stored head: the probe
     assert len(rows["zero_shot_debiased"]["log_prior"]) == 4
     assert 0 <= rows["zero_shot"]["test"]["all"] <= 1
