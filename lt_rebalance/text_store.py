@@ -87,6 +87,23 @@ def text_head_summary(store: Any) -> Optional[dict]:
                 "logit_scale": float(a.get("logit_scale", 1.0)), "forced": bool(a.get("forced", False))}
 
 
+def text_head_problem(f: h5py.File, num_classes: int, dim: int) -> Optional[str]:
+    """What is wrong with ``f``'s ``/text_head`` (``ltr check``): shape, dtype, non-finite or non-unit
+    rows; None when it is sound (or absent)."""
+    if GROUP not in f:
+        return None
+    if "weight" not in f[GROUP]:
+        return "/text_head has no weight"
+    ds = f[GROUP]["weight"]
+    if ds.shape != (num_classes, dim) or ds.dtype != np.float32:
+        return f"/text_head/weight is {ds.dtype} {ds.shape}, expected float32 ({num_classes}, {dim})"
+    w = ds[...].astype(np.float64)
+    if not np.isfinite(w).all():
+        return f"/text_head/weight has {int((~np.isfinite(w)).sum())} NaN/Inf values"
+    off = int((np.abs(np.linalg.norm(w, axis=1) - 1) > 1e-3).sum())
+    return f"{off} row(s) of /text_head/weight are not unit-norm" if off else None
+
+
 def _unit_rows(weight: Any) -> np.ndarray:
     w = np.asarray(weight.detach().cpu() if hasattr(weight, "detach") else weight, dtype=np.float32)
     if w.ndim != 2:

@@ -86,6 +86,11 @@ def test_text_head_matches_an_independent_prompt_ensemble(tmp_path, checkpoint):
         assert "/text_head/weight" in report.verified and not report.mismatched and not report.missing
     info = json.loads(_run("info", f, "--json").stdout)
     assert info["text_head"]["templates"] == 2 and info["text_head"]["model"] == ARCH
+    assert "[pass] text head" in _run("check", f).output
+    with h5py.File(f, "r+") as h:  # damage it: ltr check finds it (checksum and unit rows)
+        h["text_head/weight"][0] *= 2
+    out = _run("check", f).output
+    assert "[FAIL] text head: 1 row(s) of /text_head/weight are not unit-norm" in out and "[FAIL] checksums" in out
 
 
 def test_text_methods_in_compare(tmp_path):
