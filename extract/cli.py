@@ -61,8 +61,13 @@ def _human(r: dict) -> str:
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored feature dtype.")
 @click.option("--list-dir", type=click.Path(file_okay=False), help="Folder of list files (imagenet_lt, places_lt, inat2018).")
-@click.option("--transform", "transform_kind", default="reference", show_default=True,
-              type=click.Choice(["reference", "timm"]), help="Reference eval transform or the model's timm config.")
+@click.option("--transform", "transform_kind", default="auto", show_default=True,
+              type=click.Choice(["auto", "reference", "timm"]),
+              help="Reference eval transform or the model's timm config; auto: timm's for CLIP/SigLIP/DINOv2/EVA-style "
+                   "models, else reference.")
+@click.option("--embedding", default="pre-logits", show_default=True, type=click.Choice(["pre-logits", "projected"]),
+              help="Pooled pre-logits features, or the image-text projection of CLIP-style towers (matches ltr text-head).")
+@click.option("--l2-normalize", is_flag=True, help="Store L2-normalised feature rows.")
 @click.option("--image-size", type=click.IntRange(8), help="Crop side [default: 224; CIFAR 32].")
 @click.option("--imbalance", default=100.0, show_default=True, type=click.FloatRange(1.0), help="CIFAR-LT imbalance factor.")
 @click.option("--val-per-class", default=20, show_default=True, type=click.IntRange(1), help="CIFAR-LT val images per class.")
@@ -120,30 +125,36 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
         log(f"warning: {total} image file(s) missing (first 10: {first}); --skip-bad leaves them out", quiet)
     num_classes = len(data.counts)
     torch.manual_seed(opts["seed"])  # --random-init weights are reproducible (and resumable)
-    model = create_backbone(opts["model"], num_classes=None if opts["pretrained"] else num_classes,
+    from .foundation import embedding_function, transform_kind
+
+    projected = opts["embedding"] == "projected"  # keeps the model's own head: the projection
+    model = create_backbone(opts["model"], num_classes=None if opts["pretrained"] or projected else num_classes,
                             pretrained=opts["pretrained"])
+    features_fn, embedding_attrs = embedding_function(model, opts["embedding"], opts["l2_normalize"], opts["model"])
     sha, scales = "", None
     if opts["checkpoint"]:
         loaded = load_checkpoint(model, opts["checkpoint"])
         sha, scales = loaded.sha256, loaded.scales
-    head = linear_head(model, scales)
+    head = None if projected else linear_head(model, scales)  # a projection is no classifier
     if head is not None and head[0].shape[0] != num_classes:
         log(f"note: the model's classifier has {head[0].shape[0]} classes, the dataset {num_classes}; "
             "no /head stored", quiet)
         head = None
-    transform = (timm_config(model, data.family, opts["image_size"]) if opts["transform_kind"] == "timm"
+    kind = transform_kind(opts["transform_kind"], opts["model"], model)
+    transform = (timm_config(model, data.family, opts["image_size"]) if kind == "timm"
                  else reference_config(data.family, opts["image_size"]))
     config = ExtractConfig(opts["batch_size"], opts["workers"], device, opts["dtype"], opts["train_views"],
                            opts["seed"], opts["resume"], opts["overwrite"], opts["skip_bad"])
     meta = {"model": opts["model"], "dataset": data.name, "checkpoint_sha256": sha,
-            "weights": "checkpoint" if sha else ("pretrained" if opts["pretrained"] else "random-init")}
+            "weights": "checkpoint" if sha else ("pretrained" if opts["pretrained"] else "random-init"),
+            **embedding_attrs, "preprocess": kind}
     if data.family == "cifar":
         meta["imbalance"] = opts["imbalance"]
     total = sum(len(s) * (1 + (opts["train_views"] if name == "train" else 0)) for name, s in data.sources.items())
     if env is not None:
         total = total // env.world
     kwargs = dict(counts=data.counts, transform=transform, config=config, head=head, class_names=data.class_names,
-                  meta=meta)
+                  meta=meta, features_fn=features_fn)
     with _progress(total, quiet) as bar:
         if env is None:
             result = extract_features(model, data.sources, opts["out"], progress=bar.update, **kwargs)

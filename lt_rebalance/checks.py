@@ -132,6 +132,11 @@ def _verify_contents(store: FeatureStore, checks: list[Check]) -> None:
     if store.has_head:
         bad = sum(int((~np.isfinite(f[k][...])).sum()) for k in ("head/weight", "head/bias") if k in f)
         checks.append(Check("head finite", bad == 0, f"{bad} NaN/Inf values"))
+    if "text_head" in f:
+        from .text_store import text_head_problem
+
+        problem = text_head_problem(f, store.num_classes, store.dim)
+        checks.append(Check("text head", problem is None, problem or "(C, D) float32, unit rows"))
 
 
 def _check_dtypes(f: h5py.File, store: FeatureStore) -> Check:

@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("lt_rebalance.commands.demo", "demo", "The whole pipeline on bundled digits images, offline, on a CPU."),
     "plot": ("lt_rebalance.commands.plot", "plot", "Figures: tau-curve, norms, per-class, compare (needs matplotlib)."),
     "report": ("lt_rebalance.commands.report", "report", "One self-contained HTML (or Markdown) page: tables, intervals, figures."),
+    "text-head": ("lt_rebalance.commands.text_head", "text_head",
+                  "Encode class-name prompts with an open_clip text tower into the feature file (needs [clip])."),
 }
 
 

@@ -31,6 +31,8 @@ class Method:
     ``compare`` keeps; its head's :meth:`logit_affine` gives the map). ``trained_on_stored``:
     trained on the joint logits of train and val (LWS, MARC, DisAlign: one cache shared by a run). The
     runner of a method with either takes ``logits`` (a :class:`~lt_rebalance.logit_store.LogitStore`).
+    ``needs_text_head``: uses the file's text head (``/text_head``, ``ltr text-head``; ``compare``
+    skips it, with the reason, on a file without one).
     ``prior``: the class prior its scores are balanced for (what the shifted-prior correction
     divides out), in words; the head's :meth:`implied_prior` computes it. ``epochs_from``: which of
     ``compare``'s ``--crt-epochs`` / ``--lws-epochs`` sets a trained method's epochs (with
@@ -52,6 +54,7 @@ class Method:
     scored_from_stored: bool = False
     trained_on_stored: bool = False
     epochs_from: Optional[str] = None
+    needs_text_head: bool = False
 
     @property
     def uses_stored_logits(self) -> bool:
@@ -62,6 +65,7 @@ _RUNNERS = "lt_rebalance.runners"
 _METHOD_COMMANDS = "lt_rebalance.commands.methods"
 _CLASSIFIER_COMMANDS = "lt_rebalance.commands.classifiers"
 _POSTHOC_COMMANDS = "lt_rebalance.commands.posthoc"
+_TEXT = f"{_RUNNERS}.text"
 
 # in the order ``compare`` runs them
 METHODS: tuple[Method, ...] = (
@@ -125,6 +129,25 @@ METHODS: tuple[Method, ...] = (
            prior="uniform with class_weight 'balanced' (the default), π with 'none'", aliases=("linear-probe",),
            command=("linear-probe", _CLASSIFIER_COMMANDS, "linear_probe"), needs_train=True,
            selects="C (with --C-grid)", default=False),
+    # opt-in: they need a text head (ltr text-head), which most files do not have
+    Method("zero_shot", f"{_TEXT}:run_zero_shot", "Zero-shot: logit scale x cosine of features and class-name text.",
+           prior="the pre-training data's label prior (unknown; zero_shot_debiased estimates it)",
+           aliases=("zero-shot", "zeroshot"), default=False, needs_text_head=True),
+    Method("zero_shot_debiased", f"{_TEXT}:run_zero_shot_debiased",
+           "Zero-shot minus tau log q, q the pre-training prior estimated on val (GLA).",
+           prior="q^(1 − τ) of the estimated pre-training prior q (uniform at τ = 1)",
+           aliases=("zero-shot-debiased",), needs_val=True,
+           selects="tau (the temperature and the prior q are estimated on val too)", default=False,
+           needs_text_head=True),
+    Method("gla", f"{_TEXT}:run_gla", "GLA: debiased zero-shot plus a trained classifier, both priors removed.",
+           prior="uniform (the pre-training prior and the classifier's prior are both removed)",
+           needs_train=True, needs_val=True, selects="the temperature and the prior q (estimated on val)",
+           default=False, needs_text_head=True),
+    Method("text_init", f"{_TEXT}:run_text_init",
+           "LIFT: cosine classifier initialised from the text head, logit-adjusted loss.",
+           prior="the sampler's p_j ∝ n_j^q divided by π_j (instance-balanced: uniform)", aliases=("text-init",),
+           needs_train=True, selects="the best epoch (keep-best)", trained=True, default=False,
+           needs_text_head=True),
 )
 BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 ALIASES: dict[str, str] = {a: m.name for m in METHODS for a in m.aliases}

@@ -17,6 +17,7 @@ from .protocols import Protocol, paired_differences, seed_summary
 from .runners import MethodRun
 from .session import Session
 from .store import RANDOM_HEAD_NOTE
+from .text_store import has_text_head
 
 Log = Optional[Callable[[str], None]]
 
@@ -91,6 +92,8 @@ def _skip_reason(session: Session, spec: registry.Method, named: bool) -> Option
         return "the file has no stored classifier"
     if spec.needs_head and session.store.head_random_init and not named:
         return RANDOM_HEAD_NOTE
+    if spec.needs_text_head and not has_text_head(session.store):
+        return "the file has no text head (/text_head); add one with `ltr text-head` (docs/FOUNDATION.md)"
     if spec.needs_val and not session.has_rows("val"):
         return f"{spec.name} selects {spec.selects} on val, and the file has no val rows"
     return None

@@ -237,6 +237,17 @@ def test_implied_priors():
     np.testing.assert_allclose(TemperatureScaled(joint, 2.0).fit().implied_prior(counts).numpy(), [0.6, 0.3, 0.1])
     with pytest.raises(NoImpliedPrior, match="kNN votes"):
         KNN(k=3).fit(X, y).implied_prior(counts)
+    # text heads (docs/METHODS.md, "Text heads")
+    from lt_rebalance.heads import GLA, TextInitCosine, ZeroShot, ZeroShotDebiased
+
+    with pytest.raises(NoImpliedPrior, match="pre-training"):
+        ZeroShot(W).fit().implied_prior(counts)
+    zs = ZeroShotDebiased(W, 10.0, tau=0.5, temperature=1.0).fit(X, y)
+    q = zs.log_prior_.exp().numpy()
+    np.testing.assert_allclose(zs.implied_prior(counts).numpy(), np.sqrt(q) / np.sqrt(q).sum(), rtol=1e-6)
+    np.testing.assert_allclose(GLA(zs, joint, counts).fit().implied_prior(counts).numpy(), uniform)
+    np.testing.assert_allclose(TextInitCosine(W).implied_prior(counts).numpy(), uniform)  # ib draws, LA loss
+    np.testing.assert_allclose(TextInitCosine(W, tau=0.0).implied_prior(counts).numpy(), [0.6, 0.3, 0.1])
 
 
 def test_known_prior_correction_undoes_a_shift():

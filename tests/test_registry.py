@@ -25,8 +25,11 @@ def test_every_entry_is_complete_and_its_runner_exists():
 
 def test_derived_tables():
     assert registry.DEFAULT_METHODS == ("joint", "ncm", "crt", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc")
-    assert registry.OPT_IN_METHODS == ("wb", "disalign", "experts", "knn", "linear_probe")
-    assert registry.TRAINED_METHODS == ("crt", "lws", "marc", "wb", "disalign")
+    assert registry.OPT_IN_METHODS == ("wb", "disalign", "experts", "knn", "linear_probe", "zero_shot",
+                                       "zero_shot_debiased", "gla", "text_init")
+    assert registry.TRAINED_METHODS == ("crt", "lws", "marc", "wb", "disalign", "text_init")
+    assert tuple(m.name for m in registry.METHODS if m.needs_text_head) == (
+        "zero_shot", "zero_shot_debiased", "gla", "text_init")
     assert registry.HEAD_METHODS == ("joint", "tau_norm", "lws", "logit_adjust", "pc_softmax", "marc", "wb",
                                      "disalign", "experts")
     assert registry.get("tau-sweep").name == "tau_norm" and registry.get(" Linear-Probe ").name == "linear_probe"
@@ -37,7 +40,7 @@ def test_derived_tables():
 def test_schedule_options_follow_epochs_from():
     opts = registry.schedule_options(3, 7, 64)
     assert opts == {"crt": {"epochs": 3, "batch_size": 64}, "lws": {"epochs": 7, "batch_size": 64},
-                    "marc": {"epochs": 7, "batch_size": 64}, "wb": {}, "disalign": {}}
+                    "marc": {"epochs": 7, "batch_size": 64}, "wb": {}, "disalign": {}, "text_init": {}}
 
 
 def test_method_commands_are_the_cli_commands():

@@ -8,6 +8,9 @@ from .options import json_option
 from .render import emit
 from .setup import open_store
 
+# root attributes that say which features a foundation-model extraction stored (docs/FORMAT.md)
+EMBEDDING_ATTRS = ("embedding", "l2_normalized", "preprocess")
+
 
 def file_summary(store) -> dict:
     """The ``ltr info`` document: the keys are a pinned contract, extend rather than rename.
@@ -15,6 +18,7 @@ def file_summary(store) -> dict:
     ``imbalance_factor``, ``gini``, ``top20_share``: the imbalance of the train counts
     (:func:`lt_rebalance.imbalance.imbalance_stats`; NaN → null without train rows)."""
     from ..imbalance import group_sizes, imbalance_stats
+    from ..text_store import text_head_summary
 
     stats = imbalance_stats(store.counts)
     return {
@@ -36,6 +40,8 @@ def file_summary(store) -> dict:
         "gini": stats["gini"],
         "top20_share": stats["top20_share"],
         "empty_classes": stats["empty_classes"],
+        "text_head": text_head_summary(store),
+        "embedding": {k: store.attrs[k] for k in EMBEDDING_ATTRS if k in store.attrs},
     }
 
 
@@ -65,8 +71,14 @@ def _human(d: dict) -> str:
         f"  shot groups (train counts): many {d['groups']['many']}, medium {d['groups']['medium']}, "
         f"few {d['groups']['few']}",
         f"  train imbalance: {_imbalance_text(d)}",
-        "  splits:",
     ]
+    if d.get("text_head"):
+        t = d["text_head"]
+        lines.append(f"  text head: {t['model']} ({t['pretrained']}), {t['templates']} template(s), "
+                     f"logit scale {t['logit_scale']:.4g}{', forced across models' if t['forced'] else ''}")
+    if d.get("embedding"):
+        lines.append("  embedding: " + ", ".join(f"{k} {v}" for k, v in d["embedding"].items()))
+    lines.append("  splits:")
     for name, s in d["splits"].items():
         state = "complete" if s["complete"] else "INCOMPLETE"
         views = f", {s['views']} augmented views" if s["views"] else ""

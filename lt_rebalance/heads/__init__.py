@@ -10,7 +10,10 @@ from .lws import LWS
 from .marc import MARC
 from .ncm import NCM, NCM_VARIANTS
 from .tau_norm import DEFAULT_TAUS, TauNorm, tau_normalize, tau_sweep
+from .text_init import TextInitCosine
 from .wb import WeightBalancing
+from .zero_shot import GLA, ZeroShot, ZeroShotDebiased
 
-__all__ = ["CRT", "CRTGrid", "DisAlign", "JointHead", "KNN", "LinearProbe", "LogitAdjustedExperts", "LWS", "MARC", "NCM", "NCM_VARIANTS", "DEFAULT_TAUS",
-           "TauNorm", "WeightBalancing", "tau_normalize", "tau_sweep"]
+__all__ = ["CRT", "CRTGrid", "DisAlign", "JointHead", "KNN", "LinearProbe", "LogitAdjustedExperts", "LWS", "MARC", "NCM",
+           "NCM_VARIANTS", "DEFAULT_TAUS", "TauNorm", "TextInitCosine", "WeightBalancing", "GLA", "ZeroShot",
+           "ZeroShotDebiased", "tau_normalize", "tau_sweep"]
