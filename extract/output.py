@@ -1,9 +1,11 @@
 """Safe output handling: ``OUT.partial`` + lock file, resume checks, bad-image records, split shrinking."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -34,7 +36,7 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
     lock = Path(f"{target}.lock")
     key = str(lock.resolve())
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock)
         try:
             if key in _HELD:
                 raise BlockingIOError
@@ -67,6 +69,23 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
         lock.unlink(missing_ok=True)
         _HELD.discard(key)
         os.close(fd)
+
+
+def _open_lock(lock: Path) -> int:
+    """Open (create) the lock file without following a link: a symlink planted at ``OUT.lock`` would
+    otherwise have its target truncated. A link, or anything but a regular file, is refused."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise FileExistsError(f"{lock} is a symbolic link (to {os.readlink(lock)}); the extraction's lock file is "
+                              "never opened through a link: remove the link, then retry") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileExistsError(f"{lock} is not a regular file; the extraction's lock file must be one: remove it, "
+                              "then retry")
+    return fd
 
 
 def resume_partial(target: str | os.PathLike, fingerprint: Mapping[str, Any], *, resume: bool, overwrite: bool) -> bool:

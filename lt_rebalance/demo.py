@@ -13,6 +13,7 @@ import contextlib
 import errno
 import io
 import json
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -216,13 +217,20 @@ def _remove_previous_run(out: Path) -> None:
     if foreign:
         raise FileExistsError(f"{images} holds files the demo did not write ({', '.join(foreign[:5])}), which the "
                               "extraction would read as images; move them out or choose another --out")
+    real = Path(os.path.realpath(out))
     for rel in listed:
-        if (out / rel).is_file() and not (out / rel).is_symlink():
+        if _inside(real, rel) and (out / rel).is_file() and not (out / rel).is_symlink():
             (out / rel).unlink()
     for rel in sorted(folders - {Path(".")}, key=lambda p: len(p.parts), reverse=True):
-        if (out / rel).is_dir() and not any((out / rel).iterdir()):
+        if _inside(real, rel) and (out / rel).is_dir() and not any((out / rel).iterdir()):
             (out / rel).rmdir()
     manifest.unlink()
+
+
+def _inside(real_out: Path, rel: Path) -> bool:
+    """True when ``OUT/rel`` lies in OUT's real path through no symbolic link (a symlinked sub-folder
+    of OUT points elsewhere: nothing there is the demo's to delete)."""
+    return os.path.realpath(real_out / rel) == str(real_out / rel)
 
 
 def _pct(v: Optional[float]) -> str:

@@ -65,6 +65,37 @@ def same_file(a: PathLike, b: PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def not_regular(path: PathLike) -> Optional[str]:
+    """What is at ``path`` when it exists and is not a regular file (never following a link), else None.
+
+    Outputs are written only as regular files: a rename over a device node, a FIFO or a symbolic link
+    replaces that object (``--out /dev/null --overwrite`` run as root would replace the system's
+    ``/dev/null``).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link to {os.readlink(path)}"
+        except OSError:
+            return "a symbolic link"
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def refuse_not_regular(path: PathLike) -> None:
+    """Raise :class:`OutputError` when ``path`` exists and is not a regular file (see :func:`not_regular`)."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise OutputError(f"{path} is {kind}, not a regular file; outputs are written only as regular files and "
+                          "this one is not replaced, even with --overwrite: choose another path")
+
+
 def temp_path(path: PathLike) -> Path:
     """A fresh temporary name beside ``path`` (the caller creates the file, e.g. h5py mode "w-")."""
     path = Path(path)
@@ -145,7 +176,8 @@ def check_output(path: PathLike, overwrite: bool = False, inputs: Iterable[Optio
 
     Raises FileNotFoundError (no folder), ValueError (``path`` is an input, with or without
     ``overwrite``), IsADirectoryError, FileExistsError (exists, no ``overwrite``) or
-    :class:`OutputError` (the folder cannot be written: read-only, permissions, full).
+    :class:`OutputError` (the folder cannot be written: read-only, permissions, full; or ``path``
+    is not a regular file: a device, FIFO, socket or symbolic link, with or without ``overwrite``).
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -156,6 +188,7 @@ def check_output(path: PathLike, overwrite: bool = False, inputs: Iterable[Optio
                              "input (even with --overwrite): choose another output path")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
+    refuse_not_regular(path)
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     remove_stale_temps(path.parent)
@@ -181,6 +214,7 @@ def publish(tmp: PathLike, path: PathLike, overwrite: bool) -> None:
     Where hard links are not supported, a rename after a last check is used instead.
     """
     if overwrite:
+        refuse_not_regular(path)  # appeared since check_output
         os.replace(tmp, path)
         return
     try:
