@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from lt_rebalance.store import FeatureFileWriter
+from lt_rebalance.store.untrusted import outside_storage
 
 FINGERPRINT_ATTR = "extract_fingerprint"
 
@@ -98,8 +99,12 @@ def resume_partial(target: str | os.PathLike, fingerprint: Mapping[str, Any], *,
         try:
             with h5py.File(partial, "r", locking=False) as f:
                 stored = json.loads(f.attrs.get(FINGERPRINT_ATTR, "{}"))
+                outside = outside_storage(f, limit=1)
         except OSError as e:
             raise ValueError(f"{partial} cannot be resumed ({e}); pass --overwrite to start over") from None
+        if outside:
+            raise ValueError(f"{partial} cannot be resumed: {outside[0]}, and resuming would write there; "
+                             "pass --overwrite to start over")
         expected = json.loads(json.dumps(fingerprint))  # same JSON normal form as stored
         diff = sorted(k for k in expected.keys() | stored.keys() if stored.get(k) != expected.get(k))
         if diff:

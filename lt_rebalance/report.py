@@ -12,6 +12,8 @@ import datetime
 import html
 import io
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -251,10 +253,19 @@ def _html_table(t: Table) -> str:
     return "\n".join(out)
 
 
-def _md_table(t: Table) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]#|~])")
 
+
+def md_escape(s: str) -> str:
+    """Text safe to place in Markdown: HTML markup neutralised (``<`` -> ``&lt;``, as the HTML report
+    does), Markdown punctuation backslash-escaped and line breaks flattened, so that file attributes
+    (model, dataset, class names) cannot inject links, images, scripts or table cells."""
+    flat = " ".join(str(s).splitlines())
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(flat, quote=False))
+
+
+def _md_table(t: Table) -> str:
+    esc = md_escape
     lines = [f"**{esc(t.title)}**", "", "| " + " | ".join(esc(h) for h in t.header) + " |",
              "|" + "|".join("---" for _ in t.header) + "|"]
     lines += ["| " + " | ".join(esc(c.text) for c in row) + " |" for row in t.rows]
@@ -314,13 +325,15 @@ def render_html(report: Report) -> str:
 
 def render_markdown(report: Report, figure_dir: str) -> str:
     """Markdown page; figures are referenced as ``figure_dir/<name>.png`` (written by :func:`write_report`)."""
-    parts = [f"# {report.title}", "", *report.meta, "", "## Tables", ""]
+    esc = md_escape
+    parts = [f"# {esc(report.title)}", "", *map(esc, report.meta), "", "## Tables", ""]
     for t in report.tables:
         parts += [_md_table(t), ""]
     for label, figs in report.figures:
-        parts += [f"## Figures: {label}", ""]
+        parts += [f"## Figures: {esc(label)}", ""]
         for f in figs:
-            parts += [f"![{f.title}]({figure_dir}/{f.name}.png)", "", f"*{f.title}.* {f.caption}", ""]
+            link = urllib.parse.quote(f"{figure_dir}/{f.name}.png")
+            parts += [f"![{esc(f.title)}]({link})", "", f"*{esc(f.title)}.* {esc(f.caption)}", ""]
     return "\n".join(parts)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import stat
 import subprocess
@@ -118,3 +119,181 @@ def test_demo_overwrite_never_deletes_through_a_symlinked_subfolder(tmp_path):
     (out / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": ["plots/a.png"]}))
     prepare_out(out, True, ["results.json"])
     assert (elsewhere / "plots" / "a.png").read_text() == "not the demo's"
+
+
+# -- 2. files from strangers -----------------------------------------------------------------------------
+def _outside(kind: str, d: Path) -> tuple[Path, str]:
+    """A valid feature file whose /splits/test/labels lives outside it; (file, expected message part)."""
+    path = _features(d / "f.h5")
+    with h5py.File(path, "r+") as f:
+        y = f["splits/test/labels"][...]
+        del f["splits/test/labels"]
+        if kind == "external-link":
+            with h5py.File(d / "other.h5", "w") as o:
+                o["y"] = y
+            f["splits/test/labels"] = h5py.ExternalLink("other.h5", "/y")
+            return path, "/splits/test/labels is an external link to other.h5:/y"
+        if kind == "external-link-missing":
+            f["splits/test/labels"] = h5py.ExternalLink("gone.h5", "/y")
+            return path, "/splits/test/labels is an external link to gone.h5:/y"
+        if kind == "external-raw":
+            (d / "raw.bin").write_bytes(y.astype(np.int64).tobytes())
+            f.create_dataset("splits/test/labels", shape=y.shape, dtype="int64",
+                             external=[(str(d / "raw.bin"), 0, y.nbytes)])
+            return path, f"/splits/test/labels stores its data outside this file (in {d / 'raw.bin'})"
+        with h5py.File(d / "src.h5", "w") as o:
+            o["y"] = y
+        layout = h5py.VirtualLayout(shape=y.shape, dtype="int64")
+        layout[:] = h5py.VirtualSource(str(d / "src.h5"), "y", shape=y.shape)
+        f["splits/test"].create_virtual_dataset("labels", layout)
+        return path, f"/splits/test/labels is a virtual dataset mapping data of {d / 'src.h5'}"
+
+
+@pytest.mark.parametrize("kind", ["external-link", "external-link-missing", "external-raw", "virtual"])
+def test_data_outside_the_file_is_refused_on_open_and_by_check(tmp_path, kind):
+    path, where = _outside(kind, tmp_path)
+    with pytest.raises(FeatureFileError, match="refused: a feature file must hold its own data") as e:
+        FeatureStore(path)
+    assert where in str(e.value) and "damaged" not in str(e.value)
+    r = CliRunner().invoke(main, ["ncm", "-f", str(path)])
+    assert r.exit_code == 1
+    _one_error(r, where, "self-contained")
+    r = CliRunner().invoke(main, ["check", str(path)])
+    assert r.exit_code == 1 and where in r.output and "Traceback" not in r.output
+    assert sum(ln.lstrip().startswith("[FAIL]") for ln in r.output.splitlines()) == 1, r.output
+
+
+def test_resume_refuses_a_partial_file_pointing_outside(tmp_path):
+    from lt_rebalance.extract.output import resume_partial
+
+    target = tmp_path / "f.h5"
+    with h5py.File(tmp_path / "f.h5.partial", "w") as f:
+        f.attrs["extract_fingerprint"] = "{}"
+        f["splits/train/features"] = h5py.ExternalLink("/etc/victim.h5", "/x")
+    with pytest.raises(ValueError, match="external link to /etc/victim.h5:/x, and resuming would write there"):
+        resume_partial(target, {}, resume=True, overwrite=False)
+
+
+def test_cifar_batches_are_unpickled_with_a_restricted_unpickler(tmp_path):
+    from conftest import make_cifar
+
+    root = make_cifar(tmp_path / "data")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    args = ["extract", "--model", "tiny_cnn", "--random-init", "--data", "cifar10_lt", "--root", str(root),
+            "--out", str(tmp_path / "f.h5"), "--image-size", "8", "--workers", "0", "--quiet"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and not marker.exists()
+    _one_error(r, "data_batch_3: not an official CIFAR batch", "refers to posix.system")
+
+    whole = (root / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(whole[: len(whole) // 2])  # interrupted download
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1
+    _one_error(r, "data_batch_3: truncated (an interrupted download?)", "download and unpack")
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_markdown_report_escapes_file_attributes(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = _features(tmp_path / "f.h5", model="<script>alert(1)</script>", dataset="[x](javascript:alert(1))",
+                     class_names=["<img src=x onerror=alert(1)>", "a|b", "c"])
+    out = tmp_path / "r.md"
+    r = CliRunner().invoke(main, ["report", "-f", str(path), "--out", str(out), "--methods", "joint,ncm", "-q"])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert "&lt;script&gt;" in text  # the model is shown, neutralised
+    assert "<script" not in text and "<img" not in text
+    assert "\\[x\\](javascript" in text and not re.search(r"(?<!\\)\]\(javascript", text)  # no link
+
+
+def test_md_escape_neutralises_markup():
+    from lt_rebalance.report import Cell, Table, _md_table
+
+    t = Table("t", ["model"], [[Cell("<b>x</b> [a](http://e) | *y*\nz")]])
+    row = _md_table(t).splitlines()[-1]
+    assert row == r"| &lt;b&gt;x&lt;/b&gt; \[a\](http://e) \| \*y\* z |"
+
+
+def test_a_file_declaring_terabytes_is_refused_before_reading(tmp_path):
+    path = _features(tmp_path / "f.h5")
+    with h5py.File(path, "r+") as f:
+        for key in ("features", "labels"):
+            del f[f"splits/test/{key}"]
+        f.create_dataset("splits/test/features", shape=(2**38, D), dtype="float32")  # 4 TB, never written
+        f.create_dataset("splits/test/labels", shape=(2**38,), dtype="int64")
+        f["splits/test"].attrs["rows"] = 2**38
+    size = path.stat().st_size
+    assert size < 1 << 20
+    r = CliRunner().invoke(main, ["info", str(path)])
+    assert r.exit_code == 1
+    _one_error(r, "/splits/test/features declares 274877906944 x 4 float32 (4.0 TB) but the file stores only "
+                  "0 bytes of it")
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_npz_declaring_more_than_it_holds_is_refused(tmp_path):
+    import zipfile
+
+    header = tmp_path / "h.npy"
+    with open(header, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**7, 10**5)})
+        f.write(b"\0" * 64)
+    npz = tmp_path / "a.npz"
+    with zipfile.ZipFile(npz, "w") as z:
+        z.write(header, "x_train.npy")
+        z.writestr("y_train.npy", _npy(np.zeros(3, np.int64)))
+    r = CliRunner().invoke(main, ["import", "--npz", str(npz), "--out", str(tmp_path / "f.h5")])
+    assert r.exit_code == 1
+    _one_error(r, "x_train declares shape (10000000, 100000) float32 (3.6 TB) but the archive holds only 64 bytes")
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_npz_that_expands_beyond_memory_is_refused(tmp_path, monkeypatch):
+    from lt_rebalance import memory
+
+    npz = tmp_path / "bomb.npz"
+    np.savez_compressed(npz, x_train=np.zeros((2**20, 16), np.float32), y_train=np.zeros(2**20, np.int64))
+    assert npz.stat().st_size < 2**20
+    monkeypatch.setattr(memory, "available_memory", lambda: 32 * 2**20)
+    r = CliRunner().invoke(main, ["import", "--npz", str(npz), "--out", str(tmp_path / "f.h5")])
+    assert r.exit_code == 1
+    _one_error(r, "bomb.npz expands to 72.0 MB (it declares x_train of shape (1048576, 16) float32, 64.0 MB) but "
+                  "only 32.0 MB of memory is available")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_available_memory_reads_the_cgroup_limit(tmp_path, version):
+    from lt_rebalance.memory import cgroup_available
+
+    if version == 2:
+        job = tmp_path / "slurm" / "job_7"
+        job.mkdir(parents=True)
+        (tmp_path / "slurm" / "memory.max").write_text("max\n")
+        (job / "memory.max").write_text(f"{4 * 2**30}\n")
+        (job / "memory.current").write_text(f"{2**30}\n")
+        proc = "0::/slurm/job_7\n"
+    else:
+        job = tmp_path / "memory" / "slurm" / "job_7"
+        job.mkdir(parents=True)
+        (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+        (tmp_path / "memory" / "slurm" / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
+        (tmp_path / "memory" / "slurm" / "memory.usage_in_bytes").write_text(f"{2**29}\n")
+        (job / "memory.limit_in_bytes").write_text(f"{8 * 2**30}\n")
+        (job / "memory.usage_in_bytes").write_text(f"{2**29}\n")
+        proc = "4:memory:/slurm/job_7\n3:cpu:/\n"
+    expected = 3 * 2**30 if version == 2 else 2 * 2**30 - 2**29  # the tightest limit of the job and its parents
+    assert cgroup_available(tmp_path, proc) == expected
+    assert cgroup_available(tmp_path, "0::/elsewhere\n") is None

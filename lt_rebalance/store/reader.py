@@ -21,6 +21,7 @@ from .schema import (
     _plain,
     _str_attr,
 )
+from .untrusted import declared_size_problem, outside_storage
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -128,9 +129,17 @@ class FeatureStore:
         if version < 1:
             raise self._damaged(f"invalid format_version {version}")
         self.format_version = version
+        outside = outside_storage(f)
+        if outside:
+            more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+            raise FeatureFileError(
+                self.path, f"{outside[0]}{more}; refused: a feature file must hold its own data (reading it would "
+                "read, and resuming it write, wherever that points)",
+                "ask its author for a self-contained file (as `ltr extract` and `ltr import` write)")
         self.attrs = {k: (_str_attr(v) if isinstance(v, (bytes, str)) else v) for k, v in f.attrs.items()}
         if "classes/counts" not in f:
             raise self._damaged("missing /classes/counts (training images per class)")
+        self._check_declared(f["classes/counts"])
         self.counts = np.asarray(f["classes/counts"][...], dtype=np.int64)
         if self.counts.ndim != 1 or len(self.counts) == 0:
             raise self._damaged(f"/classes/counts must be a non-empty 1-D array, got shape {self.counts.shape}")
@@ -138,6 +147,8 @@ class FeatureStore:
             raise self._damaged("/classes/counts has negative entries")
         self.num_classes = len(self.counts)
         names = f.get("classes/names")
+        if names is not None:
+            self._check_declared(names)
         self.class_names = [_str_attr(s) for s in names[...]] if names is not None else None
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise self._damaged(f"/classes/names has {len(self.class_names)} entries for {self.num_classes} classes")
@@ -156,6 +167,9 @@ class FeatureStore:
 
         self.has_head = "head/weight" in f
         self.has_bias = "head/bias" in f
+        for key in ("head/weight", "head/bias"):
+            if key in f:
+                self._check_declared(f[key])
         if self.has_head:
             shape = tuple(f["head/weight"].shape)
             if shape != (self.num_classes, self.dim):
@@ -192,6 +206,8 @@ class FeatureStore:
                 f"split {name!r} is incomplete ({rows}/{capacity} rows written); finish it with "
                 "`ltr extract --resume` or pass --allow-incomplete to use the rows written so far"
             )
+        for ds in (feats, labels):
+            self._check_declared(ds, rows)
         y = labels[:rows]
         if rows and (y.min() < 0 or y.max() >= self.num_classes):
             bad = y[(y < 0) | (y >= self.num_classes)]
@@ -205,7 +221,15 @@ class FeatureStore:
                 raise self._damaged(f"{where}/views has shape {vshape}, expected [K, {capacity}, {feats.shape[1]}]")
             views = vshape[0]
             view_rows = self._view_rows(where, g, views, capacity, complete)
+            if any(view_rows):
+                self._check_declared(g["views"])
         return SplitInfo(name, rows, capacity, complete, str(feats.dtype), views, "paths" in g, view_rows)
+
+    def _check_declared(self, ds: h5py.Dataset, rows: Optional[int] = None) -> None:
+        """Refuse a dataset that declares more data than the file stores, before reading it."""
+        problem = declared_size_problem(ds, rows)
+        if problem is not None:
+            raise self._damaged(problem)
 
     def _split_attrs(self, where: str, g: h5py.Group, capacity: int) -> tuple[int, bool]:
         """``rows`` and ``complete`` of a split, checked against each other, their types and ``capacity``."""
