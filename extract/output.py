@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
+from lt_rebalance.integrity import record_checksums
 from lt_rebalance.store import FeatureFileWriter
 from lt_rebalance.store.untrusted import outside_storage
 
@@ -136,6 +137,24 @@ def open_writer(partial: Path) -> FeatureFileWriter:
 def bad_indices(g: h5py.Group) -> np.ndarray:
     """Source indices recorded as unreadable in split group ``g`` (int64, increasing)."""
     return np.asarray(g["bad_indices"][...], dtype=np.int64) if "bad_indices" in g else np.zeros(0, np.int64)
+
+
+def drop_skipped_from_counts(w: FeatureFileWriter, block: int = 1 << 20) -> None:
+    """After ``--skip-bad`` left train images out, make ``/classes/counts`` the histogram of the train
+    labels written (the counts a run publishes must not include images that are not in the file).
+    Idempotent (a resumed run may call it again); leaves counts alone when no train image was skipped."""
+    f = w.file
+    if "splits/train" not in f or not len(bad_indices(f["splits/train"])):
+        return
+    labels, counts = f["splits/train/labels"], np.asarray(f["classes/counts"][...], dtype=np.int64)
+    hist = np.zeros(len(counts), dtype=np.int64)
+    for start in range(0, labels.shape[0], block):
+        hist += np.bincount(labels[start : start + block], minlength=len(counts))[: len(counts)]
+    if (hist == counts).all():
+        return
+    f["classes/counts"][...] = hist
+    record_checksums(f["classes"])
+    f.flush()
 
 
 def bad_paths(g: h5py.Group) -> list[str]:

@@ -34,6 +34,7 @@ from .output import (
     FINGERPRINT_ATTR,
     bad_indices,
     bad_paths,
+    drop_skipped_from_counts,
     open_writer,
     output_lock,
     partial_path,
@@ -340,7 +341,7 @@ def extract_features(
                     quietly(partial.unlink)
                     raise
             try:
-                rows, bad = _extract_into(runner, partial, sources)
+                rows, bad = _extract_into(runner, partial, sources, own_counts=final is None)
             except NonFiniteFeaturesError as e:  # the same settings can never finish this file
                 quietly(partial.unlink)
                 raise NonFiniteFeaturesError(f"{e}; nothing was published ({partial.name} removed)") from None
@@ -360,9 +361,12 @@ def extract_features(
     return ExtractResult(out, rows, {k: v for k, v in bad.items() if v}, runner.images, time.perf_counter() - t0)
 
 
-def _extract_into(runner: _Runner, partial: Path, sources: Mapping[str, ImageSource]) -> tuple[dict, dict]:
+def _extract_into(runner: _Runner, partial: Path, sources: Mapping[str, ImageSource], own_counts: bool = True
+                  ) -> tuple[dict, dict]:
     """Extract every incomplete split into ``partial``; (rows, bad paths) per split. A failure is
-    reported as it happened: closing the file after it cannot replace it with a second error."""
+    reported as it happened: closing the file after it cannot replace it with a second error.
+    ``own_counts``: the file's counts describe its own train split (not a shard's), so images left
+    out by --skip-bad are taken out of them."""
     w = open_writer(partial)
     bg = _BackgroundWriter()
     try:
@@ -370,6 +374,8 @@ def _extract_into(runner: _Runner, partial: Path, sources: Mapping[str, ImageSou
             if not w.is_complete(name):
                 runner.run_split(w, bg, name, src)
                 w.mark_complete(name)
+        if own_counts:
+            drop_skipped_from_counts(w)
         rows = {name: w.rows(name) for name in sources}
         bad = {name: bad_paths(w.file[f"splits/{name}"]) for name in sources}
     except BaseException:

@@ -297,3 +297,124 @@ def test_available_memory_reads_the_cgroup_limit(tmp_path, version):
     expected = 3 * 2**30 if version == 2 else 2 * 2**30 - 2**29  # the tightest limit of the job and its parents
     assert cgroup_available(tmp_path, proc) == expected
     assert cgroup_available(tmp_path, "0::/elsewhere\n") is None
+
+
+# -- 3. silent wrong results ---------------------------------------------------------------------------
+def test_memmap_maps_only_data_stored_in_the_file_itself(tmp_path):
+    from lt_rebalance.store.reader import _memmap_rows
+
+    main_file = _features(tmp_path / "f.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as o:
+        o["x"] = np.full((8, D), 7.0, np.float32)
+    with h5py.File(tmp_path / "other.h5", "r") as o:  # a dataset of another file (as an external link reaches)
+        assert _memmap_rows(main_file, o["x"], 8) is None
+    with h5py.File(main_file, "r") as f:  # its own contiguous data is still mapped, and right
+        t = _memmap_rows(main_file, f["splits/train/features"], 21)
+        np.testing.assert_array_equal(t.numpy(), _arrays()[0])
+
+
+def _relabel(path: Path, split: str, labels: np.ndarray) -> None:
+    with h5py.File(path, "r+") as f:
+        del f[f"splits/{split}/labels"]
+        f[f"splits/{split}/labels"] = labels
+
+
+def test_fractional_labels_are_refused_naming_file_and_split(tmp_path):
+    path = _features(tmp_path / "f.h5")
+    y = _arrays()[1][1::2].astype(np.float64)
+    y[0] = 0.5
+    _relabel(path, "test", y)
+    r = CliRunner().invoke(main, ["ncm", "-f", str(path)])
+    assert r.exit_code == 1
+    _one_error(r, "f.h5: split 'test': /splits/test/labels holds 1 value(s) that are not class indices (e.g. 0.5 "
+                  "at row 0)", "write the file again with integer labels")
+    y[0] = np.nan
+    _relabel(path, "test", y)
+    r = CliRunner().invoke(main, ["ncm", "-f", str(path)])
+    _one_error(r, "split 'test'", "(e.g. nan at row 0)")
+
+
+def test_float_labels_holding_integers_are_read_and_checked_not_called_damaged(tmp_path):
+    path = _features(tmp_path / "f.h5")
+    _relabel(path, "train", _arrays()[1].astype(np.float32))
+    assert CliRunner().invoke(main, ["ncm", "-f", str(path)]).exit_code == 0
+    r = CliRunner().invoke(main, ["check", str(path)])
+    assert "damaged" not in r.output and "re-create" not in r.output.split("checksums")[-1].split("\n")[1], r.output
+    assert "[pass] dtypes: /splits/train/labels stored as floats holding whole numbers" in r.output
+    assert "[pass] counts = train label histogram" in r.output
+
+
+def test_a_dataset_under_splits_is_not_a_split(tmp_path):
+    path = _features(tmp_path / "f.h5")
+    with h5py.File(path, "r+") as f:
+        f["splits/notes"] = np.zeros(3)
+    with FeatureStore(path) as s:
+        assert sorted(s.splits) == ["test", "train", "val"]
+
+
+def test_bytes_class_names_are_decoded(tmp_path):
+    x, y = _arrays()
+    npz = tmp_path / "a.npz"
+    np.savez(npz, x_train=x, y_train=y, class_names=np.array([b"cat", b"dog", b"emu"]))
+    r = CliRunner().invoke(main, ["import", "--npz", str(npz), "--out", str(tmp_path / "f.h5")])
+    assert r.exit_code == 0, r.output
+    with FeatureStore(tmp_path / "f.h5") as s:
+        assert s.class_names == ["cat", "dog", "emu"]
+    write_features(tmp_path / "g.h5", {"train": (x, y)}, class_names=[b"a", "b", np.bytes_(b"c")])
+    with FeatureStore(tmp_path / "g.h5") as s:
+        assert s.class_names == ["a", "b", "c"]
+
+
+def test_nul_in_a_class_name_names_the_file_and_class(tmp_path):
+    x, y = _arrays()
+    with pytest.raises(FeatureFileError, match=r"g.h5: class name 1 \('d\\x00g'\) holds a NUL character"):
+        write_features(tmp_path / "g.h5", {"train": (x, y)}, class_names=["cat", "d\0g", "emu"])
+
+
+def test_fractional_counts_are_refused_on_write_and_read(tmp_path):
+    x, y = _arrays()
+    with pytest.raises(ValueError, match=r"counts must be whole numbers of training images; got 5.5 for class 1"):
+        write_features(tmp_path / "g.h5", {"train": (x, y)}, counts=[12.0, 5.5, 3.0])
+    assert not (tmp_path / "g.h5").exists()
+    path = _features(tmp_path / "f.h5")
+    with h5py.File(path, "r+") as f:
+        del f["classes/counts"]
+        f["classes/counts"] = np.array([12.0, 5.5, 3.0])
+    with pytest.raises(FeatureFileError, match=r"/classes/counts must hold whole numbers .* got 5.5 for class 1"):
+        FeatureStore(path)
+
+
+def test_features_dtype_float64_returns_float64(tmp_path):
+    import torch
+
+    path = _features(tmp_path / "f.h5", dtype="float16")
+    with FeatureStore(path) as s:
+        x64 = s.features("train", dtype="float64")
+        assert x64.dtype == torch.float64
+        np.testing.assert_array_equal(x64.numpy(), _arrays()[0].astype(np.float16).astype(np.float64))
+        assert s.features("train", dtype="stored").dtype == torch.float16
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            s.features("train", dtype="int8")
+
+
+def test_taunorm_refuses_nan_tau_at_fit():
+    from lt_rebalance.heads import TauNorm
+
+    with pytest.raises(ValueError, match="tau"):
+        TauNorm(np.eye(C, D, dtype=np.float32), tau=float("nan")).fit()
+
+
+def test_skip_bad_publishes_counts_without_the_skipped_images(tmp_path):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", counts={"train": (4, 3, 2), "val": (1, 1, 1)})
+    (root / "train" / "c0" / "001.png").write_bytes(b"not an image")
+    out = tmp_path / "f.h5"
+    r = CliRunner().invoke(main, ["extract", "--model", "tiny_cnn", "--random-init", "--data", "imagefolder",
+                                  "--root", str(root), "--out", str(out), "--splits", "train,val", "--image-size", "8",
+                                  "--workers", "0", "--skip-bad", "--quiet"])
+    assert r.exit_code == 0, r.output
+    with FeatureStore(out) as s:
+        assert s.counts.tolist() == [3, 3, 2]
+    r = CliRunner().invoke(main, ["check", str(out)])
+    assert r.exit_code == 0, r.output

@@ -51,7 +51,7 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
         raise click.ClickException(f"{npz_path}: no arrays x_train/y_train, x_val/y_val or x_test/y_test found")
     if "counts" not in keys and "train" not in splits:
         raise click.ClickException(f"{npz_path}: give x_train/y_train or a 'counts' array (training images per class)")
-    names = [str(n) for n in data["class_names"]] if "class_names" in keys else None
+    names = list(data["class_names"]) if "class_names" in keys else None  # bytes are decoded by the writer
     try:
         write_features(
             out,

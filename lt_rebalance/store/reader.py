@@ -20,8 +20,11 @@ from .schema import (
     SplitInfo,
     _plain,
     _str_attr,
+    _whole,
 )
 from .untrusted import declared_size_problem, outside_storage
+
+READ_DTYPES = ("float32", "stored", "float16", "float64")
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -140,7 +143,15 @@ class FeatureStore:
         if "classes/counts" not in f:
             raise self._damaged("missing /classes/counts (training images per class)")
         self._check_declared(f["classes/counts"])
-        self.counts = np.asarray(f["classes/counts"][...], dtype=np.int64)
+        raw_counts = np.asarray(f["classes/counts"][...])
+        whole = _whole(raw_counts) if raw_counts.dtype.kind in "biuf" else np.zeros(raw_counts.shape, bool)
+        if not whole.all():
+            i = int(np.flatnonzero(~whole.reshape(-1))[0])
+            raise FeatureFileError(
+                self.path, f"/classes/counts must hold whole numbers of training images; got "
+                f"{raw_counts.reshape(-1)[i]} for class {i}",
+                "write the file again with integer counts (e.g. with `ltr import`)")
+        self.counts = raw_counts.astype(np.int64)
         if self.counts.ndim != 1 or len(self.counts) == 0:
             raise self._damaged(f"/classes/counts must be a non-empty 1-D array, got shape {self.counts.shape}")
         if (self.counts < 0).any():
@@ -156,6 +167,8 @@ class FeatureStore:
         self.splits: dict[str, SplitInfo] = {}
         dims = set()
         for name, g in f.get("splits", {}).items():
+            if not isinstance(g, h5py.Group):  # e.g. a dataset another tool stored there: not a split
+                continue
             info = self._read_split(name, g)
             dims.add(g["features"].shape[1])
             self.splits[name] = info
@@ -209,6 +222,18 @@ class FeatureStore:
         for ds in (feats, labels):
             self._check_declared(ds, rows)
         y = labels[:rows]
+        if labels.dtype.kind not in "biuf":
+            raise FeatureFileError(self.path, f"split {name!r}: {where}/labels has dtype {labels.dtype}, not class "
+                                   "indices", "write the file again with integer labels (e.g. with `ltr import`)")
+        if labels.dtype.kind == "f":  # another tool's file: whole numbers are read as class indices
+            whole = _whole(y)
+            if not whole.all():
+                i = int(np.flatnonzero(~whole)[0])
+                raise FeatureFileError(
+                    self.path, f"split {name!r}: {where}/labels holds {int((~whole).sum())} value(s) that are not "
+                    f"class indices (e.g. {y[i]} at row {i}); labels must be whole numbers in [0, {self.num_classes})",
+                    "write the file again with integer labels (e.g. with `ltr import`)")
+            y = y.astype(np.int64)
         if rows and (y.min() < 0 or y.max() >= self.num_classes):
             bad = y[(y < 0) | (y >= self.num_classes)]
             raise self._damaged(
@@ -274,14 +299,21 @@ class FeatureStore:
         ``numpy.memmap``; the file is never written), so the split takes no memory beyond the
         page cache, which the kernel reclaims under pressure: splits larger than memory work.
         Needs a contiguous, uncompressed dataset (what lt-rebalance writes); others are read.
+        Any other ``dtype`` ("float16", "float64") returns that dtype (read, then cast).
         """
+        import torch
+
+        if dtype not in READ_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(READ_DTYPES)}; got {dtype!r}")
         info = self._split(split)
         with self._reading() as f:
             ds = f[f"splits/{split}/features"]
-            if dtype == "float32" and ds.dtype != np.float32:
+            if dtype in ("stored", str(ds.dtype)):
+                mapped = _memmap_rows(self.path, ds, info.rows) if mmap else None
+                return mapped if mapped is not None else _read_rows(ds, info.rows)
+            if dtype == "float32":
                 return _read_rows_float32(ds, info.rows)
-            mapped = _memmap_rows(self.path, ds, info.rows) if mmap else None
-            return mapped if mapped is not None else _read_rows(ds, info.rows)
+            return _read_rows(ds, info.rows).to(getattr(torch, dtype))
 
     def feature_bytes(self) -> int:
         """Bytes of every split's features in the stored dtype (what reading them all takes)."""
@@ -379,12 +411,24 @@ def _read_rows_float32(ds: h5py.Dataset, rows: int, block_rows: int = 2048) -> t
 
 
 def _memmap_rows(path: Path, ds: h5py.Dataset, rows: int) -> Optional[torch.Tensor]:
-    """``ds[:rows]`` as a tensor over the file's pages, or None when ``ds`` cannot be mapped
-    (chunked, compressed, not yet allocated, or empty)."""
+    """``ds[:rows]`` as a tensor over the file's pages, or None when ``ds`` cannot be mapped: only
+    data stored contiguously, unfiltered, inside ``path`` itself is mapped (not chunked, compressed,
+    unallocated or empty data, nor data of another file reached by a link, external raw storage or
+    a virtual dataset, whose offset is not an offset into ``path``)."""
     import torch
 
+    if rows == 0 or ds.is_virtual or ds.external or ds.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS:
+        return None
+    if ds.chunks is not None or ds.compression is not None or ds.id.get_create_plist().get_nfilters():
+        return None
+    try:
+        if not os.path.samefile(ds.file.filename, path):
+            return None
+        size = os.path.getsize(path)
+    except OSError:
+        return None
     offset = ds.id.get_offset()
-    if ds.chunks is not None or ds.compression is not None or offset is None or rows == 0:
+    if offset is None or offset + rows * ds.shape[1] * ds.dtype.itemsize > size:
         return None
     return torch.from_numpy(np.memmap(path, dtype=ds.dtype, mode="c", offset=offset, shape=(rows, ds.shape[1])))
 

@@ -72,14 +72,55 @@ RANDOM_HEAD_NOTE = ("the stored classifier is a random initialisation (ltr extra
                     "not a trained stage-1 classifier")
 
 
+def _whole(a: np.ndarray) -> np.ndarray:
+    """Mask of the entries of a numeric array that are whole numbers (NaN and Inf are not)."""
+    if a.dtype.kind != "f":
+        return np.ones(a.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(a) & (a == np.round(a))
+
+
+def _class_counts(counts: Any) -> np.ndarray:
+    """Training images per class as int64 (C,); fractional, NaN or negative counts are an error, never truncated."""
+    c = _to_numpy(counts)
+    if c.dtype.kind not in "biuf":
+        raise ValueError(f"counts must be whole numbers of training images; got dtype {c.dtype}")
+    whole = _whole(c)
+    if not whole.all():
+        i = int(np.flatnonzero(~whole.reshape(-1))[0])
+        raise ValueError(f"counts must be whole numbers of training images; got {c.reshape(-1)[i]} for class {i}")
+    c = c.astype(np.int64)
+    if c.size and c.min() < 0:
+        raise ValueError(f"counts must be >= 0; got {int(c.min())} for class {int(np.argmin(c))}")
+    return c
+
+
+def _class_name_texts(names: Any) -> list[str]:
+    """Class names as text: bytes are decoded (UTF-8), never stored as ``"b'cat'"``; a NUL character
+    (which HDF5 strings cannot hold) is an error naming the class."""
+    out = []
+    for i, name in enumerate(names):
+        if isinstance(name, (bytes, np.bytes_)):
+            try:
+                name = bytes(name).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"class name {i} ({bytes(name)!r}) is not UTF-8 text") from None
+        name = str(name)
+        if "\0" in name:
+            raise ValueError(f"class name {i} ({name!r}) holds a NUL character, which a feature file cannot store")
+        out.append(name)
+    return out
+
+
 def _class_indices(labels: Any, split: str) -> np.ndarray:
     """Labels as int64 class indices; fractional or negative values are an error, never truncated."""
     y = _to_numpy(labels)
     if y.dtype.kind not in "biuf":
         raise ValueError(f"labels of split {split!r} must be integer class indices; got dtype {y.dtype}")
-    if y.dtype.kind == "f" and y.size and not np.array_equal(y, np.round(y)):
-        bad = y[y != np.round(y)][0]
-        raise ValueError(f"labels of split {split!r} must be whole class indices; got {bad}")
+    whole = _whole(y)
+    if not whole.all():
+        i = int(np.flatnonzero(~whole.reshape(-1))[0])
+        raise ValueError(f"labels of split {split!r} must be whole class indices; got {y.reshape(-1)[i]} at row {i}")
     y = y.astype(np.int64)
     if y.size and y.min() < 0:
         raise ValueError(f"labels of split {split!r} must be class indices >= 0; got {int(y.min())}")

@@ -19,7 +19,9 @@ from .schema import (
     FeatureFileError,
     NonFiniteFeaturesError,
     PathLike,
+    _class_counts,
     _class_indices,
+    _class_name_texts,
     _to_numpy,
 )
 
@@ -85,14 +87,15 @@ class FeatureFileWriter:
             f.attrs["transform"] = json.dumps(dict(transform or {}))
             for k, v in (extra_attrs or {}).items():
                 f.attrs[k] = v
-            counts = _to_numpy(counts, "int64")
+            counts = _class_counts(counts)
             if counts.ndim != 1 or counts.size == 0:
                 raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
             f.create_dataset("classes/counts", data=counts)
             if class_names is not None:
+                class_names = _class_name_texts(class_names)
                 if len(class_names) != len(counts):
                     raise ValueError(f"{len(class_names)} class names for {len(counts)} classes")
-                f.create_dataset("classes/names", data=list(class_names), dtype=h5py.string_dtype())
+                f.create_dataset("classes/names", data=class_names, dtype=h5py.string_dtype())
             record_checksums(f["classes"])
             f.create_group("splits")
         except BaseException:
@@ -345,7 +348,12 @@ def write_features(
         except FeatureFileError as e:  # name the file the caller asked for, not the temporary one
             raise FeatureFileError(path, e.problem) from None
 
-    return atomic_write(path, write, overwrite)
+    try:
+        return atomic_write(path, write, overwrite)
+    except (FeatureFileError, NonFiniteFeaturesError):
+        raise
+    except ValueError as e:  # the arrays given: name the file they were meant for
+        raise FeatureFileError(path, str(e)) from None
 
 
 def _root_kwargs(attrs: Mapping[str, Any]) -> dict[str, Any]:
