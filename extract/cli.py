@@ -33,6 +33,37 @@ def _parse_splits(value: Optional[str], data: str) -> tuple[str, ...]:
     return splits
 
 
+def _run_torchrun(argv: list[str], out: str, grace: float = 30.0) -> int:
+    """Run torchrun in a process group of its own; on Ctrl-C or SIGTERM pass the signal on to the whole
+    group (torchrun and its ranks), wait ``grace`` seconds for them to stop, then kill what is left:
+    no rank is left running to publish the file later."""
+    import signal
+
+    from lt_rebalance.outputs import last_stop_signal
+
+    proc = subprocess.Popen(argv, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        signum = last_stop_signal()
+        _signal_group(proc.pid, signum)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise KeyboardInterrupt(f"interrupted; {out} was not changed; finished shards are kept: continue with "
+                                "--resume") from None
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _torchrun_argv(ctx: click.Context, gpus: int) -> list[str]:
     """This command's options for ``torchrun -m lt_rebalance.extract`` (all but --gpus)."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
@@ -47,6 +78,8 @@ def _torchrun_argv(ctx: click.Context, gpus: int) -> list[str]:
 
 def _human(r: dict) -> str:
     lines = [f"wrote {r['out']}  ({r['images']} images in {r['seconds']:.1f} s, {r['images_per_second']:.1f} img/s)"]
+    if r.get("already_complete"):
+        lines = [f"{r['out']} is already complete, extracted with the same settings: nothing to do"]
     lines += [f"  {s}: {n} rows" + (f", {len(r['bad'][s])} unreadable skipped" if s in r["bad"] else "")
               for s, n in r["rows"].items()]
     return "\n".join(lines)
@@ -94,7 +127,8 @@ def extract(ctx: click.Context, **opts: Any) -> None:
 
     env = dist_env()
     if opts["gpus"] > 1 and env is None:
-        rc = subprocess.call(_torchrun_argv(ctx, opts["gpus"]))
+        with interrupts_as_errors():
+            rc = _run_torchrun(_torchrun_argv(ctx, opts["gpus"]), opts["out"])
         if rc:
             raise click.ClickException(f"{opts['gpus']} extraction processes failed (exit status {rc}); see above")
         return
@@ -113,7 +147,8 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
     from .datasets import DatasetOptions, load_dataset, reference_config, timm_config
     from .run import ExtractConfig, extract_features
 
-    check_output(opts["out"], opts["overwrite"], [opts["checkpoint"]])  # before loading data and model
+    if not (opts["resume"] and os.path.isfile(opts["out"])):  # a requeued, finished run is recognised later
+        check_output(opts["out"], opts["overwrite"], [opts["checkpoint"]])  # before loading data and model
     data = load_dataset(opts["data"], DatasetOptions(
         opts["root"], splits, opts["list_dir"], opts["imbalance"], opts["val_per_class"], opts["seed"]))
     for note in data.notes:
@@ -160,7 +195,8 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
 
             result = extract_sharded(model, data.sources, opts["out"], env, progress=bar.update, **kwargs)
     return {"out": str(result.path), "rows": result.rows, "bad": result.bad, "images": result.images,
-            "seconds": result.seconds, "images_per_second": result.images_per_second}
+            "seconds": result.seconds, "images_per_second": result.images_per_second,
+            "already_complete": result.already_complete}
 
 
 def _progress(total: int, quiet: bool) -> Any:

@@ -125,6 +125,14 @@ def extract_sharded(model: Any, sources: dict[str, ImageSource], out: str | os.P
     import torch
     import torch.distributed as dist
 
+    from .run import _fingerprint, finished_output
+
+    if kwargs["config"].resume:  # a requeued job whose merged file is complete: nothing to do
+        sizes = {name: len(src) for name, src in sources.items()}
+        done = finished_output(Path(out), _fingerprint(dict(kwargs.get("meta") or {}), kwargs["transform"],
+                                                       kwargs["config"], sizes))
+        if done is not None:
+            return done
     if not dist.is_initialized():
         backend = "nccl" if str(kwargs["config"].device).startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=timedelta(hours=24))

@@ -74,6 +74,7 @@ class ExtractResult:
     bad: dict[str, list[str]] = field(default_factory=dict)  # skipped unreadable images per split
     images: int = 0  # images run through the model by this call (views included)
     seconds: float = 0.0
+    already_complete: bool = False  # --resume found OUT finished with the same settings (a requeued job)
 
     @property
     def images_per_second(self) -> float:
@@ -143,6 +144,26 @@ class _BackgroundWriter:
             self.drain()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process (which stops them once it has handled it)
+    and end silently on SIGTERM (from a scheduler signalling the process group, or the main process
+    stopping them): exit status 0, so neither the worker nor the loader prints a traceback. A batch
+    being handed over when the main process stops (multiprocessing's resource sharer thread then
+    meets a closed connection) is not reported either."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    previous = sys.excepthook  # what the resource sharer's thread reports its errors to
+
+    def hook(kind: type, value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def _fingerprint(meta: Mapping[str, Any], transform: TransformConfig, cfg: ExtractConfig, sizes: dict) -> dict:
@@ -230,6 +251,7 @@ class _Runner:
             num_workers=self.cfg.workers,
             pin_memory=self.cuda,
             prefetch_factor=4 if self.cfg.workers else None,
+            worker_init_fn=_quiet_worker if self.cfg.workers else None,
         )
         for x, y, idx, ok in loader:
             self.images += len(idx)
@@ -320,13 +342,17 @@ def extract_features(
     """
     cfg = config
     out = Path(out)
+    meta = dict(meta or {})
+    fingerprint = _fingerprint(meta, transform, cfg, {name: len(src) for name, src in sources.items()})
+    if cfg.resume and final is None:
+        done = finished_output(out, fingerprint)
+        if done is not None:
+            return done
     check_output(final or out, cfg.overwrite)
     if out != Path(final or out):
         check_output(out, True)
     if cfg.train_views and "train" not in sources:
         raise ValueError("--train-views needs the train split")
-    meta = dict(meta or {})
-    fingerprint = _fingerprint(meta, transform, cfg, {name: len(src) for name, src in sources.items()})
     runner = _Runner(model, features_fn, cfg, transform, progress)
     t0 = time.perf_counter()
     partial = partial_path(out)
@@ -359,6 +385,25 @@ def extract_features(
         resume = "; then rerun with --resume to continue after the rows written" if partial.exists() else ""
         raise write_failure(partial, code, "extraction stopped: cannot write", resume) from None
     return ExtractResult(out, rows, {k: v for k, v in bad.items() if v}, runner.images, time.perf_counter() - t0)
+
+
+def finished_output(out: Path, fingerprint: Mapping[str, Any]) -> Optional[ExtractResult]:
+    """The result of a finished extraction at ``out`` made with the same settings (``fingerprint``),
+    or None: a requeued job whose first run completed has nothing left to do. Only a valid, complete
+    file with no ``OUT.partial`` beside it counts."""
+    if not out.is_file() or partial_path(out).exists():
+        return None
+    try:
+        with FeatureStore(out) as store:
+            stored = json.loads(store.attrs.get(FINGERPRINT_ATTR, "null") or "null")
+            rows = {name: info.rows for name, info in store.splits.items()}
+            complete = all(info.complete for info in store.splits.values())
+            bad = {name: bad_paths(store.file[f"splits/{name}"]) for name in store.splits}
+    except (ValueError, OSError):  # FeatureFileError included
+        return None
+    if not complete or stored != json.loads(json.dumps(fingerprint)):
+        return None
+    return ExtractResult(out, rows, {k: v for k, v in bad.items() if v}, already_complete=True)
 
 
 def _extract_into(runner: _Runner, partial: Path, sources: Mapping[str, ImageSource], own_counts: bool = True

@@ -3,7 +3,7 @@
 Batch schedulers (SLURM, Kubernetes, containers) confine a job to a memory cgroup much smaller than
 the machine: a plan from ``/proc/meminfo`` alone then overshoots and the job is OOM-killed. Both
 cgroup v2 (``memory.max`` - ``memory.current``) and v1 (``memory.limit_in_bytes`` -
-``memory.usage_in_bytes``) are read, for this process's cgroup and each of its ancestors.
+``memory.usage_in_bytes``), less the inactive file cache of ``memory.stat``, are read, for this process's cgroup and each of its ancestors.
 Torch-free, so that ``ltr info`` can use it.
 """
 from __future__ import annotations
@@ -60,6 +60,16 @@ def _cgroup_dirs(root: Path, proc_cgroup: str) -> list[tuple[Path, str, str]]:
     return out
 
 
+def _inactive_file(folder: Path) -> int:
+    """Bytes of inactive file cache charged to the cgroup (``memory.stat``): reclaimable, so not in use."""
+    try:
+        text = (folder / "memory.stat").read_text()
+    except OSError:
+        return 0
+    m = re.search(r"^(?:total_)?inactive_file (\d+)$", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
 def cgroup_available(root: Path = CGROUP_ROOT, proc_cgroup: Optional[str] = None) -> Optional[int]:
     """Bytes left below the tightest memory cgroup limit over this process's cgroups; None when unlimited."""
     if proc_cgroup is None:
@@ -72,8 +82,8 @@ def cgroup_available(root: Path = CGROUP_ROOT, proc_cgroup: Optional[str] = None
         limit = _read_int(folder / limit_file)
         if limit is None or limit >= _UNLIMITED:
             continue
-        usage = _read_int(folder / usage_file) or 0
-        left = max(limit - usage, 0)
+        usage = (_read_int(folder / usage_file) or 0) - _inactive_file(folder)  # page cache the kernel can drop
+        left = max(limit - max(usage, 0), 0)
         best = left if best is None else min(best, left)
     return best
 

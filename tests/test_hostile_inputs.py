@@ -418,3 +418,245 @@ def test_skip_bad_publishes_counts_without_the_skipped_images(tmp_path):
         assert s.counts.tolist() == [3, 3, 2]
     r = CliRunner().invoke(main, ["check", str(out)])
     assert r.exit_code == 0, r.output
+
+
+# -- 4. batch schedulers and shared machines ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big_npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "big.npz"
+    n = 100_000
+    np.savez(path, x_train=np.ones((n, 128), np.float32), y_train=np.arange(n) % 10)
+    return path
+
+
+def test_sigterm_during_import_is_handled_like_ctrl_c(tmp_path, big_npz):
+    from test_faults import _import_then, _sha, _temps
+
+    out = tmp_path / "f.h5"
+    proc, _, before = _import_then(signal.SIGTERM, big_npz, out)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines() == [f"Error: terminated (SIGTERM); {out} was not changed"] and stdout == ""
+    assert _sha(out) == before and _temps(tmp_path) == []
+
+
+def _extract_argv(root: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lt_rebalance.cli", "extract", "--model", "tiny_cnn", "--random-init", "--data",
+            "imagefolder", "--root", str(root), "--out", str(out), "--splits", "train,val", "--image-size", "8",
+            "--batch-size", "1", "--device", "cpu", *extra]
+
+
+def _signal_once(argv: list[str], ready, signum: int = signal.SIGTERM, tries: int = 3, group: bool = False
+                 ) -> subprocess.Popen:
+    """Start ``argv`` and send ``signum`` once ``ready()`` (to its whole process group with ``group``, as
+    SLURM does); started again when it finished first."""
+    for _ in range(tries):
+        proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not ready():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+            return proc
+        proc.communicate()
+    pytest.fail("the extraction finished before it could be signalled, three times")
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["main-process", "process-group"])
+def test_sigterm_during_extract_with_workers_keeps_the_partial_and_releases_the_lock(tmp_path, group):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"train": (30, 20), "val": (5, 5)})
+    out = tmp_path / "f.h5"
+    partial = Path(f"{out}.partial")
+
+    def started():  # rows are written (a signal during the creation removes the half-created file)
+        try:
+            with h5py.File(partial, "r", locking=False) as f:
+                return int(f["splits/train"].attrs.get("rows", 0)) > 0
+        except (OSError, KeyError, RuntimeError):
+            return False
+
+    proc = _signal_once(_extract_argv(root, out, "--workers", "2"), started, group=group)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines() == [f"Error: terminated (SIGTERM); {out} was not changed; the rows written so far "
+                                   f"are in {partial}: continue with --resume"], stderr
+    assert not out.exists() and partial.exists() and not Path(f"{out}.lock").exists()
+    assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout == b""  # no worker left
+    done = subprocess.run(_extract_argv(root, out, "--workers", "0", "--resume"), env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_sigterm_stops_torchrun_and_its_ranks(tmp_path):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"train": (30, 20), "val": (5, 5)})
+    out = tmp_path / "f.h5"
+
+    def shards_started():
+        return len(list(tmp_path.glob("f.h5.shard*.partial"))) == 2
+
+    proc = _signal_once(_extract_argv(root, out, "--workers", "0", "--gpus", "2"), shards_started)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert f"Error: terminated (SIGTERM); {out} was not changed" in stderr.splitlines()[-1]
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert left == [], left  # torchrun and its ranks are gone: none can publish the file later
+    assert not out.exists()
+
+
+def test_requeued_resume_of_a_complete_output_exits_0_saying_so(tmp_path):
+    from conftest import make_image_folder
+    from test_extract_concurrency import _args
+
+    root = make_image_folder(tmp_path / "data", {"train": (3, 2), "val": (1, 1)})
+    out = tmp_path / "f.h5"
+    assert CliRunner().invoke(main, ["extract", *_args(root, out)]).exit_code == 0
+    stamp = out.stat().st_mtime_ns
+    for extra in (["--resume"], ["--resume", "--overwrite"]):
+        r = CliRunner().invoke(main, ["extract", *[a for a in _args(root, out) if a != "--quiet"], *extra])
+        assert r.exit_code == 0, r.output
+        assert f"{out} is already complete, extracted with the same settings: nothing to do" in r.output
+        assert out.stat().st_mtime_ns == stamp  # nothing re-extracted
+    r = CliRunner().invoke(main, ["extract", *_args(root, out), "--resume", "--json"])
+    assert json.loads(r.stdout)["already_complete"] is True
+    r = CliRunner().invoke(main, ["extract", *_args(root, out, "--seed", "5"), "--resume"])  # other settings
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 40.0 GiB for an array"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 42949672960 bytes")])
+def test_out_of_memory_is_one_line_naming_max_memory(tmp_path, monkeypatch, error):
+    import lt_rebalance.experiments as experiments
+
+    feats = _features(tmp_path / "f.h5")
+
+    def oom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(experiments, "run_ncm", oom)
+    r = CliRunner().invoke(main, ["ncm", "-f", str(feats)])
+    assert r.exit_code == 1
+    _one_error(r, "out of memory", "allocate", "--max-memory")
+
+
+def test_a_live_temporary_file_of_another_pid_namespace_is_kept(tmp_path):
+    from lt_rebalance import outputs
+
+    name = f".g.h5.ltr-{outputs._HOST}-{2**22 + 12345}-0123abcd.tmp"  # a pid that does not run here
+    tmp = tmp_path / name
+    outputs.hold_temp(tmp)  # its writer (in another namespace) holds the lock
+    try:
+        assert outputs.remove_stale_temps(tmp_path) == [] and tmp.exists()
+    finally:
+        outputs.release_temp(tmp)
+    assert outputs.remove_stale_temps(tmp_path) == [tmp] and not tmp.exists()  # dead writer: removed
+
+
+def test_writers_hold_their_temporary_file_while_writing(tmp_path):
+    from lt_rebalance import outputs
+
+    seen = []
+
+    def write(tmp):
+        tmp.write_text("x")
+        seen.append(outputs._locked_by_writer(str(tmp)) or outputs.held_temp(tmp))
+
+    outputs.atomic_write(tmp_path / "r.json", write)
+    x, y = _arrays()
+    write_features(tmp_path / "f.h5", {"train": (x, y)})  # h5py writes into the held temporary file
+    assert seen == [True] and not outputs._held
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    from conftest import make_image_folder
+    from lt_rebalance.extract.datasets.imagefolder import load_imagefolder_splits
+
+    root = make_image_folder(tmp_path / "data", {"train": (2, 2), "val": (1, 1)})
+    for split in ("train", "val"):
+        (root / split / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "c0" / ".hidden.png").write_bytes(b"")
+    sources, counts, names = load_imagefolder_splits(root, ["train", "val"])
+    assert names == ["c0", "c1"] and counts.tolist() == [2, 2]
+
+
+def test_a_fifo_among_the_images_does_not_hang(tmp_path):
+    from conftest import make_image_folder
+    from lt_rebalance.extract.datasets.imagefolder import load_imagefolder_splits
+    from lt_rebalance.extract.datasets.sources import FileSource
+
+    root = make_image_folder(tmp_path / "data", {"train": (2, 2), "val": (1, 1)})
+    os.mkfifo(root / "train" / "c0" / "pipe.png")
+    sources, counts, _ = load_imagefolder_splits(root, ["train", "val"])
+    assert counts.tolist() == [2, 2]  # not an image: left out
+    previous = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("reading a FIFO hung"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(OSError, match="pipe.png is not a regular file"):  # a listed FIFO: an unreadable image
+            FileSource(root, ["train/c0/pipe.png"], [0]).load(0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_non_utf8_image_name_is_refused_before_extraction(tmp_path):
+    from conftest import make_image_folder
+    from test_extract_concurrency import _args
+
+    root = make_image_folder(tmp_path / "data", {"train": (2, 2), "val": (1, 1)})
+    good = root / "train" / "c0" / "000.png"
+    os.rename(good, os.path.join(os.fsencode(root / "train" / "c0"), b"caf\xe9.png"))
+    out = tmp_path / "f.h5"
+    r = CliRunner().invoke(main, ["extract", *_args(root, out)])
+    assert r.exit_code == 1
+    _one_error(r, "c0/caf\\xe9.png: the name is not valid UTF-8; rename it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no .partial that could never finish
+
+
+def test_a_file_open_by_an_swmr_writer_is_not_called_damaged(tmp_path):
+    src = _features(tmp_path / "src.h5")
+    path = tmp_path / "f.h5"
+    with h5py.File(src) as a, h5py.File(path, "w", libver="latest") as b:
+        for k, v in a.attrs.items():
+            b.attrs[k] = v
+        for k in a:
+            a.copy(a[k], b, k)
+    writer = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\n"
+                               f"f = h5py.File({str(path)!r}, 'r+', libver='latest'); f.swmr_mode = True\n"
+                               "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        r = CliRunner().invoke(main, ["info", str(path)])
+    finally:
+        writer.kill()
+        writer.wait()
+    assert r.exit_code == 1
+    line = _one_error(r, "open for writing by another HDF5 writer (an SWMR writer", "h5clear -s")
+    assert "damaged" not in line and "re-create" not in line
+
+
+def test_an_empty_train_split_is_named(tmp_path):
+    x, y = _arrays()
+    path = tmp_path / "f.h5"
+    write_features(path, {"train": (x[:0], y[:0]), "test": (x, y)}, counts=[12, 6, 3])
+    r = CliRunner().invoke(main, ["ncm", "-f", str(path)])
+    assert r.exit_code == 1
+    _one_error(r, f"split 'train' of {path} has no rows, and this method trains on it")
+
+
+def test_short_counts_are_not_blamed_on_the_head_alone(tmp_path):
+    path = _features(tmp_path / "f.h5")
+    with h5py.File(path, "r+") as f:
+        del f["classes/counts"]
+        f["classes/counts"] = np.array([12, 6])
+        for s in ("train", "val", "test"):
+            y = f[f"splits/{s}/labels"][...]
+            f[f"splits/{s}/labels"][...] = np.minimum(y, 1)
+    with pytest.raises(FeatureFileError, match=r"the classifier has 3 classes but /classes/counts lists 2"):
+        FeatureStore(path)

@@ -84,6 +84,12 @@ class FeatureStore:
             if isinstance(e, OSError) and "unable to lock file" in str(e):  # HDF5's lock: open for writing
                 raise FeatureFileError(path, "being written by another process (it holds the HDF5 file lock)",
                                        "wait until that process has finished, then retry") from None
+            if isinstance(e, OSError) and "already open for write" in str(e):  # SWMR writer, or one that died
+                raise FeatureFileError(
+                    path, "open for writing by another HDF5 writer (an SWMR writer, or one that was killed before "
+                    "closing it): its data may still change",
+                    "wait until that writer has finished; if none runs any more, clear the flag with "
+                    f"`h5clear -s {path}` and run `ltr check {path}`") from None
             raise FeatureFileError(path, f"damaged or truncated HDF5 file ({e})", REMAKE_HINT) from None
 
     def close(self) -> None:
@@ -188,6 +194,8 @@ class FeatureStore:
             if shape != (self.num_classes, self.dim):
                 raise self._damaged(
                     f"/head/weight has shape {shape}, expected (C, D) = ({self.num_classes}, {self.dim})"
+                    + (f": the classifier has {shape[0]} classes but /classes/counts lists {self.num_classes} "
+                       "(one of the two is wrong)" if shape[0] != self.num_classes else "")
                 )
         if self.has_bias and tuple(f["head/bias"].shape) != (self.num_classes,):
             raise self._damaged(f"/head/bias has shape {tuple(f['head/bias'].shape)}, expected ({self.num_classes},)")

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from ..integrity import StreamDigest, record_checksums
-from ..outputs import atomic_write, check_interrupt
+from ..outputs import atomic_write, check_interrupt, held_temp
 from .reader import FeatureStore
 from .schema import (
     FEATURE_DTYPES,
@@ -76,7 +76,7 @@ class FeatureFileWriter:
         extra_attrs: Optional[Mapping[str, Any]] = None,
     ) -> FeatureFileWriter:
         """Create ``path`` (must not exist) with the root attributes and ``/classes``."""
-        f = h5py.File(path, "w-")
+        f = h5py.File(path, "w" if held_temp(path) else "w-")  # "w": our own, still empty temporary file
         try:
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
