@@ -41,6 +41,7 @@ def _run_torchrun(argv: list[str], out: str, grace: float = 30.0) -> int:
 
     from lt_rebalance.outputs import last_stop_signal
 
+    before = _stat(out)
     proc = subprocess.Popen(argv, start_new_session=True)
     try:
         return proc.wait()
@@ -53,8 +54,18 @@ def _run_torchrun(argv: list[str], out: str, grace: float = 30.0) -> int:
             pass
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
+        if _stat(out) != before:  # rank 0 was publishing the merged file when the signal came
+            raise KeyboardInterrupt(f"interrupted; {out} was written completely") from None
         raise KeyboardInterrupt(f"interrupted; {out} was not changed; finished shards are kept: continue with "
                                 "--resume") from None
+
+
+def _stat(path: str) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _signal_group(pgid: int, signum: int) -> None:

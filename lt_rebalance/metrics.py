@@ -11,9 +11,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .blocks import SCORE_ROWS, all_finite, column_affine, row_blocks
-
-GROUPS = ("many", "medium", "few")
-DEFAULT_MANY, DEFAULT_FEW = 100, 20
+from .shots import DEFAULT_FEW, DEFAULT_MANY, GROUPS, check_thresholds, group_sizes  # noqa: F401 (re-exported)
 
 
 def _tensor(a: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -23,15 +21,10 @@ def _tensor(a: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
 
 def shot_groups(counts: Any, many: int = DEFAULT_MANY, few: int = DEFAULT_FEW) -> dict[str, torch.Tensor]:
     """Boolean masks (C,) of the many (> many), medium and few (< few) shot classes."""
-    if few > many + 1:
-        raise ValueError(f"the few threshold ({few}) must not exceed the many threshold ({many}) + 1")
+    check_thresholds(many, few)
     c = _tensor(counts, torch.int64)
     m, f = c > many, c < few
     return {"many": m, "medium": ~m & ~f, "few": f}
-
-
-def group_sizes(counts: Any, many: int = DEFAULT_MANY, few: int = DEFAULT_FEW) -> dict[str, int]:
-    return {g: int(mask.sum()) for g, mask in shot_groups(counts, many, few).items()}
 
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

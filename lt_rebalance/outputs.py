@@ -55,6 +55,15 @@ class OutputError(OSError):
     """An output that cannot be written; the message names the path, the cause and what to do."""
 
 
+class OutputExists(FileExistsError):
+    """An output that exists and may not be replaced: ``str()`` in the library's words
+    (``overwrite=True``), :attr:`cli_message` in the command line's (``--overwrite``)."""
+
+    def __init__(self, path: PathLike):
+        super().__init__(f"{path} already exists; pass overwrite=True to replace it")
+        self.cli_message = f"{path} already exists; pass --overwrite to replace it"
+
+
 class WriteInterrupted(KeyboardInterrupt):
     """Ctrl-C during a write; ``str()`` says what was (not) changed."""
 
@@ -247,7 +256,7 @@ def check_output(path: PathLike, overwrite: bool = False, inputs: Iterable[Optio
         raise IsADirectoryError(f"{path} is a folder; give a file name")
     refuse_not_regular(path)
     if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExists(path)
     remove_stale_temps(path.parent)
     probe = temp_path(path)
     try:

@@ -36,7 +36,26 @@ device_option = click.option(
 )
 # integers that reach torch/numpy as int64: larger values are refused up front (exit 2), not deep inside a run
 INT64_MAX = 2**63 - 1
-SEED_RANGE = click.IntRange(0, INT64_MAX)
+
+
+class Int64Range(click.IntRange):
+    """Integers ``min``..2^63 - 1, shown as ``x>=min`` in --help (not ``0<=x<=9223372036854775807``);
+    a larger value is still refused with the whole range."""
+
+    def __init__(self, min: int = 0):
+        super().__init__(min, INT64_MAX)
+
+    def _describe_range(self) -> str:
+        return f"x>={self.min}"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number = click.INT.convert(value, param, ctx)
+        if number > INT64_MAX:
+            self.fail(f"{number} is not in the range {self.min}<=x<=2^63 - 1 ({INT64_MAX}).", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+SEED_RANGE = Int64Range(0)
 seed_option = click.option("--seed", default=0, show_default=True, type=SEED_RANGE, help="Random seed (0 to 2^63 - 1).")
 
 
@@ -110,6 +129,9 @@ def user_errors() -> Iterator[None]:
     errors, and its warnings (e.g. too few training steps) into ``warning: ...`` lines on stderr."""
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line
+        # the library's own warnings are part of the command's output, whatever filters the caller set
+        # (a test run ignores FewStepsWarning of direct library calls)
+        warnings.filterwarnings("default", category=UserWarning, module=r"lt_rebalance(\.|$)")
         try:
             yield
         except click.ClickException:
@@ -121,7 +143,7 @@ def user_errors() -> Iterator[None]:
                 raise
             raise click.ClickException(out_of_memory(str(e).splitlines()[0])) from None
         except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(getattr(e, "cli_message", None) or str(e)) from None
         except OSError as e:  # e.g. EROFS or ENOSPC outside a writer of lt_rebalance.outputs: name the path
             if e.strerror is None:
                 raise click.ClickException(str(e)) from None
@@ -330,9 +352,9 @@ def thresholds_options(f: Callable) -> Callable:
             raise click.BadParameter(f"--few {few} leaves no room under --many {many}", param_hint="--few")
         return f(thresholds={"many": many, "few": few}, **kwargs)
 
-    wrapper = click.option("--few", default=20, show_default=True, type=click.IntRange(0, INT64_MAX),
+    wrapper = click.option("--few", default=20, show_default=True, type=Int64Range(0),
                            help="few-shot classes: < FEW train images.")(wrapper)
-    return click.option("--many", default=100, show_default=True, type=click.IntRange(0, INT64_MAX),
+    return click.option("--many", default=100, show_default=True, type=Int64Range(0),
                         help="many-shot classes: > MANY train images.")(wrapper)
 
 

@@ -8,7 +8,7 @@ from ._common import emit, handle_user_errors, json_option, open_store
 
 def file_summary(store) -> dict:
     """The ``ltr info`` document: the keys are a pinned contract, extend rather than rename."""
-    from ..metrics import group_sizes
+    from ..shots import group_sizes  # torch-free: info reads metadata only
 
     return {
         "path": str(store.path),
