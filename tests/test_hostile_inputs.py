@@ -739,3 +739,18 @@ def test_few_steps_warning_is_filtered_in_tests_but_printed_by_the_cli(tmp_path)
         r = CliRunner().invoke(main, ["crt", "-f", str(feats), "--epochs", "2", "-q"])
     assert r.exit_code == 0, r.output
     assert "warning: 2 epochs of" in r.output and "optimiser steps" in r.output
+
+
+def test_a_feature_option_given_twice_is_refused(tmp_path):
+    a, b = _features(tmp_path / "a.h5"), _features(tmp_path / "b.h5")
+    r = CliRunner().invoke(main, ["ncm", "-f", str(a), "-f", str(b)])
+    assert r.exit_code == 2
+    _one_error(r, "given 2 times", "reads one feature file")
+
+
+def test_report_refuses_an_out_suffix_it_cannot_write(tmp_path):
+    feats = _features(tmp_path / "f.h5")
+    r = CliRunner().invoke(main, ["report", "-f", str(feats), "--out", str(tmp_path / "r.pdf")])
+    assert r.exit_code == 2
+    _one_error(r, "r.pdf: the report is HTML (.html) or Markdown (.md), not .pdf")
+    assert not (tmp_path / "r.pdf").exists()

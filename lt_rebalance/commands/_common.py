@@ -20,11 +20,21 @@ import click
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr.")
+def _one_feature_file(ctx: click.Context, param: click.Parameter, value: tuple) -> str:
+    """``-f`` given twice used to mean silently the last one: refused, naming both."""
+    if len(value) > 1:
+        raise click.BadParameter(f"given {len(value)} times ({', '.join(value)}); this command reads one feature "
+                                 "file (`ltr compare` and `ltr report` take several)", ctx, param)
+    return value[0]
+
+
 features_option = click.option(
     "--features",
     "-f",
     "features",
     required=True,
+    multiple=True,
+    callback=_one_feature_file,
     type=click.Path(dir_okay=False, path_type=str),
     help="Feature file (.h5) written by `ltr extract` or `ltr import`.",
 )

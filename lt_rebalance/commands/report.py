@@ -32,7 +32,12 @@ def report(features, out, fmt, overwrite, as_json, quiet, allow_incomplete, meth
         require_matplotlib()
     except ImportError as e:
         raise click.ClickException(str(e)) from None
-    fmt = fmt or ("md" if Path(out).suffix.lower() in (".md", ".markdown") else "html")
+    suffix = Path(out).suffix.lower()
+    if fmt is None and suffix not in ("", ".html", ".htm", ".md", ".markdown"):
+        raise click.BadParameter(f"{out}: the report is HTML (.html) or Markdown (.md), not {suffix}; for a PDF, "
+                                 "write report.html and print it from a browser (or pass --format html)",
+                                 param_hint="--out")
+    fmt = fmt or ("md" if suffix in (".md", ".markdown") else "html")
     check_writable(out, overwrite, features)
     from ..report import build_report, write_report
 
