@@ -33,18 +33,55 @@ def _parse_splits(value: Optional[str], data: str) -> tuple[str, ...]:
     return splits
 
 
-def _run_torchrun(argv: list[str], out: str, grace: float = 30.0) -> int:
-    """Run torchrun in a process group of its own; on Ctrl-C or SIGTERM pass the signal on to the whole
-    group (torchrun and its ranks), wait ``grace`` seconds for them to stop, then kill what is left:
-    no rank is left running to publish the file later."""
+class _RankOutput:
+    """The ranks' stderr, filtered: their ``Error:`` lines (kept, once each, for the parent's one
+    line), ``warning:``/``note:`` and progress lines (passed on), and the rest (torchrun banners,
+    gloo and traceback noise of ranks whose peer failed) kept aside, shown only when no rank said
+    what went wrong."""
+
+    _PASS = ("warning: ", "note: ", "extracting: ")
+
+    def __init__(self, keep: int = 60):
+        self.errors: list[str] = []
+        self.rest: list[str] = []
+        self.keep = keep
+
+    def feed(self, line: str) -> None:
+        text = line.rstrip("\n")
+        if text.startswith("Error: "):
+            if text[7:] not in self.errors:
+                self.errors.append(text[7:])
+        elif text.startswith(self._PASS):
+            click.echo(text, err=True)
+        else:
+            self.rest = [*self.rest[-(self.keep - 1):], text]
+
+    def dump_tail(self) -> None:
+        for text in self.rest:
+            click.echo(text, err=True)
+
+
+def _run_torchrun(argv: list[str], out: str, ranks: Optional[_RankOutput] = None, grace: float = 30.0) -> int:
+    """Run torchrun in a process group of its own (stderr filtered by ``ranks``); on Ctrl-C or SIGTERM
+    pass the signal on to the whole group (torchrun and its ranks), wait ``grace`` seconds for them
+    to stop, then kill what is left: no rank is left running to publish the file later."""
     import signal
+    import threading
 
     from lt_rebalance.outputs import last_stop_signal
 
     before = _stat(out)
-    proc = subprocess.Popen(argv, start_new_session=True)
+    proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.PIPE if ranks else None,
+                            text=True, errors="replace")
+    reader = None
+    if ranks is not None:
+        reader = threading.Thread(target=lambda: [ranks.feed(line) for line in proc.stderr], daemon=True)
+        reader.start()
     try:
-        return proc.wait()
+        rc = proc.wait()
+        if reader is not None:
+            reader.join()
+        return rc
     except KeyboardInterrupt:
         signum = last_stop_signal()
         _signal_group(proc.pid, signum)
@@ -138,9 +175,13 @@ def extract(ctx: click.Context, **opts: Any) -> None:
 
     env = dist_env()
     if opts["gpus"] > 1 and env is None:
+        ranks = _RankOutput()
         with interrupts_as_errors():
-            rc = _run_torchrun(_torchrun_argv(ctx, opts["gpus"]), opts["out"])
+            rc = _run_torchrun(_torchrun_argv(ctx, opts["gpus"]), opts["out"], ranks)
         if rc:
+            if ranks.errors:  # the one useful line, not the tracebacks of the ranks that lost their peer
+                raise click.ClickException(ranks.errors[0])
+            ranks.dump_tail()
             raise click.ClickException(f"{opts['gpus']} extraction processes failed (exit status {rc}); see above")
         return
     quiet = opts["quiet"] or (env is not None and env.rank != 0)

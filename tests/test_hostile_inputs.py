@@ -754,3 +754,16 @@ def test_report_refuses_an_out_suffix_it_cannot_write(tmp_path):
     assert r.exit_code == 2
     _one_error(r, "r.pdf: the report is HTML (.html) or Markdown (.md), not .pdf")
     assert not (tmp_path / "r.pdf").exists()
+
+
+def test_one_failing_image_under_gpus_2_is_one_line(tmp_path):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"train": (6, 4), "val": (2, 2)})
+    (root / "train" / "c1" / "001.png").write_bytes(b"not an image")
+    out = tmp_path / "f.h5"
+    r = subprocess.run(_extract_argv(root, out, "--workers", "0", "--gpus", "2", "--quiet"), env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [ln for ln in r.stderr.splitlines() if ln.startswith("Error: ")], r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "unreadable image(s)" in r.stderr and "--skip-bad" in r.stderr
