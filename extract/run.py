@@ -344,7 +344,7 @@ def extract_features(
     out = Path(out)
     meta = dict(meta or {})
     fingerprint = _fingerprint(meta, transform, cfg, {name: len(src) for name, src in sources.items()})
-    if cfg.resume and final is None:
+    if cfg.resume:  # a requeued job, or a shard that finished before another rank failed
         done = finished_output(out, fingerprint)
         if done is not None:
             return done

@@ -767,3 +767,21 @@ def test_one_failing_image_under_gpus_2_is_one_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.splitlines() == [ln for ln in r.stderr.splitlines() if ln.startswith("Error: ")], r.stderr
     assert len(r.stderr.splitlines()) == 1 and "unreadable image(s)" in r.stderr and "--skip-bad" in r.stderr
+
+
+def test_resume_after_a_multi_process_failure_keeps_the_finished_shard(tmp_path):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"train": (6, 4), "val": (2, 2)})
+    bad = root / "train" / "c1" / "001.png"  # in rank 1's shard
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "f.h5"
+    argv = _extract_argv(root, out, "--workers", "0", "--gpus", "2", "--quiet")
+    first = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stderr
+    bad.write_bytes(good)
+    again = subprocess.run([*argv, "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    with FeatureStore(out) as s:
+        assert s.splits["train"].rows == 10 and s.counts.tolist() == [6, 4]
