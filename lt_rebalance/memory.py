@@ -3,8 +3,8 @@
 Batch schedulers (SLURM, Kubernetes, containers) confine a job to a memory cgroup much smaller than
 the machine: a plan from ``/proc/meminfo`` alone then overshoots and the job is OOM-killed. Both
 cgroup v2 (``memory.max`` - ``memory.current``) and v1 (``memory.limit_in_bytes`` -
-``memory.usage_in_bytes``), less the inactive file cache of ``memory.stat``, are read, for this process's cgroup and each of its ancestors.
-Torch-free, so that ``ltr info`` can use it.
+``memory.usage_in_bytes``), less the inactive file cache of ``memory.stat``, are read for this
+process's cgroup and each of its ancestors. Torch-free, so that ``ltr info`` can use it.
 """
 from __future__ import annotations
 
