@@ -269,14 +269,19 @@ def reproduce_commands(out: Path, cfg: DemoConfig) -> list[str]:
     epochs = {"--crt-epochs": cfg.crt_epochs, "--lws-epochs": cfg.lws_epochs}
     training = "".join(f" {k} {v}" for k, v in epochs.items() if v != "auto")
     crt_epochs = "" if cfg.crt_epochs == "auto" else f" --epochs {cfg.crt_epochs}"
+
+    def into_out(name: str) -> str:  # the plots go beside the demo's own, not into the current folder
+        return f"--out {shlex.quote(str(out / name))} --overwrite"
+
     return [
         "ltr extract " + shlex.join(extract_args(out, cfg)) + " --overwrite",
         f"ltr compare --features {f} {groups}{training} --out {shlex.quote(str(out / 'results.json'))} --overwrite",
         f"ltr crt --features {f} {groups}{crt_epochs} --save {shlex.quote(str(out / 'crt.pt'))} --overwrite",
-        f"ltr plot tau-curve --features {f} {groups} --out tau-curve.png",
-        f"ltr plot norms --features {f} --head {shlex.quote(str(out / 'crt.pt'))} {groups}{training} --out norms.png",
-        f"ltr plot per-class --features {f} --methods joint,crt,tau_norm {groups}{training} --out per-class.png",
-        f"ltr plot compare --results {shlex.quote(str(out / 'results.json'))} --out compare.png",
+        f"ltr plot tau-curve --features {f} {groups} {into_out('tau-curve.png')}",
+        f"ltr plot norms --features {f} --head {shlex.quote(str(out / 'crt.pt'))} {groups}{training} "
+        f"{into_out('norms.png')}",
+        f"ltr plot per-class --features {f} --methods joint,crt,tau_norm {groups}{training} {into_out('per-class.png')}",
+        f"ltr plot compare --results {shlex.quote(str(out / 'results.json'))} {into_out('compare.png')}",
     ]
 
 

@@ -785,3 +785,15 @@ def test_resume_after_a_multi_process_failure_keeps_the_finished_shard(tmp_path)
     assert again.returncode == 0, again.stderr
     with FeatureStore(out) as s:
         assert s.splits["train"].rows == 10 and s.counts.tolist() == [6, 4]
+
+
+def test_the_demo_reproduce_commands_plot_into_out():
+    import shlex
+
+    from lt_rebalance.demo import DemoConfig, reproduce_commands
+
+    plots = [shlex.split(c) for c in reproduce_commands(Path("/data/my demo"), DemoConfig()) if c.startswith("ltr plot")]
+    assert len(plots) == 4
+    for argv in plots:
+        target = argv[argv.index("--out") + 1]
+        assert target.startswith("/data/my demo/") and target.endswith(".png") and "--overwrite" in argv
