@@ -797,3 +797,11 @@ def test_the_demo_reproduce_commands_plot_into_out():
     for argv in plots:
         target = argv[argv.index("--out") + 1]
         assert target.startswith("/data/my demo/") and target.endswith(".png") and "--overwrite" in argv
+
+
+@pytest.mark.parametrize("argv", [["plot", "compare"], ["plot", "compare", "-f", "feats.h5"]])
+def test_plot_compare_says_it_takes_results(argv):
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 2
+    _one_error(r, "`ltr plot compare` draws a results file", "ltr compare -f FEATURES --out results.json",
+               "--results results.json")
