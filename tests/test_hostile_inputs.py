@@ -805,3 +805,18 @@ def test_plot_compare_says_it_takes_results(argv):
     assert r.exit_code == 2
     _one_error(r, "`ltr plot compare` draws a results file", "ltr compare -f FEATURES --out results.json",
                "--results results.json")
+
+
+def test_compare_takes_the_feature_file_positionally(tmp_path):
+    feats = _features(tmp_path / "f.h5")
+    a = CliRunner().invoke(main, ["compare", str(feats), "--methods", "joint,ncm", "--json", "-q"])
+    b = CliRunner().invoke(main, ["compare", "-f", str(feats), "--methods", "joint,ncm", "--json", "-q"])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output
+
+    def rows(r):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in json.loads(r.stdout)["rows"]]
+
+    assert rows(a) == rows(b)
+    r = CliRunner().invoke(main, ["compare"])
+    assert r.exit_code == 2
+    _one_error(r, "Missing feature file", "compare feats.h5`")
