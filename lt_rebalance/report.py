@@ -285,8 +285,9 @@ class Report:
 
 
 def build_report(result: dict, contexts: Sequence[Context], labels: Sequence[str],
-                 heads: dict[str, dict[str, Any]]) -> Report:
-    """The page of a :func:`~lt_rebalance.experiments.compare_files` result and its fitted heads."""
+                 heads: dict[str, dict[str, Any]], *, figures: bool = True) -> Report:
+    """The page of a :func:`~lt_rebalance.experiments.compare_files` result and its fitted heads;
+    ``figures=False``: tables only (matplotlib missing), said in the page's meta lines."""
     t = result["thresholds"]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = [f"lt-rebalance {__version__}, {now}.",
@@ -296,11 +297,14 @@ def build_report(result: dict, contexts: Sequence[Context], labels: Sequence[str
     shifted = shifted_table(result)
     if shifted is not None:
         tables.append(shifted)
-    figures = []
+    drawn = []
     for k, (ctx, label) in enumerate(zip(contexts, labels)):
         stem = f"f{k + 1}-{Path(label).stem}"
-        figures.append((label, report_figures(ctx, heads.get(label, {}), stem)))
-    return Report("Long-tailed classification report", meta, tables, figures)
+        if figures:
+            drawn.append((label, report_figures(ctx, heads.get(label, {}), stem)))
+    if not figures:
+        meta.append("Figures omitted: matplotlib is not installed (pip install matplotlib).")
+    return Report("Long-tailed classification report", meta, tables, drawn)
 
 
 def render_html(report: Report) -> str:
@@ -354,7 +358,8 @@ def write_report(report: Report, out: str | os.PathLike, fmt: str = "html", over
         text = render_html(report)
         return [atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite, inputs)]
     fig_dir = out.parent / f"{out.stem}_figures"
-    fig_dir.mkdir(exist_ok=True)
+    if any(figs for _, figs in report.figures):
+        fig_dir.mkdir(exist_ok=True)
     written = []
     for _, figs in report.figures:
         for f in figs:
