@@ -25,6 +25,85 @@ def _parse_splits(value: Optional[str], data: str) -> tuple[str, ...]:
     return splits
 
 
+class _RankOutput:
+    """The ranks' stderr, filtered: their ``Error:`` lines (kept, once each, for the parent's one
+    line), ``warning:``/``note:`` and progress lines (passed on), and the rest (torchrun banners,
+    gloo and traceback noise of ranks whose peer failed) kept aside, shown only when no rank said
+    what went wrong."""
+
+    _PASS = ("warning: ", "note: ", "extracting: ")
+
+    def __init__(self, keep: int = 60):
+        self.errors: list[str] = []
+        self.rest: list[str] = []
+        self.keep = keep
+
+    def feed(self, line: str) -> None:
+        text = line.rstrip("\n")
+        if text.startswith("Error: "):
+            if text[7:] not in self.errors:
+                self.errors.append(text[7:])
+        elif text.startswith(self._PASS):
+            click.echo(text, err=True)
+        else:
+            self.rest = [*self.rest[-(self.keep - 1):], text]
+
+    def dump_tail(self) -> None:
+        for text in self.rest:
+            click.echo(text, err=True)
+
+
+def _run_torchrun(argv: list[str], out: str, ranks: Optional[_RankOutput] = None, grace: float = 30.0) -> int:
+    """Run torchrun in a process group of its own (stderr filtered by ``ranks``); on Ctrl-C or SIGTERM
+    pass the signal on to the whole group (torchrun and its ranks), wait ``grace`` seconds for them
+    to stop, then kill what is left: no rank is left running to publish the file later."""
+    import signal
+    import threading
+
+    from lt_rebalance.outputs import last_stop_signal
+
+    before = _stat(out)
+    proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.PIPE if ranks else None,
+                            text=True, errors="replace")
+    reader = None
+    if ranks is not None:
+        reader = threading.Thread(target=lambda: [ranks.feed(line) for line in proc.stderr], daemon=True)
+        reader.start()
+    try:
+        rc = proc.wait()
+        if reader is not None:
+            reader.join()
+        return rc
+    except KeyboardInterrupt:
+        signum = last_stop_signal()
+        _signal_group(proc.pid, signum)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if _stat(out) != before:  # rank 0 was publishing the merged file when the signal came
+            raise KeyboardInterrupt(f"interrupted; {out} was written completely") from None
+        raise KeyboardInterrupt(f"interrupted; {out} was not changed; finished shards are kept: continue with "
+                                "--resume") from None
+
+
+def _stat(path: str) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _torchrun_argv(ctx: click.Context, gpus: int) -> list[str]:
     """This command's options for ``torchrun -m lt_rebalance.extract`` (all but --gpus)."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
@@ -39,6 +118,8 @@ def _torchrun_argv(ctx: click.Context, gpus: int) -> list[str]:
 
 def _human(r: dict) -> str:
     lines = [f"wrote {r['out']}  ({r['images']} images in {r['seconds']:.1f} s, {r['images_per_second']:.1f} img/s)"]
+    if r.get("already_complete"):
+        lines = [f"{r['out']} is already complete, extracted with the same settings: nothing to do"]
     lines += [f"  {s}: {n} rows" + (f", {len(r['bad'][s])} unreadable skipped" if s in r["bad"] else "")
               for s, n in r["rows"].items()]
     return "\n".join(lines)
@@ -91,8 +172,13 @@ def extract(ctx: click.Context, **opts: Any) -> None:
 
     env = dist_env()
     if opts["gpus"] > 1 and env is None:
-        rc = subprocess.call(_torchrun_argv(ctx, opts["gpus"]))
+        ranks = _RankOutput()
+        with interrupts_as_errors():
+            rc = _run_torchrun(_torchrun_argv(ctx, opts["gpus"]), opts["out"], ranks)
         if rc:
+            if ranks.errors:  # the one useful line, not the tracebacks of the ranks that lost their peer
+                raise click.ClickException(ranks.errors[0])
+            ranks.dump_tail()
             raise click.ClickException(f"{opts['gpus']} extraction processes failed (exit status {rc}); see above")
         return
     quiet = opts["quiet"] or (env is not None and env.rank != 0)
@@ -110,7 +196,8 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
     from .datasets import DatasetOptions, load_dataset, reference_config, timm_config
     from .run import ExtractConfig, extract_features
 
-    check_output(opts["out"], opts["overwrite"], [opts["checkpoint"]])  # before loading data and model
+    if not (opts["resume"] and os.path.isfile(opts["out"])):  # a requeued, finished run is recognised later
+        check_output(opts["out"], opts["overwrite"], [opts["checkpoint"]])  # before loading data and model
     data = load_dataset(opts["data"], DatasetOptions(
         opts["root"], splits, opts["list_dir"], opts["imbalance"], opts["val_per_class"], opts["seed"]))
     for note in data.notes:
@@ -163,7 +250,8 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
 
             result = extract_sharded(model, data.sources, opts["out"], env, progress=bar.update, **kwargs)
     return {"out": str(result.path), "rows": result.rows, "bad": result.bad, "images": result.images,
-            "seconds": result.seconds, "images_per_second": result.images_per_second}
+            "seconds": result.seconds, "images_per_second": result.images_per_second,
+            "already_complete": result.already_complete}
 
 
 def _progress(total: int, quiet: bool) -> Any:

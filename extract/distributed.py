@@ -16,7 +16,15 @@ from lt_rebalance.outputs import publish
 from lt_rebalance.store import FeatureFileWriter, FeatureStore
 
 from .datasets import ImageSource
-from .output import FINGERPRINT_ATTR, bad_indices, bad_paths, output_lock, partial_path, record_bad
+from .output import (
+    FINGERPRINT_ATTR,
+    bad_indices,
+    bad_paths,
+    drop_skipped_from_counts,
+    output_lock,
+    partial_path,
+    record_bad,
+)
 from .run import ExtractResult, extract_features
 
 
@@ -103,6 +111,7 @@ def merge_shards(shards: list[Path], out: Path, offsets: dict[str, np.ndarray], 
             if views:
                 dst.attrs["view_rows"] = np.full(views, total, dtype=np.int64)
             w.mark_complete(name)
+        drop_skipped_from_counts(w)
         w.close()
         FeatureStore(partial).close()
         publish(partial, out, overwrite)
@@ -116,6 +125,14 @@ def extract_sharded(model: Any, sources: dict[str, ImageSource], out: str | os.P
     import torch
     import torch.distributed as dist
 
+    from .run import _fingerprint, finished_output
+
+    if kwargs["config"].resume:  # a requeued job whose merged file is complete: nothing to do
+        sizes = {name: len(src) for name, src in sources.items()}
+        done = finished_output(Path(out), _fingerprint(dict(kwargs.get("meta") or {}), kwargs["transform"],
+                                                       kwargs["config"], sizes))
+        if done is not None:
+            return done
     if not dist.is_initialized():
         backend = "nccl" if str(kwargs["config"].device).startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=timedelta(hours=24))

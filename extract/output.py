@@ -1,9 +1,11 @@
 """Safe output handling: ``OUT.partial`` + lock file, resume checks, bad-image records, split shrinking."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -11,7 +13,9 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
+from lt_rebalance.integrity import record_checksums
 from lt_rebalance.store import FeatureFileWriter
+from lt_rebalance.store.untrusted import outside_storage
 
 FINGERPRINT_ATTR = "extract_fingerprint"
 
@@ -34,7 +38,7 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
     lock = Path(f"{target}.lock")
     key = str(lock.resolve())
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock)
         try:
             if key in _HELD:
                 raise BlockingIOError
@@ -69,6 +73,23 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
+def _open_lock(lock: Path) -> int:
+    """Open (create) the lock file without following a link: a symlink planted at ``OUT.lock`` would
+    otherwise have its target truncated. A link, or anything but a regular file, is refused."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise FileExistsError(f"{lock} is a symbolic link (to {os.readlink(lock)}); the extraction's lock file is "
+                              "never opened through a link: remove the link, then retry") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileExistsError(f"{lock} is not a regular file; the extraction's lock file must be one: remove it, "
+                              "then retry")
+    return fd
+
+
 def resume_partial(target: str | os.PathLike, fingerprint: Mapping[str, Any], *, resume: bool, overwrite: bool) -> bool:
     """True when ``target.partial`` exists and is to be resumed (its fingerprint must match);
     False when a fresh one must be created (a leftover one is deleted only with ``overwrite``)."""
@@ -79,8 +100,12 @@ def resume_partial(target: str | os.PathLike, fingerprint: Mapping[str, Any], *,
         try:
             with h5py.File(partial, "r", locking=False) as f:
                 stored = json.loads(f.attrs.get(FINGERPRINT_ATTR, "{}"))
+                outside = outside_storage(f, limit=1)
         except OSError as e:
             raise ValueError(f"{partial} cannot be resumed ({e}); pass --overwrite to start over") from None
+        if outside:
+            raise ValueError(f"{partial} cannot be resumed: {outside[0]}, and resuming would write there; "
+                             "pass --overwrite to start over")
         expected = json.loads(json.dumps(fingerprint))  # same JSON normal form as stored
         diff = sorted(k for k in expected.keys() | stored.keys() if stored.get(k) != expected.get(k))
         if diff:
@@ -112,6 +137,24 @@ def open_writer(partial: Path) -> FeatureFileWriter:
 def bad_indices(g: h5py.Group) -> np.ndarray:
     """Source indices recorded as unreadable in split group ``g`` (int64, increasing)."""
     return np.asarray(g["bad_indices"][...], dtype=np.int64) if "bad_indices" in g else np.zeros(0, np.int64)
+
+
+def drop_skipped_from_counts(w: FeatureFileWriter, block: int = 1 << 20) -> None:
+    """After ``--skip-bad`` left train images out, make ``/classes/counts`` the histogram of the train
+    labels written (the counts a run publishes must not include images that are not in the file).
+    Idempotent (a resumed run may call it again); leaves counts alone when no train image was skipped."""
+    f = w.file
+    if "splits/train" not in f or not len(bad_indices(f["splits/train"])):
+        return
+    labels, counts = f["splits/train/labels"], np.asarray(f["classes/counts"][...], dtype=np.int64)
+    hist = np.zeros(len(counts), dtype=np.int64)
+    for start in range(0, labels.shape[0], block):
+        hist += np.bincount(labels[start : start + block], minlength=len(counts))[: len(counts)]
+    if (hist == counts).all():
+        return
+    f["classes/counts"][...] = hist
+    record_checksums(f["classes"])
+    f.flush()
 
 
 def bad_paths(g: h5py.Group) -> list[str]:

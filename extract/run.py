@@ -34,6 +34,7 @@ from .output import (
     FINGERPRINT_ATTR,
     bad_indices,
     bad_paths,
+    drop_skipped_from_counts,
     open_writer,
     output_lock,
     partial_path,
@@ -73,6 +74,7 @@ class ExtractResult:
     bad: dict[str, list[str]] = field(default_factory=dict)  # skipped unreadable images per split
     images: int = 0  # images run through the model by this call (views included)
     seconds: float = 0.0
+    already_complete: bool = False  # --resume found OUT finished with the same settings (a requeued job)
 
     @property
     def images_per_second(self) -> float:
@@ -142,6 +144,26 @@ class _BackgroundWriter:
             self.drain()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process (which stops them once it has handled it)
+    and end silently on SIGTERM (from a scheduler signalling the process group, or the main process
+    stopping them): exit status 0, so neither the worker nor the loader prints a traceback. A batch
+    being handed over when the main process stops (multiprocessing's resource sharer thread then
+    meets a closed connection) is not reported either."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    previous = sys.excepthook  # what the resource sharer's thread reports its errors to
+
+    def hook(kind: type, value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def _fingerprint(meta: Mapping[str, Any], transform: TransformConfig, cfg: ExtractConfig, sizes: dict) -> dict:
@@ -229,6 +251,7 @@ class _Runner:
             num_workers=self.cfg.workers,
             pin_memory=self.cuda,
             prefetch_factor=4 if self.cfg.workers else None,
+            worker_init_fn=_quiet_worker if self.cfg.workers else None,
         )
         for x, y, idx, ok in loader:
             self.images += len(idx)
@@ -319,13 +342,17 @@ def extract_features(
     """
     cfg = config
     out = Path(out)
+    meta = dict(meta or {})
+    fingerprint = _fingerprint(meta, transform, cfg, {name: len(src) for name, src in sources.items()})
+    if cfg.resume:  # a requeued job, or a shard that finished before another rank failed
+        done = finished_output(out, fingerprint)
+        if done is not None:
+            return done
     check_output(final or out, cfg.overwrite)
     if out != Path(final or out):
         check_output(out, True)
     if cfg.train_views and "train" not in sources:
         raise ValueError("--train-views needs the train split")
-    meta = dict(meta or {})
-    fingerprint = _fingerprint(meta, transform, cfg, {name: len(src) for name, src in sources.items()})
     runner = _Runner(model, features_fn, cfg, transform, progress)
     t0 = time.perf_counter()
     partial = partial_path(out)
@@ -340,7 +367,7 @@ def extract_features(
                     quietly(partial.unlink)
                     raise
             try:
-                rows, bad = _extract_into(runner, partial, sources)
+                rows, bad = _extract_into(runner, partial, sources, own_counts=final is None)
             except NonFiniteFeaturesError as e:  # the same settings can never finish this file
                 quietly(partial.unlink)
                 raise NonFiniteFeaturesError(f"{e}; nothing was published ({partial.name} removed)") from None
@@ -360,9 +387,31 @@ def extract_features(
     return ExtractResult(out, rows, {k: v for k, v in bad.items() if v}, runner.images, time.perf_counter() - t0)
 
 
-def _extract_into(runner: _Runner, partial: Path, sources: Mapping[str, ImageSource]) -> tuple[dict, dict]:
+def finished_output(out: Path, fingerprint: Mapping[str, Any]) -> Optional[ExtractResult]:
+    """The result of a finished extraction at ``out`` made with the same settings (``fingerprint``),
+    or None: a requeued job whose first run completed has nothing left to do. Only a valid, complete
+    file with no ``OUT.partial`` beside it counts."""
+    if not out.is_file() or partial_path(out).exists():
+        return None
+    try:
+        with FeatureStore(out) as store:
+            stored = json.loads(store.attrs.get(FINGERPRINT_ATTR, "null") or "null")
+            rows = {name: info.rows for name, info in store.splits.items()}
+            complete = all(info.complete for info in store.splits.values())
+            bad = {name: bad_paths(store.file[f"splits/{name}"]) for name in store.splits}
+    except (ValueError, OSError):  # FeatureFileError included
+        return None
+    if not complete or stored != json.loads(json.dumps(fingerprint)):
+        return None
+    return ExtractResult(out, rows, {k: v for k, v in bad.items() if v}, already_complete=True)
+
+
+def _extract_into(runner: _Runner, partial: Path, sources: Mapping[str, ImageSource], own_counts: bool = True
+                  ) -> tuple[dict, dict]:
     """Extract every incomplete split into ``partial``; (rows, bad paths) per split. A failure is
-    reported as it happened: closing the file after it cannot replace it with a second error."""
+    reported as it happened: closing the file after it cannot replace it with a second error.
+    ``own_counts``: the file's counts describe its own train split (not a shard's), so images left
+    out by --skip-bad are taken out of them."""
     w = open_writer(partial)
     bg = _BackgroundWriter()
     try:
@@ -370,6 +419,8 @@ def _extract_into(runner: _Runner, partial: Path, sources: Mapping[str, ImageSou
             if not w.is_complete(name):
                 runner.run_split(w, bg, name, src)
                 w.mark_complete(name)
+        if own_counts:
+            drop_skipped_from_counts(w)
         rows = {name: w.rows(name) for name in sources}
         bad = {name: bad_paths(w.file[f"splits/{name}"]) for name in sources}
     except BaseException:

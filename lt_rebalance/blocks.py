@@ -7,11 +7,11 @@ float32 copy of the whole matrix; only the memory differs (one block instead of 
 """
 from __future__ import annotations
 
-import os
-import re
 from typing import Callable, Iterator, Optional
 
 import torch
+
+from .memory import available_memory  # noqa: F401 (re-exported: heads and sessions plan with it)
 
 BLOCK_ROWS = 8192  # rows per GEMM block: large enough for full GEMM speed, small enough to bound memory
 CACHE_ROWS = 1024  # rows per element-wise block that should stay in cache
@@ -91,18 +91,3 @@ def all_finite(X: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(X)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def available_memory() -> Optional[int]:
-    """Bytes of memory the kernel reports as available (``MemAvailable``), None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            m = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M)
-        if m:
-            return int(m.group(1)) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None

@@ -123,7 +123,7 @@ def _verify_contents(store: FeatureStore, checks: list[Check]) -> None:
             checks.append(Check(f"{info.name}: views", n_bad == 0,
                                 f"{info.views} views of shape {v.shape[1:]}, {n_bad} rows with NaN/Inf"))
     if "train" in store.splits:
-        y = f["splits/train/labels"][: store.splits["train"].rows]
+        y = np.asarray(f["splits/train/labels"][: store.splits["train"].rows]).astype(np.int64)  # whole (checked on opening)
         hist = np.bincount(y, minlength=store.num_classes)
         diff = np.flatnonzero(hist != store.counts)
         checks.append(Check("counts = train label histogram", len(diff) == 0,
@@ -140,13 +140,19 @@ def _verify_contents(store: FeatureStore, checks: list[Check]) -> None:
 
 
 def _check_dtypes(f: h5py.File, store: FeatureStore) -> Check:
-    wrong = []
+    wrong, readable = [], []
     if f["classes/counts"].dtype != np.int64:
         wrong.append(f"/classes/counts is {f['classes/counts'].dtype}")
     for name in store.splits:
-        if f[f"splits/{name}/labels"].dtype != np.int64:
-            wrong.append(f"/splits/{name}/labels is {f[f'splits/{name}/labels'].dtype}")
+        dtype = f[f"splits/{name}/labels"].dtype
+        if dtype.kind == "f":  # whole numbers (checked on opening): read as class indices
+            readable.append(f"/splits/{name}/labels")
+        elif dtype != np.int64:
+            wrong.append(f"/splits/{name}/labels is {dtype}")
     for k in ("head/weight", "head/bias"):
         if k in f and f[k].dtype != np.float32:
             wrong.append(f"/{k} is {f[k].dtype}")
+    if readable and not wrong:
+        return Check("dtypes", True, f"{', '.join(readable)} stored as floats holding whole numbers: read as class "
+                                     "indices (the schema stores int64, as `ltr import` writes)")
     return Check("dtypes", not wrong, "; ".join(wrong) or "as in the schema")

@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
+GROUPS = ("many", "medium", "few")
 DEFAULT_MANY, DEFAULT_FEW = 100, 20
+
+
+def check_thresholds(many: int, few: int) -> None:
+    """ValueError when the few threshold exceeds the many threshold + 1 (the groups would overlap)."""
+    if few > many + 1:
+        raise ValueError(f"the few threshold ({few}) must not exceed the many threshold ({many}) + 1")
 
 
 def _counts(counts: Any) -> np.ndarray:
@@ -18,8 +25,7 @@ def _counts(counts: Any) -> np.ndarray:
 
 def group_sizes(counts: Any, many: int = DEFAULT_MANY, few: int = DEFAULT_FEW) -> dict[str, int]:
     """Classes per shot group: ``many`` (> many train rows), ``medium``, ``few`` (< few)."""
-    if few > many + 1:
-        raise ValueError(f"the few threshold ({few}) must not exceed the many threshold ({many}) + 1")
+    check_thresholds(many, few)
     n = np.asarray(counts, dtype=np.int64).reshape(-1)
     m, f = int((n > many).sum()), int((n < few).sum())
     return {"many": m, "medium": len(n) - m - f, "few": f}

@@ -15,9 +15,14 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .blocks import SCORE_ROWS, all_finite, column_affine, row_blocks
-from .imbalance import DEFAULT_FEW, DEFAULT_MANY, group_sizes, imbalance_stats  # noqa: F401 (torch-free there)
-
-GROUPS = ("many", "medium", "few")
+from .imbalance import (  # noqa: F401 (re-exported; torch-free there)
+    DEFAULT_FEW,
+    DEFAULT_MANY,
+    GROUPS,
+    check_thresholds,
+    group_sizes,
+    imbalance_stats,
+)
 
 
 def _tensor(a: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -27,8 +32,7 @@ def _tensor(a: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
 
 def shot_groups(counts: Any, many: int = DEFAULT_MANY, few: int = DEFAULT_FEW) -> dict[str, torch.Tensor]:
     """Boolean masks (C,) of the many (> many), medium and few (< few) shot classes."""
-    if few > many + 1:
-        raise ValueError(f"the few threshold ({few}) must not exceed the many threshold ({many}) + 1")
+    check_thresholds(many, few)
     c = _tensor(counts, torch.int64)
     m, f = c > many, c < few
     return {"many": m, "medium": ~m & ~f, "few": f}

@@ -19,12 +19,14 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import uuid
@@ -53,6 +55,15 @@ class OutputError(OSError):
     """An output that cannot be written; the message names the path, the cause and what to do."""
 
 
+class OutputExists(FileExistsError):
+    """An output that exists and may not be replaced: ``str()`` in the library's words
+    (``overwrite=True``), :attr:`cli_message` in the command line's (``--overwrite``)."""
+
+    def __init__(self, path: PathLike):
+        super().__init__(f"{path} already exists; pass overwrite=True to replace it")
+        self.cli_message = f"{path} already exists; pass --overwrite to replace it"
+
+
 class WriteInterrupted(KeyboardInterrupt):
     """Ctrl-C during a write; ``str()`` says what was (not) changed."""
 
@@ -65,10 +76,94 @@ def same_file(a: PathLike, b: PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def not_regular(path: PathLike) -> Optional[str]:
+    """What is at ``path`` when it exists and is not a regular file (never following a link), else None.
+
+    Outputs are written only as regular files: a rename over a device node, a FIFO or a symbolic link
+    replaces that object (``--out /dev/null --overwrite`` run as root would replace the system's
+    ``/dev/null``).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link to {os.readlink(path)}"
+        except OSError:
+            return "a symbolic link"
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def refuse_not_regular(path: PathLike) -> None:
+    """Raise :class:`OutputError` when ``path`` exists and is not a regular file (see :func:`not_regular`)."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise OutputError(f"{path} is {kind}, not a regular file; outputs are written only as regular files and "
+                          "this one is not replaced, even with --overwrite: choose another path")
+
+
 def temp_path(path: PathLike) -> Path:
     """A fresh temporary name beside ``path`` (the caller creates the file, e.g. h5py mode "w-")."""
     path = Path(path)
     return path.parent / f".{path.name}.ltr-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+# Open-file-description locks (Linux): held by the descriptor, not the process, so a writer's own
+# close of another descriptor of the file (h5py, torch.save) does not drop it; they do not conflict
+# with the flock() that HDF5 takes on files it writes.
+_F_OFD_GETLK, _F_OFD_SETLK = getattr(fcntl, "F_OFD_GETLK", None), getattr(fcntl, "F_OFD_SETLK", None)
+_held: dict[str, int] = {}  # temporary files this process writes -> the descriptor holding their lock
+
+
+def _ofd(fd: int, cmd: Optional[int], kind: int) -> Optional[int]:
+    """fcntl(F_OFD_*) of a whole-file lock of ``kind``; the l_type the kernel returns, None if unsupported."""
+    if cmd is None:
+        return None
+    try:
+        out = fcntl.fcntl(fd, cmd, struct.pack("hhqqi4x", kind, 0, 0, 0, 0))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return fcntl.F_WRLCK  # held by someone else
+        return None
+    return struct.unpack("hhqqi4x", out)[0]
+
+
+def hold_temp(tmp: PathLike) -> None:
+    """Create the temporary file ``tmp`` and hold a lock on it until :func:`release_temp`: proof that
+    its writer is alive, which a pid is not (another pid namespace on this host, e.g. a container
+    with host networking, reuses pids). Writers then write into the file (same inode)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    _ofd(fd, _F_OFD_SETLK, fcntl.F_WRLCK)
+    _held[str(tmp)] = fd
+
+
+def held_temp(path: PathLike) -> bool:
+    """True when ``path`` is a temporary file this process created with :func:`hold_temp` (still empty
+    or being written): writers may open it with truncation instead of exclusive creation."""
+    return str(path) in _held
+
+
+def release_temp(tmp: PathLike) -> None:
+    fd = _held.pop(str(tmp), None)
+    if fd is not None:
+        quietly(os.close, fd)
+
+
+def _locked_by_writer(path: str) -> bool:
+    """True when some process (in any pid namespace) holds the lock of :func:`hold_temp` on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return _ofd(fd, _F_OFD_GETLK, fcntl.F_WRLCK) not in (None, fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -87,7 +182,8 @@ def remove_stale_temps(folder: PathLike) -> list[Path]:
     """Remove our temporary files in ``folder`` left by dead processes of this host; returns them.
 
     Only regular files owned by this user whose name matches :func:`temp_path`'s pattern, written
-    on this host by a pid that no longer runs, are removed. (Earlier versions named them
+    on this host by a pid that no longer runs, and whose writer's lock (:func:`hold_temp`) is not
+    held, are removed. (Earlier versions named them
     ``.NAME.PID.HEX.tmp``, too close to a user's name to delete unasked.)
     """
     removed = []
@@ -101,7 +197,8 @@ def remove_stale_temps(folder: PathLike) -> list[Path]:
             continue
         try:
             st = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not _alive(int(m["pid"])):
+            if (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not _alive(int(m["pid"]))
+                    and not _locked_by_writer(entry.path)):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:
@@ -145,7 +242,8 @@ def check_output(path: PathLike, overwrite: bool = False, inputs: Iterable[Optio
 
     Raises FileNotFoundError (no folder), ValueError (``path`` is an input, with or without
     ``overwrite``), IsADirectoryError, FileExistsError (exists, no ``overwrite``) or
-    :class:`OutputError` (the folder cannot be written: read-only, permissions, full).
+    :class:`OutputError` (the folder cannot be written: read-only, permissions, full; or ``path``
+    is not a regular file: a device, FIFO, socket or symbolic link, with or without ``overwrite``).
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -156,8 +254,9 @@ def check_output(path: PathLike, overwrite: bool = False, inputs: Iterable[Optio
                              "input (even with --overwrite): choose another output path")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
+    refuse_not_regular(path)
     if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExists(path)
     remove_stale_temps(path.parent)
     probe = temp_path(path)
     try:
@@ -181,6 +280,7 @@ def publish(tmp: PathLike, path: PathLike, overwrite: bool) -> None:
     Where hard links are not supported, a rename after a last check is used instead.
     """
     if overwrite:
+        refuse_not_regular(path)  # appeared since check_output
         os.replace(tmp, path)
         return
     try:
@@ -218,6 +318,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any], overwrite: bool =
     path = Path(path)
     tmp = atomic_output(path, overwrite, inputs)
     try:
+        hold_temp(tmp)
         with interrupt_guard():
             write(tmp)
         with deferred_sigint() as pending:
@@ -231,6 +332,8 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any], overwrite: bool =
         if code is not None:
             raise write_failure(path, code) from None
         raise
+    finally:
+        release_temp(tmp)
     if pending:
         raise WriteInterrupted(f"interrupted; {path} was written completely")
     return path
@@ -258,19 +361,56 @@ def check_interrupt() -> None:
         raise KeyboardInterrupt
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_last_signal: list[int] = []  # the stop signal last received (SIGINT when a Ctrl-C came some other way)
+
+
+def last_stop_signal() -> int:
+    """The signal behind the current interrupt: SIGTERM when :func:`sigterm_as_interrupt` turned one
+    into a KeyboardInterrupt, else SIGINT."""
+    return _last_signal[-1] if _last_signal else signal.SIGINT
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    _last_signal.append(signum)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what batch schedulers send before SIGKILL) raises KeyboardInterrupt, like Ctrl-C, so
+    every writer stops the same way: temporary files removed, outputs intact, locks released, children
+    stopped. :func:`last_stop_signal` says which it was. Main thread only (elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _last_signal.clear()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def deferred_sigint() -> Iterator[list]:
-    """Hold Ctrl-C off a step that must not be cut in two (publishing a file): the yielded list
-    records the signals that arrived, for the caller to act on afterwards. Main thread only."""
+    """Hold Ctrl-C and SIGTERM off a step that must not be cut in two (publishing a file): the yielded
+    list records the signals that arrived, for the caller to act on afterwards. Main thread only."""
     pending: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield pending
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+
+    def hold(signum: int, frame: Any) -> None:
+        pending.append(signum)
+        _last_signal.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in _STOP_SIGNALS}
     try:
         yield pending
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextmanager

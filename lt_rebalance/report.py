@@ -12,6 +12,8 @@ import datetime
 import html
 import io
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -273,10 +275,19 @@ def _html_table(t: Table) -> str:
     return "\n".join(out)
 
 
-def _md_table(t: Table) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]#|~])")
 
+
+def md_escape(s: str) -> str:
+    """Text safe to place in Markdown: HTML markup neutralised (``<`` -> ``&lt;``, as the HTML report
+    does), Markdown punctuation backslash-escaped and line breaks flattened, so that file attributes
+    (model, dataset, class names) cannot inject links, images, scripts or table cells."""
+    flat = " ".join(str(s).splitlines())
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(flat, quote=False))
+
+
+def _md_table(t: Table) -> str:
+    esc = md_escape
     lines = [f"**{esc(t.title)}**", "", "| " + " | ".join(esc(h) for h in t.header) + " |",
              "|" + "|".join("---" for _ in t.header) + "|"]
     lines += ["| " + " | ".join(esc(c.text) for c in row) + " |" for row in t.rows]
@@ -296,8 +307,9 @@ class Report:
 
 
 def build_report(result: dict, sessions: Sequence[Session], labels: Sequence[str],
-                 heads: dict[str, dict[str, Any]]) -> Report:
-    """The page of a :func:`~lt_rebalance.study.compare_files` result and its fitted heads."""
+                 heads: dict[str, dict[str, Any]], *, figures: bool = True) -> Report:
+    """The page of a :func:`~lt_rebalance.study.compare_files` result and its fitted heads;
+    ``figures=False``: tables only (matplotlib missing), said in the page's meta lines."""
     t = result["thresholds"]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = [f"lt-rebalance {__version__}, {now}.",
@@ -309,10 +321,10 @@ def build_report(result: dict, sessions: Sequence[Session], labels: Sequence[str
     shifted = shifted_table(result)
     if shifted is not None:
         tables.append(shifted)
-    from .plots import shift_figure
+    drawn = []
+    for k, (ctx, label) in enumerate(zip(sessions, labels) if figures else ()):
+        from .plots import shift_figure
 
-    figures = []
-    for k, (ctx, label) in enumerate(zip(sessions, labels)):
         stem = f"f{k + 1}-{Path(label).stem}"
         file_figures = report_figures(ctx, heads.get(label, {}), stem)
         shift = shift_figure([r for r in result["rows"] if r.get("features", label) == label])
@@ -321,8 +333,10 @@ def build_report(result: dict, sessions: Sequence[Session], labels: Sequence[str
                 f"{stem}-shifts", "Accuracy against the shifted test prior",
                 "Top-1 on each shifted test subset: plain predictions, and after correcting with each estimated "
                 "prior; the true prior's correction is the ceiling.", shift))
-        figures.append((label, file_figures))
-    return Report("Long-tailed classification report", meta, tables, figures)
+        drawn.append((label, file_figures))
+    if not figures:
+        meta.append("Figures omitted: matplotlib is not installed (pip install matplotlib).")
+    return Report("Long-tailed classification report", meta, tables, drawn)
 
 
 def render_html(report: Report) -> str:
@@ -347,13 +361,15 @@ def render_html(report: Report) -> str:
 
 def render_markdown(report: Report, figure_dir: str) -> str:
     """Markdown page; figures are referenced as ``figure_dir/<name>.png`` (written by :func:`write_report`)."""
-    parts = [f"# {report.title}", "", *report.meta, "", "## Tables", ""]
+    esc = md_escape
+    parts = [f"# {esc(report.title)}", "", *map(esc, report.meta), "", "## Tables", ""]
     for t in report.tables:
         parts += [_md_table(t), ""]
     for label, figs in report.figures:
-        parts += [f"## Figures: {label}", ""]
+        parts += [f"## Figures: {esc(label)}", ""]
         for f in figs:
-            parts += [f"![{f.title}]({figure_dir}/{f.name}.png)", "", f"*{f.title}.* {f.caption}", ""]
+            link = urllib.parse.quote(f"{figure_dir}/{f.name}.png")
+            parts += [f"![{esc(f.title)}]({link})", "", f"*{esc(f.title)}.* {esc(f.caption)}", ""]
     return "\n".join(parts)
 
 
@@ -374,7 +390,8 @@ def write_report(report: Report, out: str | os.PathLike, fmt: str = "html", over
         text = render_html(report)
         return [atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite, inputs)]
     fig_dir = out.parent / f"{out.stem}_figures"
-    fig_dir.mkdir(exist_ok=True)
+    if any(figs for _, figs in report.figures):
+        fig_dir.mkdir(exist_ok=True)
     written = []
     for _, figs in report.figures:
         for f in figs:

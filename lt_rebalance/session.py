@@ -123,6 +123,9 @@ class Session:
     def train(self) -> tuple[torch.Tensor, torch.Tensor]:
         if "train" not in self.store.splits:
             raise ValueError(f"{self.store.path} has no 'train' split, which this method trains on")
+        if self.store.splits["train"].rows == 0:
+            raise ValueError(f"split 'train' of {self.store.path} has no rows, and this method trains on it; "
+                             "give a file whose train split holds features")
         return self.load("train")
 
     def has_rows(self, split: str) -> bool:

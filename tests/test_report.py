@@ -149,12 +149,17 @@ def test_tables_group_several_files():
     assert "| b.h5 | joint | 75.00 |" in _md_table(table)
 
 
-def test_missing_matplotlib_is_a_clear_error(files, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("name", ["r.html", "r.md"])
+def test_missing_matplotlib_writes_the_tables_only(files, tmp_path, monkeypatch, name):  # noqa: F811
     paths, _ = files
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    res = CliRunner().invoke(main, ["report", "-f", paths["a"], "--out", str(tmp_path / "r.html")])
-    assert res.exit_code == 1 and "pip install" in res.output and "Traceback" not in res.output
-    assert not (tmp_path / "r.html").exists()
+    res = CliRunner().invoke(main, ["report", "-f", paths["a"], "--out", str(tmp_path / name), "--methods",
+                                    "joint,ncm"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "warning:" in res.output and "pip install" in res.output and "tables only" in res.output
+    text = (tmp_path / name).read_text()
+    assert "Figures omitted: matplotlib is not installed" in text and "joint" in text
+    assert "<img" not in text and "![" not in text and not (tmp_path / "r_figures").exists()
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian package chromium) absent")

@@ -17,16 +17,45 @@ CIFAR_LAYOUT = {
 }
 
 
+# the only globals the official batch files (and numpy's own pickles of arrays) refer to
+_ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | {
+    (m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | {
+    ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, numbers and numpy arrays only: a crafted batch file cannot name
+    any other class or function (plain ``pickle.load`` would run whatever it names)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR batch file never holds")
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (--root must hold the official python-pickle folder {path.parent.name}/)")
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            doc = _BatchUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        truncated = isinstance(e, EOFError) or "truncated" in str(e)
+        cause = "truncated (an interrupted download?)" if truncated else f"not an official CIFAR batch ({e})"
+        raise ValueError(f"{path}: {cause}; download and unpack the official python version again") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not an official CIFAR batch (holds a {type(doc).__name__}, not a dict); "
+                         "download and unpack the official python version again")
+    return doc
 
 
 def read_cifar_batches(paths: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate pickled batches -> images uint8 (N, 32, 32, 3), labels int64 (N,)."""
     batches = [_unpickle(p) for p in paths]
+    for p, b in zip(paths, batches):
+        if b"data" not in b or label_key not in b:
+            raise ValueError(f"{p}: not an official CIFAR batch (no {b'data'!r} or {label_key!r}); download and "
+                             "unpack the official python version again")
     data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
     labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels

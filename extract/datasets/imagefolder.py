@@ -12,7 +12,31 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".
 
 
 def _class_dirs(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir())
+    """Class folders of ``folder``: hidden ones (``.ipynb_checkpoints``, ``.git``) are not classes."""
+    return sorted(_utf8(folder, d.name) for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _utf8(folder: Path, name: str) -> str:
+    """``name`` (from the file system), refused before any extraction when it is not valid UTF-8:
+    the feature file stores names as UTF-8 text (paths, class names)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(name).decode("utf-8", errors="backslashreplace")
+        raise ValueError(f"{folder / shown}: the name is not valid UTF-8; rename it (e.g. with convmv) and "
+                         "run again") from None
+    return name
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Regular image files of ``folder`` (hidden files, FIFOs, sockets and devices left out), sorted."""
+    out = []
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        if entry.is_file():  # follows symlinks; False for a FIFO, socket or device
+            out.append(_utf8(folder, entry.name))
+    return sorted(out)
 
 
 def scan_split(root: Path, split: str, class_index: dict[str, int]) -> FileSource:
@@ -23,7 +47,7 @@ def scan_split(root: Path, split: str, class_index: dict[str, int]) -> FileSourc
         raise ValueError(f"{folder}: class folder(s) not in train/: {unknown[:10]}")
     paths, labels = [], []
     for cls in _class_dirs(folder):
-        files = sorted(f for f in os.listdir(folder / cls) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = _image_files(folder / cls)
         paths += [f"{split}/{cls}/{f}" for f in files]
         labels += [class_index[cls]] * len(files)
     if not paths:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
@@ -53,7 +54,17 @@ class FileSource:
         return self.paths[i]
 
     def load(self, i: int) -> Image.Image:
-        with Image.open(os.path.join(self.root, self.paths[i])) as im:
+        path = os.path.join(self.root, self.paths[i])
+        # a FIFO or device among the images would block the read forever: only regular files are images
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{self.paths[i]} is not a regular file (a FIFO, socket or device)")
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f, Image.open(f) as im:
             return to_rgb(im)
 
     def missing(self) -> list[str]:

@@ -1,6 +1,9 @@
 """``ltr compare``: every method with its defaults, one table."""
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import click
 
 from ..registry import METHOD_NAMES, OPT_IN_METHODS
@@ -169,10 +172,12 @@ def _shifted_section(result: dict, width: int) -> str:
 def compare_options(f):
     """The options of a compare run, shared by ``ltr compare`` and ``ltr report`` (see :func:`run_compare_command`)."""
     opts = [
-        click.option("--features", "-f", "features", required=True, multiple=True,
+        click.argument("paths", nargs=-1, type=click.Path(dir_okay=False, path_type=str), metavar="[FEATURES]..."),
+        click.option("--features", "-f", "features", multiple=True,
                      type=click.Path(dir_okay=False, path_type=str),
                      help="Feature file (.h5); repeat for several stage-1 representations of one dataset "
-                          "(same classes and train counts): one table, grouped by file."),
+                          "(same classes and train counts): one table, grouped by file. Also given "
+                          "positionally, like `ltr info FEATURES`."),
         json_option,
         quiet_option,
         allow_incomplete_option,
@@ -189,9 +194,19 @@ def compare_options(f):
         device_option,
         max_memory_option,
     ]
+
+    @functools.wraps(f)
+    def merged(*args: Any, paths: tuple = (), features: tuple = (), **kwargs: Any) -> Any:
+        features = (*features, *paths)
+        if not features:
+            ctx = click.get_current_context()
+            raise click.UsageError(f"Missing feature file: give FEATURES (or -f FEATURES), e.g. "
+                                   f"`{ctx.command_path} feats.h5`", ctx)
+        return f(*args, features=features, **kwargs)
+
     for opt in reversed(opts):
-        f = opt(f)
-    return f
+        merged = opt(merged)
+    return merged
 
 
 @click.command()

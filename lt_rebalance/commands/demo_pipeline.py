@@ -13,6 +13,7 @@ import contextlib
 import errno
 import io
 import json
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -216,13 +217,20 @@ def _remove_previous_run(out: Path) -> None:
     if foreign:
         raise FileExistsError(f"{images} holds files the demo did not write ({', '.join(foreign[:5])}), which the "
                               "extraction would read as images; move them out or choose another --out")
+    real = Path(os.path.realpath(out))
     for rel in listed:
-        if (out / rel).is_file() and not (out / rel).is_symlink():
+        if _inside(real, rel) and (out / rel).is_file() and not (out / rel).is_symlink():
             (out / rel).unlink()
     for rel in sorted(folders - {Path(".")}, key=lambda p: len(p.parts), reverse=True):
-        if (out / rel).is_dir() and not any((out / rel).iterdir()):
+        if _inside(real, rel) and (out / rel).is_dir() and not any((out / rel).iterdir()):
             (out / rel).rmdir()
     manifest.unlink()
+
+
+def _inside(real_out: Path, rel: Path) -> bool:
+    """True when ``OUT/rel`` lies in OUT's real path through no symbolic link (a symlinked sub-folder
+    of OUT points elsewhere: nothing there is the demo's to delete)."""
+    return os.path.realpath(real_out / rel) == str(real_out / rel)
 
 
 def _pct(v: Optional[float]) -> str:
@@ -261,14 +269,19 @@ def reproduce_commands(out: Path, cfg: DemoConfig) -> list[str]:
     epochs = {"--crt-epochs": cfg.crt_epochs, "--lws-epochs": cfg.lws_epochs}
     training = "".join(f" {k} {v}" for k, v in epochs.items() if v != "auto")
     crt_epochs = "" if cfg.crt_epochs == "auto" else f" --epochs {cfg.crt_epochs}"
+
+    def into_out(name: str) -> str:  # the plots go beside the demo's own, not into the current folder
+        return f"--out {shlex.quote(str(out / name))} --overwrite"
+
     return [
         "ltr extract " + shlex.join(extract_args(out, cfg)) + " --overwrite",
         f"ltr compare --features {f} {groups}{training} --out {shlex.quote(str(out / 'results.json'))} --overwrite",
         f"ltr crt --features {f} {groups}{crt_epochs} --save {shlex.quote(str(out / 'crt.pt'))} --overwrite",
-        f"ltr plot tau-curve --features {f} {groups} --out tau-curve.png",
-        f"ltr plot norms --features {f} --head {shlex.quote(str(out / 'crt.pt'))} {groups}{training} --out norms.png",
-        f"ltr plot per-class --features {f} --methods joint,crt,tau_norm {groups}{training} --out per-class.png",
-        f"ltr plot compare --results {shlex.quote(str(out / 'results.json'))} --out compare.png",
+        f"ltr plot tau-curve --features {f} {groups} {into_out('tau-curve.png')}",
+        f"ltr plot norms --features {f} --head {shlex.quote(str(out / 'crt.pt'))} {groups}{training} "
+        f"{into_out('norms.png')}",
+        f"ltr plot per-class --features {f} --methods joint,crt,tau_norm {groups}{training} {into_out('per-class.png')}",
+        f"ltr plot compare --results {shlex.quote(str(out / 'results.json'))} {into_out('compare.png')}",
     ]
 
 

@@ -26,6 +26,7 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
     try:
         if not zipfile.is_zipfile(npz_path):  # np.load would also take .npy or try to unpickle
             raise click.ClickException(f"{npz_path}: not an .npz archive (write one with numpy.savez)")
+        check_npz_sizes(npz_path)  # before inflating anything
         npz = np.load(npz_path, allow_pickle=False)
         data = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
@@ -53,7 +54,7 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
         raise click.ClickException(f"{npz_path}: no arrays x_train/y_train, x_val/y_val or x_test/y_test found")
     if "counts" not in keys and "train" not in splits:
         raise click.ClickException(f"{npz_path}: give x_train/y_train or a 'counts' array (training images per class)")
-    names = [str(n) for n in data["class_names"]] if "class_names" in keys else None
+    names = list(data["class_names"]) if "class_names" in keys else None  # bytes are decoded by the writer
     try:
         write_features(
             out,
@@ -70,6 +71,26 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
     except FeatureFileError as e:  # raised on the temporary file: name the user's file instead
         raise click.ClickException(f"{npz_path}: the arrays do not form a valid feature file: {e.problem}") from None
     return {"out": out, "splits": {s: int(len(splits[s][1])) for s in splits}, "has_head": "weight" in keys}
+
+
+def check_npz_sizes(npz_path: str) -> None:
+    """Refuse an archive whose arrays, as declared, exceed what it stores or the memory available."""
+    from ..memory import available_memory, gib
+    from ..store.untrusted import npz_members
+
+    members = npz_members(npz_path)
+    for m in members:
+        if m.declared > m.stored:
+            raise click.ClickException(
+                f"{npz_path}: {m.name} declares shape {m.shape} {m.dtype} ({gib(m.declared)}) but the archive holds "
+                f"only {gib(max(m.stored, 0))} of it: truncated or crafted; write it again with numpy.savez")
+    total, free = sum(m.declared for m in members), available_memory()
+    if free is not None and total > free:
+        big = max(members, key=lambda m: m.declared)
+        raise click.ClickException(
+            f"{npz_path} expands to {gib(total)} (it declares {big.name} of shape {big.shape} {big.dtype}, "
+            f"{gib(big.declared)}) but only {gib(free)} of memory is available; import it on a larger machine, "
+            "or in parts")
 
 
 @click.command("import")

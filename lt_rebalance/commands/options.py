@@ -10,11 +10,23 @@ import click
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr.")
+
+
+def _one_feature_file(ctx: click.Context, param: click.Parameter, value: tuple) -> str:
+    """``-f`` given twice used to mean silently the last one: refused, naming both."""
+    if len(value) > 1:
+        raise click.BadParameter(f"given {len(value)} times ({', '.join(value)}); this command reads one feature "
+                                 "file (`ltr compare` and `ltr report` take several)", ctx, param)
+    return value[0]
+
+
 features_option = click.option(
     "--features",
     "-f",
     "features",
     required=True,
+    multiple=True,
+    callback=_one_feature_file,
     type=click.Path(dir_okay=False, path_type=str),
     help="Feature file (.h5) written by `ltr extract` or `ltr import`.",
 )
@@ -23,7 +35,26 @@ allow_incomplete_option = click.option(
 )
 # integers that reach torch/numpy as int64: larger values are refused up front (exit 2), not deep inside a run
 INT64_MAX = 2**63 - 1
-SEED_RANGE = click.IntRange(0, INT64_MAX)
+
+
+class Int64Range(click.IntRange):
+    """Integers ``min``..2^63 - 1, shown as ``x>=min`` in --help (not ``0<=x<=9223372036854775807``);
+    a larger value is still refused with the whole range."""
+
+    def __init__(self, min: int = 0):
+        super().__init__(min, INT64_MAX)
+
+    def _describe_range(self) -> str:
+        return f"x>={self.min}"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number = click.INT.convert(value, param, ctx)
+        if number > INT64_MAX:
+            self.fail(f"{number} is not in the range {self.min}<=x<=2^63 - 1 ({INT64_MAX}).", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+SEED_RANGE = Int64Range(0)
 seed_option = click.option("--seed", default=0, show_default=True, type=SEED_RANGE, help="Random seed (0 to 2^63 - 1).")
 splits_option = click.option(
     "--splits", "splits", default=None, help="Comma-separated splits to evaluate (default: val and test)."
@@ -188,9 +219,9 @@ def thresholds_options(f: Callable) -> Callable:
             raise click.BadParameter(f"--few {few} leaves no room under --many {many}", param_hint="--few")
         return f(thresholds={"many": many, "few": few}, **kwargs)
 
-    wrapper = click.option("--few", default=20, show_default=True, type=click.IntRange(0, INT64_MAX),
+    wrapper = click.option("--few", default=20, show_default=True, type=Int64Range(0),
                            help="few-shot classes: < FEW train images.")(wrapper)
-    return click.option("--many", default=100, show_default=True, type=click.IntRange(0, INT64_MAX),
+    return click.option("--many", default=100, show_default=True, type=Int64Range(0),
                         help="many-shot classes: > MANY train images.")(wrapper)
 
 

@@ -127,9 +127,26 @@ def per_class(ctx, methods: str, split: str, overrides: dict, out: str, overwrit
     _done("per-class", path, as_json, quiet)
 
 
+_RESULTS_HINT = ("`ltr plot compare` draws a results file, not a feature file: run `ltr compare -f FEATURES "
+                 "--out results.json`, then `ltr plot compare --results results.json`")
+
+
+def _results_needed(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> str:
+    if value is None:
+        raise click.UsageError(f"Missing option '--results'. {_RESULTS_HINT}", ctx)
+    return value
+
+
+def _no_features(ctx: click.Context, param: click.Parameter, value: tuple) -> None:
+    if value:
+        raise click.UsageError(f"--features/-f is not an option of this command: {_RESULTS_HINT}", ctx)
+
+
 @_plot_command("compare")
-@click.option("--results", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="JSON of `ltr compare --out` or the demo's results.json.")
+@click.option("--results", callback=_results_needed, type=click.Path(exists=True, dir_okay=False),
+              help="JSON of `ltr compare --out` or the demo's results.json.  [required]")
+@click.option("--features", "-f", "features", multiple=True, hidden=True, expose_value=False, callback=_no_features,
+              is_eager=True)
 @click.option("--split", default=None, help="Split to show [default: test when present].")
 @_out_options("compare.png")
 def compare(results: str, split: Optional[str], out: str, overwrite: bool, as_json: bool, quiet: bool) -> None:

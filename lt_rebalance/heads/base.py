@@ -42,7 +42,7 @@ class Interval:
             return False
         if self.kind is int and not isinstance(value, numbers.Integral):
             return False
-        if not isinstance(value, numbers.Real):
+        if not isinstance(value, numbers.Real) or value != value:  # NaN is in no interval
             return False
         lo_ok = self.left is None or (value >= self.left if self.closed in ("both", "left") else value > self.left)
         hi_ok = self.right is None or (value <= self.right if self.closed in ("both", "right") else value < self.right)
