@@ -152,6 +152,10 @@ def _human(r: dict) -> str:
 @click.option("--image-size", type=click.IntRange(8), help="Crop side [default: 224; CIFAR 32].")
 @click.option("--imbalance", default=100.0, show_default=True, type=click.FloatRange(1.0), help="CIFAR-LT imbalance factor.")
 @click.option("--val-per-class", default=20, show_default=True, type=click.IntRange(1), help="CIFAR-LT val images per class.")
+@click.option("--shot-many", type=click.IntRange(0), default=None,
+              help="Record many-shot threshold (> N train images) fitting this dataset in the file [default: 100].")
+@click.option("--shot-few", type=click.IntRange(0), default=None,
+              help="Record few-shot threshold (< N train images) fitting this dataset in the file [default: 20].")
 @click.option("--resume", is_flag=True, help="Continue OUT.partial from the rows already written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT (or OUT.partial).")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable images out; record them in /splits/<split>/bad_paths.")
@@ -237,6 +241,7 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
             **embedding_attrs, "preprocess": kind}
     if data.family == "cifar":
         meta["imbalance"] = opts["imbalance"]
+    meta.update({f"shot_{k}": opts[f"shot_{k}"] for k in ("many", "few") if opts[f"shot_{k}"] is not None})
     total = sum(len(s) * (1 + (opts["train_views"] if name == "train" else 0)) for name, s in data.sources.items())
     if env is not None:
         total = total // env.world

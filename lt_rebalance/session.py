@@ -7,15 +7,20 @@ no results (runners and :mod:`lt_rebalance.evaluation` return them).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 from .blocks import all_finite, available_memory
-from .metrics import DEFAULT_FEW, DEFAULT_MANY
+from .imbalance import DEFAULT_FEW, DEFAULT_MANY, group_sizes
 from .protocols import Protocol
 from .store import FeatureStore
+
+
+class EmptyShotGroupWarning(UserWarning):
+    """A shot group (many, medium or few) holds no class under the thresholds in use."""
 
 
 @dataclass
@@ -53,6 +58,17 @@ class Session:
         if not self.eval_splits:
             present = [s for s in ("val", "test") if s in self.store.splits]
             self.eval_splits = present or [s for s in self.store.splits if s != "train"]
+        # thresholds given > the file's own (root attributes shot_many / shot_few) > 100 and 20
+        self.thresholds = {**self.store.shot_thresholds, **self.thresholds}
+        t = self.group_thresholds
+        sizes = group_sizes(self.store.counts, t["many"], t["few"])
+        empty = [g for g, n in sizes.items() if n == 0]
+        if empty and int(self.store.counts.sum()) > 0:
+            warnings.warn(EmptyShotGroupWarning(
+                f"{self.store.path}: no {' and no '.join(empty)}-shot classes under many > {t['many']}, "
+                f"few < {t['few']} train images (largest class {int(self.store.counts.max())}); their accuracies "
+                "are NaN: pass --many/--few scaled to this file (or record them: ltr extract/import --shot-many, "
+                "--shot-few)"), stacklevel=2)
 
     @property
     def group_thresholds(self) -> dict[str, int]:

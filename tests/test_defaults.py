@@ -48,7 +48,8 @@ def small(tmp_path_factory):
     weight, bias = joint.weight_.numpy(), joint.bias_.numpy()
     root = tmp_path_factory.mktemp("defaults")
     paths = {"file": root / "small.h5", "random": root / "random.h5", "legacy": root / "legacy.h5"}
-    write_features(paths["file"], splits, weight=weight, bias=bias)
+    # thresholds that fit its class sizes (60 .. 3 rows), recorded in the file: no empty shot group
+    write_features(paths["file"], splits, weight=weight, bias=bias, shot_many=30, shot_few=10)
     write_features(paths["random"], splits, weight=weight, bias=bias, head_random_init=True)
     # written before the /head attribute existed: only the root attribute says random-init
     write_features(paths["legacy"], splits, weight=weight, bias=bias, weights="random-init")
@@ -159,6 +160,22 @@ def test_compare_with_no_flags_on_a_small_file(small):
         assert (params[m]["epochs"], params[m]["batch_size"], params[m]["steps"]) == (63, 18, 504)
         assert params[m]["auto"] == ["epochs", "batch_size"]
     assert "warning" not in err + err_wb
+    assert all(r["test"]["many"] is not None for r in doc["rows"])  # the file's thresholds: many > 30
+
+
+def test_thresholds_recorded_in_the_file_and_empty_groups_warned(small, tmp_path):
+    """--many/--few > the file's shot_many/shot_few > 100/20; an empty group is one warning line."""
+    doc, err = run_json(["joint", "-f", small["file"], "-q"])
+    groups = {g: sum(1 for n in COUNTS if (n > 30 if g == "many" else n < 10 if g == "few" else 10 <= n <= 30))
+              for g in ("many", "medium", "few")}
+    assert groups == {"many": 2, "medium": 2, "few": 2} and err == ""
+    info, _ = run_json(["info", small["file"]])
+    assert info["groups"] == groups and info["shot_thresholds"] == {"many": 30, "few": 10}
+    doc, err = run_json(["joint", "-f", small["random"], "-q"])  # no thresholds recorded: 100 / 20
+    assert doc["test"]["many"] is None
+    assert "no many-shot classes under many > 100, few < 20 train images (largest class 60)" in err
+    doc, err = run_json(["joint", "-f", small["random"], "--many", "30", "--few", "10", "-q"])
+    assert doc["test"]["many"] is not None and "shot classes" not in err
 
 
 @pytest.mark.parametrize("args", [

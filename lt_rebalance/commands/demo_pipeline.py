@@ -150,7 +150,8 @@ def extract_args(out: Path, cfg: DemoConfig) -> list[str]:
     """The ``ltr extract`` arguments of step 3 (printed as the command that reproduces it)."""
     return ["--model", "tiny_cnn", "--data", "imagefolder", "--root", str(out / "images"),
             "--checkpoint", str(out / "stage1.pth"), "--out", str(out / "features.h5"),
-            "--image-size", str(cfg.image_size), "--workers", "0", "--device", "cpu", "--seed", str(cfg.seed)]
+            "--image-size", str(cfg.image_size), "--workers", "0", "--device", "cpu", "--seed", str(cfg.seed),
+            "--shot-many", str(cfg.many), "--shot-few", str(cfg.few)]
 
 
 def run_extract(args: list[str], quiet: bool) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from typing import Optional
 
 import click
 
@@ -14,7 +15,8 @@ from .setup import check_writable
 SPLITS = ("train", "val", "test")
 
 
-def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, model: str, dataset: str) -> dict:
+def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, model: str, dataset: str,
+                    shots: Optional[dict] = None) -> dict:
     """Read ``x_<split>, y_<split>`` (+ optional weight, bias, counts, class_names) and write ``out``."""
     import numpy as np
 
@@ -67,6 +69,7 @@ def npz_to_features(npz_path: str, out: str, *, dtype: str, overwrite: bool, mod
             model=model,
             dataset=dataset,
             overwrite=overwrite,
+            **{f"shot_{k}": v for k, v in (shots or {}).items()},
         )
     except FeatureFileError as e:  # raised on the temporary file: name the user's file instead
         raise click.ClickException(f"{npz_path}: the arrays do not form a valid feature file: {e.problem}") from None
@@ -99,12 +102,18 @@ def check_npz_sizes(npz_path: str) -> None:
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
 @click.option("--model", default="", help="Backbone name to record.")
 @click.option("--dataset", default="", help="Dataset name to record.")
+@click.option("--shot-many", type=click.IntRange(0), default=None,
+              help="Record the many-shot threshold (> N train images) that fits these data [default: 100].")
+@click.option("--shot-few", type=click.IntRange(0), default=None,
+              help="Record the few-shot threshold (< N train images) that fits these data [default: 20].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @json_option
 @quiet_option
 @handle_user_errors
-def import_npz(npz_path, out, dtype, model, dataset, overwrite, as_json, quiet):
+def import_npz(npz_path, out, dtype, model, dataset, shot_many, shot_few, overwrite, as_json, quiet):
     """Create a feature file from an .npz with x_train, y_train, x_val, y_val, x_test, y_test
     (optional: weight, bias, counts, class_names; counts default to the y_train histogram)."""
-    result = npz_to_features(npz_path, out, dtype=dtype, overwrite=overwrite, model=model, dataset=dataset)
+    shots = {k: v for k, v in (("many", shot_many), ("few", shot_few)) if v is not None}
+    result = npz_to_features(npz_path, out, dtype=dtype, overwrite=overwrite, model=model, dataset=dataset,
+                             shots=shots)
     emit(result, as_json, lambda r: f"wrote {r['out']}: " + ", ".join(f"{s} {n} rows" for s, n in r["splits"].items()))

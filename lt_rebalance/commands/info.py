@@ -34,7 +34,8 @@ def file_summary(store) -> dict:
             s.name: {"rows": s.rows, "complete": s.complete, "dtype": s.dtype, "views": s.views}
             for s in store.splits.values()
         },
-        "groups": group_sizes(store.counts),
+        "groups": group_sizes(store.counts, **store.shot_thresholds),
+        "shot_thresholds": {"many": 100, "few": 20, **store.shot_thresholds},
         "train_images": int(store.counts.sum()),
         "imbalance_factor": stats["imbalance_factor"],
         "gini": stats["gini"],
@@ -68,8 +69,8 @@ def _human(d: dict) -> str:
         f"{d['path']}: lt-rebalance feature file v{d['format_version']}",
         f"  model {d['model'] or '-'}, dataset {d['dataset'] or '-'}",
         f"  {d['num_classes']} classes, {d['dim']}-d features, stored classifier: {_head_text(d)}",
-        f"  shot groups (train counts): many {d['groups']['many']}, medium {d['groups']['medium']}, "
-        f"few {d['groups']['few']}",
+        f"  shot groups (train counts; many > {d['shot_thresholds']['many']}, few < {d['shot_thresholds']['few']}): "
+        f"many {d['groups']['many']}, medium {d['groups']['medium']}, few {d['groups']['few']}",
         f"  train imbalance: {_imbalance_text(d)}",
     ]
     if d.get("text_head"):

@@ -214,15 +214,16 @@ def thresholds_options(f: Callable) -> Callable:
     """--many/--few shot-group thresholds; the command gets ``thresholds={"many": .., "few": ..}``."""
 
     @functools.wraps(f)
-    def wrapper(many: int, few: int, **kwargs: Any) -> Any:
-        if few > many + 1:
+    def wrapper(many: Optional[int], few: Optional[int], **kwargs: Any) -> Any:
+        if many is not None and few is not None and few > many + 1:
             raise click.BadParameter(f"--few {few} leaves no room under --many {many}", param_hint="--few")
-        return f(thresholds={"many": many, "few": few}, **kwargs)
+        given = {k: v for k, v in (("many", many), ("few", few)) if v is not None}
+        return f(thresholds=given, **kwargs)
 
-    wrapper = click.option("--few", default=20, show_default=True, type=Int64Range(0),
-                           help="few-shot classes: < FEW train images.")(wrapper)
-    return click.option("--many", default=100, show_default=True, type=Int64Range(0),
-                        help="many-shot classes: > MANY train images.")(wrapper)
+    wrapper = click.option("--few", default=None, type=Int64Range(0),
+                           help="few-shot classes: < FEW train images [default: the file's shot_few, else 20].")(wrapper)
+    return click.option("--many", default=None, type=Int64Range(0),
+                        help="many-shot classes: > MANY train images [default: the file's shot_many, else 100].")(wrapper)
 
 
 def training_options(f: Callable) -> Callable:

@@ -204,6 +204,14 @@ class FeatureStore:
         self.head_random_init = self.has_head and (
             bool(f["head"].attrs.get("random_init", False)) or self.attrs.get("weights") == "random-init"
         )
+        # shot-group thresholds that fit this file's class sizes (root attributes shot_many, shot_few)
+        self.shot_thresholds = {}
+        for key in ("many", "few"):
+            value = self.attrs.get(f"shot_{key}")
+            if value is not None:
+                if isinstance(value, (bool, np.bool_)) or not float(value).is_integer() or value < 0:
+                    raise self._damaged(f"root attribute shot_{key} is {value!r}, expected a whole number >= 0")
+                self.shot_thresholds[key] = int(value)
 
     def _read_split(self, name: str, g: h5py.Group) -> SplitInfo:
         where = f"/splits/{name}"
