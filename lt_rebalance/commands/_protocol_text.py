@@ -32,6 +32,17 @@ def ci_text(result: dict) -> str:
 ESTIMATOR_LABELS = {"known_prior": "known", "em": "EM", "bbse": "BBSE", "rlls": "RLLS", "mapls": "MAPLS"}
 
 
+UNCALIBRATED = ("ncm", "tau_norm")  # scores that are no calibrated posteriors (docs/METHODS.md, "Prior correction")
+
+
+def em_caveat(method: str, fixes: list[str], protocol: dict) -> str:
+    """A note when EM ran on scores that are no calibrated posteriors ('' otherwise)."""
+    if method in UNCALIBRATED and "em" in fixes and not protocol.get("calibration"):
+        return (f"({method}: its scores are no calibrated posteriors, so EM's estimate can collapse; use "
+                "--prior-calibration bcts or --prior-estimators bbse)")
+    return ""
+
+
 def corrections(corrected: dict) -> list[str]:
     """The corrections present in a result's ``shifted_corrected`` (known prior first, then the
     estimators in the order run); [] for a method without an implied prior."""
@@ -65,7 +76,8 @@ def shifted_text(result: dict) -> str:
         lines.append("mean L1 error of the estimated prior: " + ", ".join(errors))
     if reason:
         lines.append(f"(no prior correction: {reason})")
-    return "\n".join(lines)
+    caveat = em_caveat(result.get("method", ""), fixes, result.get("protocol") or {})
+    return "\n".join(lines + ([caveat] if caveat else []))
 
 
 def seeds_text(result: dict) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ..registry import METHOD_NAMES, OPT_IN_METHODS
-from ._protocol_text import ESTIMATOR_LABELS, corrections, fmt_ci
+from ._protocol_text import ESTIMATOR_LABELS, corrections, em_caveat, fmt_ci
 from .errors import handle_user_errors
 from .options import (
     MethodNames,
@@ -162,6 +162,9 @@ def _shifted_section(result: dict, width: int) -> str:
         else:
             variants += [(ESTIMATOR_LABELS.get(k, k), {n: c[k] for n, c in corrected.items()})
                          for k in corrections(corrected)]
+            caveat = em_caveat(r["method"], corrections(corrected), result.get("protocol") or {})
+            if caveat:
+                notes.append(caveat)
         for k, (kind, table) in enumerate(variants):
             label = (r["method"] if k == 0 else "")
             cells = "".join(f"  {fmt_acc((table.get(n) or {}).get('all')):>{col}}" for n in names)
