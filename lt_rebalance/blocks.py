@@ -173,6 +173,14 @@ def all_finite(X: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
+def device_memory(device: Optional[torch.device | str] = None) -> Optional[int]:
+    """Bytes free for tensors on ``device``: a CUDA device's free memory (``torch.cuda.mem_get_info``),
+    else the host's :func:`available_memory`; None when unknown."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return available_memory()
+
+
 def available_memory() -> Optional[int]:
     """Bytes of memory the kernel reports as available (``MemAvailable``), None when unknown."""
     try:

@@ -15,8 +15,8 @@ import torch
 from ..blocks import (
     SCORE_ROWS,
     all_finite,
-    available_memory,
     column_affine,
+    device_memory,
     linear_logits,
     low_precision,
     row_blocks,
@@ -51,10 +51,11 @@ REFERENCE_EPOCHS = 5  # the paper's LWS setting (MARC: the same)
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def cache_budget(max_cache_gb: Optional[float]) -> float:
-    """Bytes a joint-logit cache may take: ``max_cache_gb`` GiB, or 80 % of the memory available now
-    (4 GiB when unknown)."""
-    return max_cache_gb * 2**30 if max_cache_gb is not None else 0.8 * (available_memory() or 4 * 2**30)
+def cache_budget(max_cache_gb: Optional[float], device: Optional[torch.device | str] = None) -> float:
+    """Bytes a joint-logit cache may take: ``max_cache_gb`` GiB, or 80 % of the memory available now on
+    ``device`` (a CUDA device's free memory, :func:`~lt_rebalance.blocks.device_memory`; the host's
+    otherwise; 4 GiB when unknown)."""
+    return max_cache_gb * 2**30 if max_cache_gb is not None else 0.8 * (device_memory(device) or 4 * 2**30)
 
 
 @dataclass
@@ -92,7 +93,7 @@ def cache_joint_logits(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, Xv: Op
     val logits are float32. ``precision``: of the GEMMs (:func:`lt_rebalance.blocks.linear_logits`).
     """
     n_val = 0 if Xv is None else len(Xv)
-    fits = (len(X) + n_val) * W.shape[0] * CACHE_DTYPES[cache_dtype].itemsize <= cache_budget(max_cache_gb)
+    fits = (len(X) + n_val) * W.shape[0] * CACHE_DTYPES[cache_dtype].itemsize <= cache_budget(max_cache_gb, W.device)
     dtype = cache_dtype if fits else None
 
     def cached(x: torch.Tensor) -> torch.Tensor:
