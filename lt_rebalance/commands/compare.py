@@ -12,6 +12,7 @@ from .options import (
     device_option,
     json_option,
     max_memory_option,
+    precision_option,
     protocol_options,
     quiet_option,
     seed_option,
@@ -166,6 +167,7 @@ def compare_options(f):
         protocol_options,
         device_option,
         max_memory_option,
+        precision_option,
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -178,7 +180,7 @@ def compare_options(f):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @handle_user_errors
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, overwrite,
-            seed, seeds, protocol, device, max_memory):
+            seed, seeds, protocol, device, max_memory, precision):
     """Run every default method of the registry (joint, ncm, crt, tau_norm and logit_adjust with tau
     selected on val, lws, pc_softmax, marc) with defaults; print one table. The opt-in methods (see
     --methods) run when named: on ImageNet-LT-sized files each costs more on a CPU than the rest.
@@ -191,7 +193,7 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     """
     check_writable(out, overwrite, features)  # fail early if --out cannot be written
     result, _ = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds,
-                                    protocol, device, quiet, max_memory=max_memory)
+                                    protocol, device, quiet, max_memory=max_memory, precision=precision)
     if out:
         from ..results import to_json
         from ..store import atomic_write
@@ -201,10 +203,13 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     emit(result, as_json, compare_table)
 
 
-def compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory=None) -> list:
+def compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory=None,
+                     precision="float32") -> list:
     """One :class:`~lt_rebalance.session.Session` per --features file, after the command-line checks."""
     from ..session import Session
+    from .setup import check_precision
 
+    check_precision(precision, device)
     dupes = sorted({f for f in features if features.count(f) > 1})
     if dupes:
         raise click.BadParameter(f"{', '.join(dupes)} given more than once", param_hint="--features")
@@ -214,17 +219,19 @@ def compare_sessions(features, allow_incomplete, thresholds, splits, seed, proto
         if protocol.test_priors and "test" not in store.splits:
             raise click.ClickException(f"{path} has no 'test' split, which --test-priors are evaluated on")
         sessions.append(Session(store, eval_splits=eval_splits(store, splits), device=device,
-                                seed=seed, thresholds=thresholds, protocol=protocol, max_memory=max_memory))
+                                seed=seed, thresholds=thresholds, protocol=protocol, max_memory=max_memory,
+                                precision=precision))
     return sessions
 
 
 def run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds, protocol,
-                        device, quiet, heads=None, max_memory=None) -> tuple[dict, list]:
+                        device, quiet, heads=None, max_memory=None, precision="float32") -> tuple[dict, list]:
     """Check the options, run :func:`lt_rebalance.study.compare_files`; its result and the sessions."""
     from ..registry import DEFAULT_METHODS
     from ..study import compare_files
 
-    sessions = compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory)
+    sessions = compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory,
+                                precision)
     for session in sessions:
         check_training_fits(session.store, overrides, methods or DEFAULT_METHODS)
     result = compare_files(sessions, list(features), methods, overrides, log=None if quiet else log, heads=heads,

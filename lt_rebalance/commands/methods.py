@@ -11,6 +11,7 @@ from .options import (
     common_options,
     max_memory_option,
     overwrite_option,
+    precision_option,
     protocol_options,
     save_option,
     seeds_option,
@@ -44,13 +45,14 @@ def splits_human(title: Callable[[dict], str], splits) -> Callable[[dict], str]:
 @splits_option
 @protocol_options
 @max_memory_option
+@precision_option
 @handle_user_errors
-def joint(features, as_json, quiet, allow_incomplete, thresholds, splits, protocol, max_memory):
+def joint(features, as_json, quiet, allow_incomplete, thresholds, splits, protocol, max_memory, precision):
     """Evaluate the stored stage-1 (joint) classifier: the baseline every method is compared with."""
     from ..runners.stored_head import run_joint
 
     session = make_session(features, allow_incomplete, splits, thresholds=thresholds, protocol=protocol,
-                           max_memory=max_memory)
+                           max_memory=max_memory, precision=precision)
     require_head(session.store, "joint")
     run = run_joint(session)
     emit(run.result, as_json, splits_human(lambda r: "joint (stored stage-1 classifier), accuracy %",
@@ -67,15 +69,16 @@ def joint(features, as_json, quiet, allow_incomplete, thresholds, splits, protoc
 @overwrite_option
 @protocol_options
 @max_memory_option
+@precision_option
 @handle_user_errors
 def ncm(features, as_json, quiet, allow_incomplete, thresholds, variant, splits, save, overwrite, protocol,
-        max_memory):
+        max_memory, precision):
     """Nearest class mean on the cached train features (needs no stored classifier)."""
     from ..runners.features import run_ncm
 
     check_writable(save, overwrite, [features])
     session = make_session(features, allow_incomplete, splits, thresholds=thresholds, protocol=protocol,
-                           max_memory=max_memory)
+                           max_memory=max_memory, precision=precision)
     require_split(session.store, "train", "to compute class means")
     run = run_ncm(session, variant)
     save_head_file(save, overwrite, run.head, run.result, features, quiet)
@@ -89,7 +92,7 @@ def ncm(features, as_json, quiet, allow_incomplete, thresholds, variant, splits,
 @protocol_options
 @handle_user_errors
 def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split, protocol,
-              max_memory):
+              max_memory, precision):
     """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM.
 
     --bootstrap and --test-priors are reported at the selected tau.
@@ -97,7 +100,7 @@ def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, sele
     from ..runners.sweeps import run_tau_sweep
 
     run_sweep_command("tau-sweep", run_tau_sweep, features, as_json, allow_incomplete, thresholds, taus, select_on,
-                      metric, eval_split, protocol, max_memory)
+                      metric, eval_split, protocol, max_memory, precision)
 
 
 @click.command()
@@ -116,11 +119,11 @@ def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, sele
 @handle_user_errors
 def crt(features, as_json, quiet, allow_incomplete, thresholds, epochs, lr, batch_size, weight_decay, momentum, sampler,
         schedule, keep_best, seed, device, splits, save, overwrite, views, loss, class_weights, beta,
-        label_smoothing, seeds, protocol, max_memory):
+        label_smoothing, seeds, protocol, max_memory, precision):
     """Re-train the linear classifier on the cached features (class-balanced sampling by default)."""
     check_writable(save, overwrite, [features])
     session = make_session(features, allow_incomplete, splits, device, seeds[0] if seeds else seed, thresholds,
-                           protocol, max_memory)
+                           protocol, max_memory, precision)
     require_split(session.store, "train", "to train on")
     check_batch_fits(session.store, batch_size)
     stored = session.store.splits["train"].views

@@ -33,7 +33,7 @@ def tau_table(result: dict) -> str:
 
 def run_sweep_command(command: str, runner: Callable, features: str, as_json: bool, allow_incomplete: bool,
                       thresholds: dict, taus: str, select_on: Optional[str], metric: str, eval_split: str,
-                      protocol: Any, max_memory: Optional[int] = None) -> None:
+                      protocol: Any, max_memory: Optional[int] = None, precision: str = "float32") -> None:
     """Parse and check the sweep options, run ``runner`` (run_tau_sweep's signature), print the result."""
     from ..runners.sweeps import parse_taus
 
@@ -45,7 +45,7 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
         raise click.BadParameter("--test-priors are evaluated on the test split; use --eval-split test",
                                  param_hint="--eval-split")
     session = make_session(features, allow_incomplete, None, thresholds=thresholds, protocol=protocol,
-                           max_memory=max_memory)
+                           max_memory=max_memory, precision=precision)
     require_head(session.store, command)
     if select_on is None:
         if "val" not in session.store.splits:

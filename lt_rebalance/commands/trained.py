@@ -36,12 +36,12 @@ def crt_human(result: dict) -> str:
 
 def train_command(method: str, human: Callable[[dict], str], *, features, as_json, quiet, allow_incomplete,
                   thresholds, seed, device, splits, save, overwrite, seeds, protocol, max_memory=None,
-                  needs_head: bool = True, **options: Any) -> None:
+                  precision: str = "float32", needs_head: bool = True, **options: Any) -> None:
     """Check the options, train ``method`` (its registry runner; once per --seeds seed), print it.
     ``options``: the runner's keyword arguments (epochs, lr, batch_size, ...)."""
     check_writable(save, overwrite, [features])
     session = make_session(features, allow_incomplete, splits, device, seeds[0] if seeds else seed, thresholds,
-                           protocol, max_memory)
+                           protocol, max_memory, precision)
     if needs_head:
         require_head(session.store, method)
     require_split(session.store, "train", "to train on")
