@@ -64,6 +64,18 @@ def tf32_products(enabled: bool = True) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+def low_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bfloat16 operands as float32. CUDA GEMMs write the float32 accumulator itself
+    (``out_dtype``, where this torch has it); the CPU's ``mm`` has no such output, so there the
+    bfloat16 result is upcast (one bfloat16 rounding of each product: docs/METHODS.md, "Precision")."""
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.mm(a, b).float()
+
+
 def mm(a: torch.Tensor, b: torch.Tensor, precision: str = "float32", out: Optional[torch.Tensor] = None
        ) -> torch.Tensor:
     """a @ b as float32 in ``precision`` (:mod:`lt_rebalance.precision`): float32 operands multiplied as
@@ -74,8 +86,8 @@ def mm(a: torch.Tensor, b: torch.Tensor, precision: str = "float32", out: Option
     if low is None:
         with tf32_products(precision == "tf32" and a.is_cuda):
             return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
-    r = torch.mm(a.to(low), b.to(low))
-    return r.float() if out is None else out.copy_(r)
+    r = low_mm(a.to(low), b.to(low))
+    return r if out is None else out.copy_(r)
 
 
 def lowered_rows(X: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
@@ -102,7 +114,7 @@ def chunked_matmul(X: torch.Tensor, W: torch.Tensor, fn: Callable[[torch.Tensor,
     if low is not None:
         Wt = W.to(low).T
         for s in row_blocks(X.shape[0], chunk):
-            fn(torch.mm(lowered_rows(X, s, low), Wt).float(), s)
+            fn(low_mm(lowered_rows(X, s, low), Wt), s)
         return
     buffer = upcast_buffer(X, chunk)
     with tf32_products(precision == "tf32" and W.is_cuda):
@@ -130,8 +142,8 @@ def linear_logits(X: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = 
     if low is not None:
         Wl = W.to(low)
         for s in row_blocks(X.shape[0], chunk):
-            z = torch.mm(Wl, lowered_rows(X, s, low).to(W.device, non_blocking=True).T).T
-            out[s] = z if b is None else z.float().add_(b)
+            z = low_mm(Wl, lowered_rows(X, s, low).to(W.device, non_blocking=True).T).T
+            out[s] = z if b is None else z.add_(b)
         return out
     buffer = upcast_buffer(X, chunk)
     with tf32_products(precision == "tf32" and W.is_cuda):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..blocks import SCORE_ROWS, float32_rows, linear_logits, low_precision, mm, row_blocks, tf32_products
+from ..blocks import SCORE_ROWS, float32_rows, linear_logits, low_mm, low_precision, mm, row_blocks, tf32_products
 from ..devices import resolve_device
 from ..precision import PRECISIONS, fit_precision
 from ..priors import normalise
@@ -266,8 +266,8 @@ class CRT(BaseHead):
                 with tf32_products(precision == "tf32" and x.is_cuda):
                     z = torch.addmm(b.detach().view(-1, 1), W.detach().view(G * C, D), x.T).T.contiguous()
             else:  # bfloat16 operands (x already is), float32 logits and bias
-                z = torch.mm(W.detach().view(G * C, D).to(low), x.to(low).T).float().add_(
-                    b.detach().view(-1, 1)).T.contiguous()
+                z = low_mm(W.detach().view(G * C, D).to(low), x.to(low).T)
+                z = z.add_(b.detach().view(-1, 1)).T.contiguous()
             if torch.is_grad_enabled():  # a leaf: backward stops here, and the hook makes W's gradient
                 z.requires_grad_().register_hook(lambda g: weight_gradient(g, x))
             return z.view(len(x), G, C)

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..blocks import low_precision, tf32_products
+from ..blocks import low_mm, low_precision, tf32_products
 from ..devices import resolve_device
 from ..precision import fit_precision
 from ..priors import normalise, train_prior, uniform_prior
@@ -74,7 +74,7 @@ class _Objective:
                 with tf32_products(self.precision == "tf32" and x.is_cuda):
                     z = torch.addmm(b, x, W.T)  # (n, K)
             else:
-                z = torch.mm(x, Wl.T).float().add_(b)
+                z = low_mm(x, Wl.T).add_(b)
             lse = torch.logsumexp(z, 1)
             data += (s * (lse - z.gather(1, y[:, None])[:, 0])).sum(dtype=torch.float64)
             g = torch.exp_(z.sub_(lse[:, None]))  # softmax, in place of the logits
@@ -84,7 +84,7 @@ class _Objective:
                 with tf32_products(self.precision == "tf32" and x.is_cuda):
                     gW.addmm_(g.T, x)
             else:
-                gW.add_(torch.mm(g.T.to(self.low), x))
+                gW.add_(low_mm(g.T.to(self.low), x))
             gb += g.sum(0)
         gW.add_(W, alpha=self.l2)
         f = data.item() + 0.5 * self.l2 * float(W.double().square().sum())

@@ -18,6 +18,7 @@ from ..blocks import (
     column_affine,
     device_memory,
     linear_logits,
+    low_mm,
     low_precision,
     row_blocks,
     tf32_products,
@@ -301,7 +302,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
             if low is None:
                 with tf32_products(precision == "tf32" and x.is_cuda):
                     return torch.addmm(b, x.float(), W.T)
-            return torch.mm(x.to(low), Wl).float().add_(b)
+            return low_mm(x.to(low), Wl).add_(b)
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
             z = Z.index_select(0, idx) if Z is not None else joint(X[idx])
