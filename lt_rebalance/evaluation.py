@@ -72,7 +72,7 @@ def stored_affine(head: Any, split: str, logits: Optional[LogitStore]) -> Option
     if logits is None:
         return None
     affine = head.logit_affine()
-    R = None if affine is None else logits.eval_logits(split, head._device, head.precision_)
+    R = None if affine is None else logits.eval_logits(split, head._device)
     return None if R is None else (R, *affine)
 
 

@@ -94,15 +94,18 @@ class LogitStore:
     def _device(self, device: Any = None) -> torch.device:
         return canonical_device(resolve_device(self.session.device if device is None else str(device)))
 
-    def eval_logits(self, split: str, device: Any = None, precision: str = "float32") -> Optional[torch.Tensor]:
+    def eval_logits(self, split: str, device: Any = None, precision: Optional[str] = None
+                    ) -> Optional[torch.Tensor]:
         """X Wᵀ of ``split`` (float32 (N, C), no bias) on ``device`` (default: the session's), its GEMM in
-        ``precision`` (:mod:`lt_rebalance.precision`), computed once and kept; None when the file has
-        no stored classifier or the memory rule says no (each entry at most an eighth of the memory
-        budget: on a CUDA device its free memory, :attr:`Session.device_budget`)."""
+        ``precision`` (default: the joint head's, ``session.precision_for("joint")``, so that every head
+        scored from them shares one entry), computed once and kept; None when the file has no stored
+        classifier or the memory rule says no (each entry at most an eighth of the memory budget: on
+        a CUDA device its free memory, :attr:`Session.device_budget`)."""
         s = self.session
         if not (self.keep_eval and s.store.has_head):
             return None
         dev = self._device(device)
+        precision = precision or s.precision_for("joint")
         key = LogitKey(str(s.store.path), "eval", (split,), "float32", str(dev), precision=precision)
         if key not in self._entries:
             X, _ = s.load(split)

@@ -28,8 +28,10 @@ def run_joint(session: Session, logits: Optional[LogitStore] = None) -> MethodRu
 
 
 def _val_logits(logits: Optional[LogitStore], device: Any, precision: str) -> Optional[torch.Tensor]:
-    """The kept X Wᵀ of val (the sweep's GEMM, in ``precision``), or None."""
-    return None if logits is None else logits.eval_logits("val", device, precision)
+    """The kept X Wᵀ of val (the sweep's GEMM), or None; only when kept in ``precision`` (the sweep's)."""
+    if logits is None or precision != logits.session.precision_for("joint"):
+        return None
+    return logits.eval_logits("val", device, precision)
 
 
 def run_tau_norm(session: Session, logits: Optional[LogitStore] = None) -> MethodRun:
