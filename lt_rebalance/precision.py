@@ -28,9 +28,14 @@ import torch
 PRECISIONS = ("float32", "bfloat16", "tf32", "auto")
 RESOLVED = ("float32", "bfloat16", "tf32")
 
-# Methods whose bfloat16 results fail the accuracy contract of docs/METHODS.md ("Precision"):
-# ``auto`` keeps them in float32 (an explicit ``bfloat16`` still runs them in bfloat16).
-FLOAT32_UNDER_AUTO: frozenset[str] = frozenset({"ncm", "knn", "linear_probe"})
+# Methods whose bfloat16 results fail the accuracy contract of docs/METHODS.md ("Precision"), measured:
+# ``auto`` keeps them in float32 (an explicit ``bfloat16`` still runs them in bfloat16). The closed-form
+# methods score by an argmax over logits that PyTorch's CPU GEMM rounds to bfloat16 (8 significant
+# bits): 0.6-10 % of the rows of an ImageNet-LT-shaped file change their prediction, against the
+# 99.9 % identical rows the contract asks; the trained heads stay within it (their float32 state
+# absorbs the rounding).
+FLOAT32_UNDER_AUTO: frozenset[str] = frozenset(
+    {"joint", "tau_norm", "logit_adjust", "pc_softmax", "ncm", "knn", "experts", "linear_probe"})
 
 
 class PrecisionWarning(UserWarning):
