@@ -271,7 +271,7 @@ def machine() -> dict:
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
         out["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-    from lt_rebalance.precision import cpu_has_bf16_units, cpu_flags
+    from lt_rebalance.precision import cpu_flags, cpu_has_bf16_units
 
     out["cpu_bf16_units"] = cpu_has_bf16_units()
     out["cpu_bf16_flags"] = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"})

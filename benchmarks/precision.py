@@ -80,9 +80,10 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default=",".join(CLOSED_FORM + TRAINED))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--crt-epochs", default=None, type=int, help="cRT epochs (default: the method's)")
+    p.add_argument("--wb-epochs", default=None, type=int, help="weight-balancing epochs (default: the method's)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    opts = {"crt": {"epochs": a.crt_epochs}} if a.crt_epochs else {}
+    opts = {m: {"epochs": e} for m, e in (("crt", a.crt_epochs), ("wb", a.wb_epochs)) if e}
     doc = measure(a.file, a.methods.split(","), tuple(int(s) for s in a.seeds.split(",")), opts)
     if a.json:
         with open(a.json, "w") as f:

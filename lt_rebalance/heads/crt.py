@@ -8,7 +8,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..blocks import SCORE_ROWS, float32_rows, linear_logits, low_mm, low_precision, mm, row_blocks, tf32_products
+from ..blocks import (
+    SCORE_ROWS,
+    float32_rows,
+    linear_logits,
+    low_mm,
+    low_precision,
+    mm,
+    row_blocks,
+    tf32_products,
+)
 from ..devices import resolve_device
 from ..precision import PRECISIONS, fit_precision
 from ..priors import normalise
