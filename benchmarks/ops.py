@@ -583,7 +583,7 @@ def gemm_precision_op(b: Bench) -> list[Result]:
     for t, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
         A, B = operands[t]
         r = timed_pair(
-            f"gemm_{name}", f"GEMM {M} x {D} x {C}: float32 against {name} operands",
+            "gemm_precision", f"GEMM {M} x {D} x {C}: float32 against {name} operands",
             lambda: torch.mm(*operands[torch.float32]), lambda A=A, B=B: torch.mm(A, B), floor=f"{name} GEMM",
             kind="info", repeats=max(b.repeats, 3), warmup=b.warmup, device=b.device,
         )
