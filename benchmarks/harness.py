@@ -107,6 +107,27 @@ def measure(fn: Callable[[], Any], *, repeats: int = 3, warmup: bool = True, dev
     return Timing(statistics.median(runs), runs, rss, cuda_peak)
 
 
+def measure_pair(fa: Callable[[], Any], fb: Callable[[], Any], *, repeats: int = 3, warmup: bool = True,
+                 device: str = "cpu") -> tuple[Timing, Timing]:
+    """:func:`measure` of ``fa`` and ``fb`` interleaved (a, b, a, b, ...): on a shared machine the load
+    changes over seconds, so a ratio is fairer between neighbouring runs. Each Timing's ``seconds``
+    is the best (minimum) of its runs: the least disturbed one."""
+    ta: list[Timing] = []
+    tb: list[Timing] = []
+    if warmup:
+        fa(), _sync(device), fb(), _sync(device)
+    for _ in range(repeats):
+        ta.append(measure(fa, repeats=1, warmup=False, device=device))
+        tb.append(measure(fb, repeats=1, warmup=False, device=device))
+
+    def merged(ts: list[Timing]) -> Timing:
+        runs = [t.runs[0] for t in ts]
+        peaks = [t.cuda_peak_mib for t in ts if t.cuda_peak_mib is not None]
+        return Timing(min(runs), runs, max(t.peak_rss_mib for t in ts), max(peaks) if peaks else None)
+
+    return merged(ta), merged(tb)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -209,6 +230,19 @@ def timed(
     ).finish()
 
 
+def timed_pair(name: str, operation: str, op: Callable[[], Any], floor_fn: Callable[[], Any], *, floor: str,
+               kind: str = "time", goal: Optional[float] = None, repeats: int = 3, warmup: bool = True,
+               device: str = "cpu", note: str = "") -> Result:
+    """:func:`timed` with op and floor interleaved and the best run of each (:func:`measure_pair`):
+    for ratios between two variants of one operation (bfloat16 against float32)."""
+    f, o = measure_pair(floor_fn, op, repeats=repeats, warmup=warmup, device=device)
+    return Result(
+        name, operation, o.seconds, f.seconds, floor, kind, goal,
+        peak_rss_mib=o.peak_rss_mib, floor_peak_rss_mib=f.peak_rss_mib, cuda_peak_mib=o.cuda_peak_mib,
+        note=note, runs=o.runs, floor_runs=f.runs,
+    ).finish()
+
+
 def machine() -> dict:
     """CPU model, cores, torch version (and GPU when present)."""
     import torch
@@ -236,6 +270,11 @@ def machine() -> dict:
         out["load_average"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
+        out["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    from lt_rebalance.precision import cpu_flags, cpu_has_bf16_units
+
+    out["cpu_bf16_units"] = cpu_has_bf16_units()
+    out["cpu_bf16_flags"] = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"})
     return out
 
 

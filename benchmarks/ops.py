@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .harness import PeakRSS, Result, timed
+from .harness import PeakRSS, Result, timed, timed_pair
 from .processes import child_run, larger_than_memory_op, ltr_argv, process_memory_op
 
 
@@ -566,6 +566,79 @@ def bootstrap_op(b: Bench, resamples: int = 1000) -> Result:
     )
 
 
+# -- precision: bfloat16 against float32 ----------------------------------------------------------
+def gemm_precision_op(b: Bench) -> list[Result]:
+    """The machine's GEMM floors at this scale's train-logits shape (8192 rows x D x C): float32 against
+    bfloat16 (and float16, for information), operands prepared, interleaved runs, best of each."""
+    import torch
+
+    C, D = b.store.num_classes, b.scale.dim
+    M = min(8192, b.store.splits["train"].rows)
+    g = torch.Generator().manual_seed(0)
+    A32 = torch.randn(M, D, generator=g).to(b.device)
+    B32 = torch.randn(D, C, generator=g).to(b.device)
+    operands = {t: (A32.to(t), B32.to(t)) for t in (torch.float32, torch.bfloat16, torch.float16)}
+    flop = 2.0 * M * D * C
+    out = []
+    for t, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        A, B = operands[t]
+        r = timed_pair(
+            "gemm_precision", f"GEMM {M} x {D} x {C}: float32 against {name} operands",
+            lambda: torch.mm(*operands[torch.float32]), lambda A=A, B=B: torch.mm(A, B), floor=f"{name} GEMM",
+            kind="info", repeats=max(b.repeats, 3), warmup=b.warmup, device=b.device,
+        )
+        r.note = (f"float32 {flop / r.seconds / 1e9:.0f} GFLOP/s, {name} {flop / r.floor_seconds / 1e9:.0f} "
+                  f"GFLOP/s; ratio = speed-up of {name}")
+        out.append(r)
+    return out
+
+
+def _precision_pair(b: Bench, name: str, operation: str, make: Callable[[str], Callable[[], Any]],
+                    goal: float) -> Result:
+    """``make("bfloat16")`` against ``make("float32")``, interleaved (kind time: bfloat16 / float32)."""
+    return timed_pair(name, operation + " in bfloat16", make("bfloat16"), make("float32"),
+                      floor="the same in float32", goal=goal, repeats=b.repeats, warmup=b.warmup, device=b.device,
+                      note="ratio = bfloat16 time / float32 time")
+
+
+def tau_sweep_bf16_op(b: Bench) -> Result:
+    from lt_rebalance.heads import DEFAULT_TAUS, tau_sweep
+
+    W, _ = b.head()
+    data = [b.load(s) for s in ("val", "test") if s in b.store.splits]
+    return _precision_pair(b, "tau_sweep_bf16", "tau-sweep (val + test)", lambda p: lambda: [
+        tau_sweep(X, y, W, b.counts, DEFAULT_TAUS, precision=p) for X, y in data], goal=0.5)
+
+
+def ncm_bf16_op(b: Bench) -> Result:
+    from lt_rebalance.heads import NCM
+
+    X, y = b.load("train")
+    Xt, _ = b.load(b.eval_split)
+    C = b.store.num_classes
+    return _precision_pair(b, "ncm_bf16", f"NCM (cl2n) fit + predict {b.eval_split}", lambda p: lambda: NCM(
+        "cl2n", device=b.device, precision=p).fit(X, y, num_classes=C).predict(Xt), goal=0.5)
+
+
+def lws_cache_bf16_op(b: Bench) -> Result:
+    from lt_rebalance.heads.lws import cache_joint_logits
+
+    W, bias = b.head()
+    X, _ = b.load("train")
+    Xv, _ = b.load("val")
+    return _precision_pair(b, "lws_cache_bf16", "LWS/MARC joint-logit cache build (train + val, float16 cache)",
+                           lambda p: lambda: cache_joint_logits(W, bias, X, Xv, "float16", precision=p), goal=0.35)
+
+
+def crt_epoch_bf16_op(b: Bench) -> Result:
+    from lt_rebalance.heads import CRT
+
+    X, y = b.load("train")
+    C = b.store.num_classes
+    return _precision_pair(b, "crt_epoch_bf16", "cRT, one epoch", lambda p: lambda: CRT(
+        epochs=1, device=b.device, precision=p).fit(X, y, num_classes=C), goal=0.35)
+
+
 OPERATIONS: dict[str, Callable[[Bench], Result]] = {
     "tau_sweep": tau_sweep_op,
     "tau_naive": tau_naive_op,
@@ -587,6 +660,11 @@ OPERATIONS: dict[str, Callable[[Bench], Result]] = {
     "process_memory": process_memory_op,
     "larger_than_memory": larger_than_memory_op,
     "bootstrap": bootstrap_op,
+    "gemm_precision": gemm_precision_op,
+    "tau_sweep_bf16": tau_sweep_bf16_op,
+    "ncm_bf16": ncm_bf16_op,
+    "lws_cache_bf16": lws_cache_bf16_op,
+    "crt_epoch_bf16": crt_epoch_bf16_op,
 }
 
 

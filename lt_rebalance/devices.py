@@ -35,3 +35,12 @@ def resolve_device(name: str) -> torch.device:
             raise DeviceUnavailable(f"device {text!r} asked for, but this machine has "
                                     f"{torch.cuda.device_count()} CUDA GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return torch.device(text)
+
+
+def canonical_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index: a bare "cuda" becomes "cuda:<current device>", so "cuda" and "cuda:0"
+    name one device (keys of kept logits); other devices are returned as they are."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from .blocks import linear_logits
-from .devices import resolve_device
+from .devices import canonical_device, resolve_device
 from .heads.lws import JointLogits, cache_joint_logits
 from .session import Session
 
@@ -35,7 +35,8 @@ JOINT_SHARE = 1 / 2  # of --max-memory, for the joint-logit cache
 @dataclass(frozen=True)
 class LogitKey:
     """What an entry holds: ``kind`` ("eval" or "joint") logits of ``splits`` of the file at ``path``,
-    in ``dtype`` on ``device``; ``budget``: the cache limit in GiB it was planned for (joint only)."""
+    in ``dtype`` on ``device`` (with its index: "cuda:0", never "cuda"); ``budget``: the cache limit in
+    GiB it was planned for (joint only); ``precision``: of the GEMMs that computed them."""
 
     path: str
     kind: str
@@ -43,6 +44,7 @@ class LogitKey:
     dtype: str
     device: str
     budget: Optional[float] = None
+    precision: str = "float32"
 
 
 def joint_cache_gb(session: Session) -> Optional[float]:
@@ -91,34 +93,40 @@ class LogitStore:
             del self._entries[key]
 
     def _device(self, device: Any = None) -> torch.device:
-        return resolve_device(self.session.device if device is None else str(device))
+        return canonical_device(resolve_device(self.session.device if device is None else str(device)))
 
-    def eval_logits(self, split: str, device: Any = None) -> Optional[torch.Tensor]:
-        """X Wᵀ of ``split`` (float32 (N, C), no bias) on ``device`` (default: the session's), computed
-        once and kept; None when the file has no stored classifier or the memory rule says no."""
+    def eval_logits(self, split: str, device: Any = None, precision: Optional[str] = None
+                    ) -> Optional[torch.Tensor]:
+        """X Wᵀ of ``split`` (float32 (N, C), no bias) on ``device`` (default: the session's), its GEMM in
+        ``precision`` (default: the joint head's, ``session.precision_for("joint")``, so that every head
+        scored from them shares one entry), computed once and kept; None when the file has no stored
+        classifier or the memory rule says no (each entry at most an eighth of the memory budget: on
+        a CUDA device its free memory, :attr:`Session.device_budget`)."""
         s = self.session
         if not (self.keep_eval and s.store.has_head):
             return None
         dev = self._device(device)
-        key = LogitKey(str(s.store.path), "eval", (split,), "float32", str(dev))
+        precision = precision or s.precision_for("joint")
+        key = LogitKey(str(s.store.path), "eval", (split,), "float32", str(dev), precision=precision)
         if key not in self._entries:
             X, _ = s.load(split)
             W = s.head()[0]
-            budget = s.memory_budget
+            budget = s.device_budget if dev.type == "cuda" else s.memory_budget
             fits = s.max_memory is None and not s.memory_mapped and (
                 budget is None or len(X) * W.shape[0] * 4 <= budget * EVAL_SHARE)
-            self._entries[key] = linear_logits(X, W.to(dev)) if fits else None
+            self._entries[key] = linear_logits(X, W.to(dev), precision=precision) if fits else None
         return self._entries[key]
 
-    def joint_logits(self, cache_dtype: str = "float16", device: Any = None) -> JointLogits:
-        """X Wᵀ + b of train and val (val only when the file has it) in ``cache_dtype``, computed once
-        and kept (one entry: a request with another precision or device replaces it, freeing the old
-        one first)."""
+    def joint_logits(self, cache_dtype: str = "float16", device: Any = None, precision: str = "float32"
+                     ) -> JointLogits:
+        """X Wᵀ + b of train and val (val only when the file has it) in ``cache_dtype``, its GEMMs in
+        ``precision``, computed once and kept (one entry: a request with another cache dtype, product
+        precision or device replaces it, freeing the old one first)."""
         s = self.session
         dev = self._device(device)
         budget = joint_cache_gb(s)
         splits = ("train", "val") if "val" in s.store.splits else ("train",)
-        key = LogitKey(str(s.store.path), "joint", splits, cache_dtype, str(dev), budget)
+        key = LogitKey(str(s.store.path), "joint", splits, cache_dtype, str(dev), budget, precision)
         if key not in self._entries:
             self.release("joint")  # freed before the new cache is built
             W, b = s.head()
@@ -127,5 +135,5 @@ class LogitStore:
             X, _ = s.train()
             Xv = s.load("val")[0] if "val" in splits else None
             self._entries[key] = cache_joint_logits(W, b, X.to(dev), None if Xv is None else Xv.to(dev),
-                                                    cache_dtype, budget)
+                                                    cache_dtype, budget, precision)
         return self._entries[key]

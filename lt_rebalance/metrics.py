@@ -135,7 +135,9 @@ def _accuracy_summary(pred: torch.Tensor, labels: torch.Tensor, counts: Any, **t
 
 def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """Unweighted mean of per-class F1 over classes that appear in labels or predictions."""
-    tp = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, (pred == labels).to(torch.float64))
+    labels = labels.to(pred.device)  # buffers on the predictions' device (a GPU's, or the CPU)
+    tp = torch.zeros(num_classes, dtype=torch.float64, device=pred.device).index_add_(
+        0, labels, (pred == labels).to(torch.float64))
     n_pred = torch.bincount(pred, minlength=num_classes).to(torch.float64)
     n_true = torch.bincount(labels, minlength=num_classes).to(torch.float64)
     present = (n_pred + n_true) > 0
@@ -154,8 +156,8 @@ def calibration_error(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) ->
     correct = correct.to(torch.float64)
     # bin b holds confidences in (b/n, (b+1)/n]; confidence 0 joins the first bin
     bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
+    acc_sum = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, bins, correct.to(conf.device))
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, bins, conf)
     return ((acc_sum - conf_sum).abs().sum() / max(len(correct), 1)).item()
 
 

@@ -63,7 +63,7 @@ def adjustment_offsets(counts: Any, taus: Any, empty_classes: str = "one-row") -
 
 
 def _offset_argmax(X: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor, chunk: int,
-                   logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   logits: Optional[torch.Tensor] = None, precision: str = "float32") -> torch.Tensor:
     """Predictions int64 (T, N): ``argmax_j (X Wᵀ)[:, j] + offsets[t, j]`` for each of the T offset rows.
 
     X Wᵀ is computed ONCE per row chunk (:func:`chunked_matmul`), bounding memory at chunk × C;
@@ -75,7 +75,7 @@ def _offset_argmax(X: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor, chun
         for t in range(len(offsets)):
             torch.argmax(base + offsets[t], dim=1, out=pred[t, s])
 
-    chunked_matmul(X, W, fill, chunk, logits)
+    chunked_matmul(X, W, fill, chunk, logits, precision)
     return pred
 
 
@@ -100,6 +100,7 @@ def logit_adjust_sweep(
     chunk: int = 8192,
     logits: Optional[torch.Tensor] = None,
     empty_classes: str = "one-row",
+    precision: str = "float32",
     **thresholds: int,
 ) -> dict[str, torch.Tensor]:
     """Accuracy of logit-adjusted linear heads for every τ, from ONE matmul of X with W (none when
@@ -108,7 +109,7 @@ def logit_adjust_sweep(
     logits(τ) = X Wᵀ + b − τ·log π; X Wᵀ is computed once (in row chunks) and each τ only adds
     its (C,) offset before the argmax. ``weight`` float (C, D), ``bias`` (C,) or None,
     ``counts`` the train counts (C,) that define π and the shot groups; ``empty_classes`` as
-    :func:`adjustment_offsets`.
+    :func:`adjustment_offsets`. ``precision``: of the GEMM (:func:`lt_rebalance.blocks.mm`).
 
     Returns
     -------
@@ -120,7 +121,7 @@ def logit_adjust_sweep(
     if not torch.isfinite(offsets).all():
         limit = torch.finfo(torch.float32).max / 2 / float(log_prior(counts).abs().max().clamp_min(1))
         raise ValueError(f"tau * log prior overflows float32 for some tau; use --taus within |tau| <= {limit:.3g}")
-    return accuracy_summary(_offset_argmax(X, W, offsets, chunk, logits), y, counts, **thresholds)
+    return accuracy_summary(_offset_argmax(X, W, offsets, chunk, logits, precision), y, counts, **thresholds)
 
 
 class LogitAdjustment(BaseHead):
@@ -198,13 +199,14 @@ class LogitAdjustment(BaseHead):
         W, b = _linear(self.head)
         check_counts(self.counts, W.shape[0])
         classes = _classes(self.head, W.shape[0])
+        self.precision_ = self.head.precision_  # the products run as the base head's do
         if self.tau is None:
             if X is None or y is None:
                 raise ValueError("LogitAdjustment with tau=None selects tau on data: pass X and y to fit")
             X, y = check_features(X, y, n_features=W.shape[1], classes=classes, device=W.device,
                                   expecting=type(self.head).__name__)
             self.curve_ = logit_adjust_sweep(X, y, W, b, self.counts, self.taus, logits=logits,
-                                             empty_classes=self.empty_classes)
+                                             empty_classes=self.empty_classes, precision=self.precision_)
             self.tau_ = select_tau(self.curve_, self.taus, self.metric)
         else:
             self.curve_, self.tau_ = None, float(self.tau)
@@ -231,7 +233,7 @@ class LogitAdjustment(BaseHead):
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Adjusted logits float32 (N, C) = X Wᵀ + b − τ·log π."""
-        return linear_logits(X, self.weight_, self.bias_)
+        return linear_logits(X, self.weight_, self.bias_, precision=self.precision_)
 
 
 def _classes(head: Any, num_classes: int) -> np.ndarray:

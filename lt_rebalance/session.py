@@ -13,8 +13,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .blocks import all_finite, available_memory
+from .blocks import all_finite, available_memory, device_memory
+from .devices import resolve_device
 from .imbalance import DEFAULT_FEW, DEFAULT_MANY, group_sizes
+from .precision import parse_precision, resolve_precision
 from .protocols import Protocol
 from .store import FeatureStore
 
@@ -43,6 +45,9 @@ class Session:
     memory-mapped instead of read (:meth:`FeatureStore.features`): every method then streams them
     a block of rows at a time, and cRT gathers its batches from the mapped train split; results
     are the same bytes, so identical. LWS's logit cache gets the other half.
+
+    ``precision``: of the matrix products (float32, bfloat16, tf32 or auto; :mod:`lt_rebalance.precision`);
+    :meth:`precision_for` resolves it for one method on the session's device.
     """
 
     store: FeatureStore
@@ -52,9 +57,11 @@ class Session:
     thresholds: dict = field(default_factory=dict)  # many=, few= for the shot groups
     protocol: Protocol = field(default_factory=Protocol)  # shifted priors, bootstrap (lt_rebalance.protocols)
     max_memory: Optional[int] = None
+    precision: str = "float32"
     loaded: _Loaded = field(default_factory=_Loaded, repr=False)
 
     def __post_init__(self) -> None:
+        self.precision = parse_precision(self.precision)
         if not self.eval_splits:
             present = [s for s in ("val", "test") if s in self.store.splits]
             self.eval_splits = present or [s for s in self.store.splits if s != "train"]
@@ -108,6 +115,18 @@ class Session:
     def memory_budget(self) -> Optional[int]:
         """``max_memory``, or the memory available now; None when unknown."""
         return self.max_memory if self.max_memory is not None else available_memory()
+
+    def precision_for(self, method: Optional[str] = None) -> str:
+        """The precision ``method`` (a registry name) runs in on this session's device: "float32",
+        "bfloat16" or "tf32" (:func:`lt_rebalance.precision.resolve_precision`)."""
+        return resolve_precision(self.precision, resolve_device(self.device), method)
+
+    @property
+    def device_budget(self) -> Optional[int]:
+        """Bytes the run may give to tensors on its device: on a CUDA device its free memory now
+        (``torch.cuda.mem_get_info``), on the CPU :attr:`memory_budget`; None when unknown."""
+        dev = resolve_device(self.device)
+        return device_memory(dev) if dev.type == "cuda" else self.memory_budget
 
     @property
     def memory_mapped(self) -> bool:

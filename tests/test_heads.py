@@ -520,7 +520,7 @@ def test_get_and_set_params():
     assert h.get_params()["lr"] == 0.05 and h.epochs == 3
     with pytest.raises(ValueError, match="invalid parameter 'learning_rate'"):
         h.set_params(learning_rate=1.0)
-    assert NCM().get_params() == {"variant": "cl2n", "device": "cpu"}
+    assert NCM().get_params() == {"variant": "cl2n", "device": "cpu", "precision": "float32"}
     lws = LWS(W4)
     assert lws.get_params()["epochs"] == "auto" and lws.get_params()["weight"] is W4
     assert TauNorm(W4).get_params()["taus"] == DEFAULT_TAUS

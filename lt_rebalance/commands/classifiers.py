@@ -7,10 +7,13 @@ from ._protocol_text import with_protocol
 from .errors import handle_user_errors
 from .methods import splits_human
 from .options import (
+    PRECISION_HELP,
+    PRECISIONS,
     FloatList,
     common_options,
     device_option,
     overwrite_option,
+    precision_option,
     protocol_options,
     save_option,
     seeds_option,
@@ -43,14 +46,16 @@ from .trained import preset_option, stored_head_command, train_command, train_pr
 @per_class_option
 @overwrite_option
 @protocol_options
+@precision_option
 @handle_user_errors
 def knn(features, as_json, quiet, allow_incomplete, thresholds, k, temperature, balance, device, splits, per_class_out,
-        overwrite, protocol):
+        overwrite, protocol, precision):
     """Weighted kNN: the k most cosine-similar train rows vote with weight exp(sim / T)."""
     from ..runners.features import run_knn
 
     check_writable(per_class_out, overwrite, [features])
-    session = make_session(features, allow_incomplete, splits, device, thresholds=thresholds, protocol=protocol)
+    session = make_session(features, allow_incomplete, splits, device, thresholds=thresholds, protocol=protocol,
+                           precision=precision)
     require_split(session.store, "train", "for the neighbours")
     run = run_knn(session, k=k, temperature=temperature, balance=balance)
     write_per_class(per_class_out, overwrite, session, {"knn": run.head}, run.result, features, quiet)
@@ -85,8 +90,10 @@ def _probe_human(result: dict) -> str:
 @click.option("--max-iter", default=100, show_default=True, type=click.IntRange(1), help="L-BFGS iterations at most.")
 @click.option("--tol", default=1e-4, show_default=True, type=click.FloatRange(0),
               help="Stop when max |gradient| of the scaled objective <= TOL (scikit-learn's).")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Arithmetic of the passes over the train rows.")
+@click.option("--precision", type=click.Choice(["float32", "float64", *PRECISIONS[1:]], case_sensitive=False),
+              default="float32", show_default=True,
+              help="Arithmetic of the passes over the train rows: float64, or as in the other commands: "
+                   + PRECISION_HELP[0].lower() + PRECISION_HELP[1:])
 @device_option
 @splits_option
 @save_option
@@ -105,7 +112,8 @@ def linear_probe(features, as_json, quiet, allow_incomplete, thresholds, C, C_gr
         raise click.BadParameter(f"every C must be positive; got {C_grid}", param_hint="--C-grid")
     check_writable(save, overwrite, [features])
     check_writable(per_class_out, overwrite, [features, save])
-    session = make_session(features, allow_incomplete, splits, device, thresholds=thresholds, protocol=protocol)
+    session = make_session(features, allow_incomplete, splits, device, thresholds=thresholds, protocol=protocol,
+                           precision="float32" if precision == "float64" else precision)
     require_split(session.store, "train", "to fit on")
     if C_grid is not None:
         require_split(session.store, "val", "to select C from --C-grid")

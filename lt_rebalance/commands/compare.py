@@ -15,6 +15,7 @@ from .options import (
     device_option,
     json_option,
     max_memory_option,
+    precision_option,
     protocol_options,
     quiet_option,
     seed_option,
@@ -196,6 +197,7 @@ def compare_options(f):
         protocol_options,
         device_option,
         max_memory_option,
+        precision_option,
     ]
 
     @functools.wraps(f)
@@ -219,7 +221,7 @@ def compare_options(f):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out or --per-class-out file.")
 @handle_user_errors
 def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits, out, per_class_out,
-            overwrite, seed, seeds, protocol, device, max_memory):
+            overwrite, seed, seeds, protocol, device, max_memory, precision):
     """Run every default method of the registry (joint, ncm, crt, tau_norm and logit_adjust with tau
     selected on val, lws, pc_softmax, marc) with defaults; print one table. The opt-in methods (see
     --methods) run when named: on ImageNet-LT-sized files wb, knn and linear_probe each cost more on a
@@ -238,7 +240,7 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     heads: dict = {}
     result, sessions = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed,
                                            seeds, protocol, device, quiet, heads=heads if per_class_out else None,
-                                           max_memory=max_memory)
+                                           max_memory=max_memory, precision=precision)
     if per_class_out:
         from ..per_class import per_class_rows, write_per_class_csv
 
@@ -257,10 +259,13 @@ def compare(features, as_json, quiet, allow_incomplete, methods, overrides, thre
     emit(result, as_json, compare_table)
 
 
-def compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory=None) -> list:
+def compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory=None,
+                     precision="float32") -> list:
     """One :class:`~lt_rebalance.session.Session` per --features file, after the command-line checks."""
     from ..session import Session
+    from .setup import check_precision
 
+    check_precision(precision, device)
     dupes = sorted({f for f in features if features.count(f) > 1})
     if dupes:
         raise click.BadParameter(f"{', '.join(dupes)} given more than once", param_hint="--features")
@@ -270,17 +275,19 @@ def compare_sessions(features, allow_incomplete, thresholds, splits, seed, proto
         if protocol.test_priors and "test" not in store.splits:
             raise click.ClickException(f"{path} has no 'test' split, which --test-priors are evaluated on")
         sessions.append(Session(store, eval_splits=eval_splits(store, splits), device=device,
-                                seed=seed, thresholds=thresholds, protocol=protocol, max_memory=max_memory))
+                                seed=seed, thresholds=thresholds, protocol=protocol, max_memory=max_memory,
+                                precision=precision))
     return sessions
 
 
 def run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed, seeds, protocol,
-                        device, quiet, heads=None, max_memory=None) -> tuple[dict, list]:
+                        device, quiet, heads=None, max_memory=None, precision="float32") -> tuple[dict, list]:
     """Check the options, run :func:`lt_rebalance.study.compare_files`; its result and the sessions."""
     from ..registry import DEFAULT_METHODS
     from ..study import compare_files
 
-    sessions = compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory)
+    sessions = compare_sessions(features, allow_incomplete, thresholds, splits, seed, protocol, device, max_memory,
+                                precision)
     for session in sessions:
         check_training_fits(session.store, overrides, methods or DEFAULT_METHODS)
     result = compare_files(sessions, list(features), methods, overrides, log=None if quiet else log, heads=heads,

@@ -11,6 +11,7 @@ from .options import (
     common_options,
     max_memory_option,
     overwrite_option,
+    precision_option,
     protocol_options,
     save_option,
     seeds_option,
@@ -48,15 +49,16 @@ def splits_human(title: Callable[[dict], str], splits) -> Callable[[dict], str]:
 @overwrite_option
 @protocol_options
 @max_memory_option
+@precision_option
 @handle_user_errors
 def joint(features, as_json, quiet, allow_incomplete, thresholds, splits, per_class_out, overwrite, protocol,
-          max_memory):
+          max_memory, precision):
     """Evaluate the stored stage-1 (joint) classifier: the baseline every method is compared with."""
     from ..runners.stored_head import run_joint
 
     check_writable(per_class_out, overwrite, [features])
     session = make_session(features, allow_incomplete, splits, thresholds=thresholds, protocol=protocol,
-                           max_memory=max_memory)
+                           max_memory=max_memory, precision=precision)
     require_head(session.store, "joint")
     run = run_joint(session)
     write_per_class(per_class_out, overwrite, session, {"joint": run.head}, run.result, features, quiet)
@@ -75,16 +77,17 @@ def joint(features, as_json, quiet, allow_incomplete, thresholds, splits, per_cl
 @overwrite_option
 @protocol_options
 @max_memory_option
+@precision_option
 @handle_user_errors
 def ncm(features, as_json, quiet, allow_incomplete, thresholds, variant, splits, save, per_class_out, overwrite,
-        protocol, max_memory):
+        protocol, max_memory, precision):
     """Nearest class mean on the cached train features (needs no stored classifier)."""
     from ..runners.features import run_ncm
 
     check_writable(save, overwrite, [features])
     check_writable(per_class_out, overwrite, [features, save])
     session = make_session(features, allow_incomplete, splits, thresholds=thresholds, protocol=protocol,
-                           max_memory=max_memory)
+                           max_memory=max_memory, precision=precision)
     require_split(session.store, "train", "to compute class means")
     run = run_ncm(session, variant)
     save_head_file(save, overwrite, run.head, run.result, features, quiet)
@@ -101,7 +104,7 @@ def ncm(features, as_json, quiet, allow_incomplete, thresholds, variant, splits,
 @protocol_options
 @handle_user_errors
 def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split,
-              per_class_out, overwrite, protocol, max_memory):
+              per_class_out, overwrite, protocol, max_memory, precision):
     """tau-normalise the stored classifier (w / ||w||^tau, bias dropped) for every tau in one GEMM.
 
     --bootstrap and --test-priors are reported at the selected tau.
@@ -109,7 +112,7 @@ def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, sele
     from ..runners.sweeps import run_tau_sweep
 
     run_sweep_command("tau-sweep", run_tau_sweep, features, as_json, allow_incomplete, thresholds, taus, select_on,
-                      metric, eval_split, protocol, max_memory, per_class_out, overwrite, quiet)
+                      metric, eval_split, protocol, max_memory, per_class_out, overwrite, quiet, precision=precision)
 
 
 @click.command()
@@ -130,14 +133,14 @@ def tau_sweep(features, as_json, quiet, allow_incomplete, thresholds, taus, sele
 @protocol_options
 @handle_user_errors
 def crt(features, as_json, quiet, allow_incomplete, thresholds, seed, device, splits, save, overwrite, views, preset,
-        per_class_out, seeds, protocol, max_memory, **options):
+        per_class_out, seeds, protocol, max_memory, precision, **options):
     """Re-train the linear classifier on the cached features (class-balanced sampling by default)."""
     check_writable(save, overwrite, [features])
     check_writable(per_class_out, overwrite, [features, save])
     chosen = apply_preset("crt", preset, options, quiet, lists=("lr", "weight_decay")) if preset else None
     lr, weight_decay, batch_size = options.pop("lr"), options.pop("weight_decay"), options["batch_size"]
     session = make_session(features, allow_incomplete, splits, device, seeds[0] if seeds else seed, thresholds,
-                           protocol, max_memory)
+                           protocol, max_memory, precision)
     require_split(session.store, "train", "to train on")
     check_batch_fits(session.store, batch_size, chosen)
     stored = session.store.splits["train"].views

@@ -85,6 +85,18 @@ device_option = click.option(
 )
 
 
+PRECISIONS = ("float32", "bfloat16", "tf32", "auto")  # lt_rebalance.precision.PRECISIONS (tests check they agree)
+PRECISION_HELP = ("Arithmetic of the matrix products: float32 (exact, today's numbers); bfloat16 (operands rounded, "
+                  "float32 accumulation, weights/loss/metrics float32: fast on CPUs with AMX or AVX512-BF16 and "
+                  "GPUs of compute capability >= 8.0); tf32 (CUDA tensor cores; float32 elsewhere); auto "
+                  "(bfloat16 where the hardware has bfloat16 units and the method meets the accuracy contract "
+                  "of docs/METHODS.md, else float32).")
+precision_option = click.option(
+    "--precision", default="float32", show_default=True, type=click.Choice(PRECISIONS, case_sensitive=False),
+    help=PRECISION_HELP,
+)
+
+
 class MemorySize(click.ParamType):
     """A number of bytes: 2048, 500M, 8G, 1.5GiB (K/M/G/T are powers of 1024)."""
 
@@ -371,6 +383,7 @@ def sgd_options(epochs: Any, lr: Optional[float], sampler_help: str, grid: bool 
         *([save_option] if save else []),
         overwrite_option,
         max_memory_option,
+        precision_option,
     ]
 
     def decorate(f):
@@ -382,7 +395,8 @@ def sgd_options(epochs: Any, lr: Optional[float], sampler_help: str, grid: bool 
 
 
 def sweep_options(f: Callable) -> Callable:
-    """--taus, --select-on, --metric, --eval-split and --max-memory of the τ sweeps (tau-sweep, logit-adjust)."""
+    """--taus, --select-on, --metric, --eval-split, --max-memory and --precision of the τ sweeps (tau-sweep,
+    logit-adjust)."""
     opts = [
         click.option("--taus", default="0:2:21", show_default=True, help="START:STOP:NUM (linspace) or a comma list."),
         click.option("--select-on", type=click.Choice(["val", "test", "none"]), default=None,
@@ -391,6 +405,7 @@ def sweep_options(f: Callable) -> Callable:
                      show_default=True, help="What the selection maximises."),
         click.option("--eval-split", default="test", show_default=True, help="Split reported at the selected tau."),
         max_memory_option,
+        precision_option,
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -15,6 +15,7 @@ from .options import (
     epochs_option,
     max_memory_option,
     overwrite_option,
+    precision_option,
     protocol_options,
     seed_option,
     sweep_options,
@@ -37,7 +38,7 @@ from .sweeps import run_sweep_command
 @protocol_options
 @handle_user_errors
 def logit_adjust(features, as_json, quiet, allow_incomplete, thresholds, taus, select_on, metric, eval_split,
-                 empty_classes, per_class_out, overwrite, protocol, max_memory):
+                 empty_classes, per_class_out, overwrite, protocol, max_memory, precision):
     """Logit adjustment of the stored classifier (z - tau log prior) for every tau in one GEMM.
 
     tau = 1 is PC softmax. The JSON has the shape of `ltr tau-sweep` (method "logit_adjust").
@@ -46,7 +47,7 @@ def logit_adjust(features, as_json, quiet, allow_incomplete, thresholds, taus, s
 
     run_sweep_command("logit-adjust", run_logit_adjust_sweep, features, as_json, allow_incomplete, thresholds, taus,
                       select_on, metric, eval_split, protocol, max_memory, per_class_out, overwrite, quiet,
-                      empty_classes=empty_classes)
+                      empty_classes=empty_classes, precision=precision)
 
 
 def _num(v: float, fmt: str) -> str:
@@ -81,9 +82,10 @@ def _calibration_human(result: dict) -> str:
 @seed_option
 @device_option
 @max_memory_option
+@precision_option
 @handle_user_errors
 def calibrate(features, as_json, quiet, allow_incomplete, thresholds, method, eval_split, epochs, batch_size, seed,
-              device, max_memory):
+              device, max_memory, precision):
     """Temperature scaling: fit T on val (minimising NLL over log T), report NLL and ECE before/after.
 
     Reported on --eval-split over all rows and per shot group (the rows of many/medium/few classes).
@@ -92,7 +94,8 @@ def calibrate(features, as_json, quiet, allow_incomplete, thresholds, method, ev
     from ..study import run_calibrate
 
     spec = BY_NAME[method]
-    session = make_session(features, allow_incomplete, None, device, seed, thresholds, max_memory=max_memory)
+    session = make_session(features, allow_incomplete, None, device, seed, thresholds, max_memory=max_memory,
+                           precision=precision)
     if spec.needs_head:
         require_head(session.store, f"calibrate --method {method}")
     options = {}

@@ -21,7 +21,7 @@ from .setup import check_writable
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (and its figures).")
 @handle_user_errors
 def report(features, out, fmt, overwrite, as_json, quiet, allow_incomplete, methods, overrides, thresholds, splits,
-           seed, seeds, protocol, device, max_memory):
+           seed, seeds, protocol, device, max_memory, precision):
     """The compare table(s), intervals and shifted priors when asked, and the figures, on one page.
 
     Runs `ltr compare` with the same options (its numbers), then draws the tau curve, per-class
@@ -47,7 +47,8 @@ def report(features, out, fmt, overwrite, as_json, quiet, allow_incomplete, meth
 
     heads: dict = {}
     result, sessions = run_compare_command(features, allow_incomplete, methods, overrides, thresholds, splits, seed,
-                                           seeds, protocol, device, quiet, heads=heads, max_memory=max_memory)
+                                           seeds, protocol, device, quiet, heads=heads, max_memory=max_memory,
+                                           precision=precision)
     page = build_report(result, sessions, list(features), heads, figures=figures)
     written = write_report(page, out, fmt, overwrite, features)
     log(f"wrote {written[0]}" + (f" and {len(written) - 1} figures" if len(written) > 1 else ""), quiet or as_json)

@@ -80,8 +80,22 @@ def check_training_fits(store, overrides: dict[str, dict], methods: Any) -> None
             check_batch_fits(store, overrides[m]["batch_size"])
 
 
+def check_precision(precision: str, device: str) -> None:
+    """``--precision bfloat16`` on hardware without bfloat16 units: one warning line (the run goes on,
+    slower); the library's own :class:`~lt_rebalance.precision.PrecisionWarning` is then silenced."""
+    import warnings
+
+    from ..precision import PrecisionWarning, hardware_note
+
+    note = hardware_note(precision, device)
+    if note:
+        click.echo(f"warning: {note}", err=True)
+        warnings.filterwarnings("ignore", category=PrecisionWarning)
+
+
 def make_session(features: str, allow_incomplete: bool, splits: Optional[str], device: str = "cpu", seed: int = 0,
-                 thresholds: Optional[dict] = None, protocol: Any = None, max_memory: Optional[int] = None):
+                 thresholds: Optional[dict] = None, protocol: Any = None, max_memory: Optional[int] = None,
+                 precision: str = "float32"):
     """The :class:`~lt_rebalance.session.Session` of a method command, its options checked."""
     from ..protocols import Protocol
     from ..session import Session
@@ -90,8 +104,9 @@ def make_session(features: str, allow_incomplete: bool, splits: Optional[str], d
     protocol = protocol or Protocol()
     if protocol.test_priors:
         require_split(store, "test", "for --test-priors")
+    check_precision(precision, device)
     return Session(store, eval_splits=eval_splits(store, splits), device=device, seed=seed,
-                   thresholds=thresholds or {}, protocol=protocol, max_memory=max_memory)
+                   thresholds=thresholds or {}, protocol=protocol, max_memory=max_memory, precision=precision)
 
 
 def save_head_file(save: Optional[str], overwrite: bool, head: Any, result: dict, features: str, quiet: bool) -> None:

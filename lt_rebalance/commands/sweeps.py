@@ -34,7 +34,8 @@ def tau_table(result: dict) -> str:
 def run_sweep_command(command: str, runner: Callable, features: str, as_json: bool, allow_incomplete: bool,
                       thresholds: dict, taus: str, select_on: Optional[str], metric: str, eval_split: str,
                       protocol: Any, max_memory: Optional[int] = None, per_class_out: Optional[str] = None,
-                      overwrite: bool = False, quiet: bool = False, **runner_options: Any) -> None:
+                      overwrite: bool = False, quiet: bool = False, precision: str = "float32",
+                      **runner_options: Any) -> None:
     """Parse and check the sweep options, run ``runner`` (run_tau_sweep's signature, and ``runner_options``),
     print the result; ``per_class_out``: the per-class CSV of the head at the selected τ on ``eval_split``."""
     from ..runners.sweeps import parse_taus
@@ -51,7 +52,7 @@ def run_sweep_command(command: str, runner: Callable, features: str, as_json: bo
                                  param_hint="--per-class-out")
     check_writable(per_class_out, overwrite, [features])
     session = make_session(features, allow_incomplete, None, thresholds=thresholds, protocol=protocol,
-                           max_memory=max_memory)
+                           max_memory=max_memory, precision=precision)
     require_head(session.store, command)
     if select_on is None:
         if "val" not in session.store.splits:

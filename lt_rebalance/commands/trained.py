@@ -123,8 +123,8 @@ def crt_human(result: dict) -> str:
 
 def train_command(method: str, human: Callable[[dict], str], *, features, as_json, quiet, allow_incomplete,
                   thresholds, seed, device, splits, overwrite, seeds, protocol, save=None, max_memory=None,
-                  needs_head: bool = True, preset: Optional[str] = None, per_class_out: Optional[str] = None,
-                  **options: Any) -> None:
+                  precision: str = "float32", needs_head: bool = True, preset: Optional[str] = None,
+                  per_class_out: Optional[str] = None, **options: Any) -> None:
     """Check the options, train ``method`` (its registry runner; once per --seeds seed), print it.
     ``options``: the runner's keyword arguments (epochs, lr, batch_size, ...; ``train_protocol`` is the
     head's ``protocol``), after ``preset`` (a dataset of :mod:`lt_rebalance.presets`) filled those
@@ -138,7 +138,7 @@ def train_command(method: str, human: Callable[[dict], str], *, features, as_jso
     if "train_protocol" in options:
         options["protocol"] = options.pop("train_protocol")
     session = make_session(features, allow_incomplete, splits, device, seeds[0] if seeds else seed, thresholds,
-                           protocol, max_memory)
+                           protocol, max_memory, precision)
     if needs_head:
         require_head(session.store, method)
     require_split(session.store, "train", "to train on")

@@ -97,6 +97,9 @@ class BaseHead:
     _state = ""  # the fitted attribute that check_is_fitted looks for (and whose device inputs go to)
     _requires_y = True  # scikit-learn tag: fit needs labels
     _estimator_type = "classifier"  # for tools predating scikit-learn's tags (< 1.6)
+    # the precision the fitted head's matrix products run in ("float32", "bfloat16", "tf32";
+    # lt_rebalance.precision): float32 unless a head's ``precision`` parameter resolved otherwise in fit
+    precision_ = "float32"
 
     @classmethod
     def _param_names(cls) -> list[str]:

@@ -8,8 +8,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..blocks import SCORE_ROWS, float32_rows, linear_logits, row_blocks
+from ..blocks import (
+    SCORE_ROWS,
+    float32_rows,
+    linear_logits,
+    low_mm,
+    low_precision,
+    mm,
+    row_blocks,
+    tf32_products,
+)
 from ..devices import resolve_device
+from ..precision import PRECISIONS, fit_precision
 from ..priors import normalise
 from ..samplers import final_class_probabilities, make_sampler
 from .base import BaseHead, Interval, StrOptions, as_tensor, check_features, check_fit_data
@@ -90,6 +100,10 @@ class CRT(BaseHead):
         Label-aware smoothing of the largest and smallest class (loss="las"; MiSLAS' ImageNet-LT values).
     smooth_shape : {"concave", "linear", "convex"}, default="concave"
     device : str, default="auto"
+    precision : {"float32", "bfloat16", "tf32", "auto"}, default="float32"
+        Arithmetic of the forward and backward GEMMs and of scoring (:mod:`lt_rebalance.precision`):
+        "bfloat16" rounds each batch, the weights (per step) and the logits' gradient to bfloat16
+        for the products; the master weights, momentum, softmax, loss and selection stay float32.
 
     Attributes
     ----------
@@ -121,6 +135,7 @@ class CRT(BaseHead):
         "smooth_head": [Interval(float, 0, 1, closed="left")],
         "smooth_tail": [Interval(float, 0, 1, closed="left")],
         "smooth_shape": [StrOptions(set(LAS_SHAPES))],
+        "precision": [StrOptions(set(PRECISIONS))],
     }
     _state = "weight_"
 
@@ -145,6 +160,7 @@ class CRT(BaseHead):
         seed: int = 0,
         device: str = "auto",
         progress: Optional[ProgressFn] = None,
+        precision: str = "float32",
     ):
         self.epochs = epochs
         self.lr = lr
@@ -164,6 +180,7 @@ class CRT(BaseHead):
         self.seed = seed
         self.device = device
         self.progress = progress
+        self.precision = precision
 
     def fit(
         self,
@@ -213,6 +230,8 @@ class CRT(BaseHead):
             raise ValueError(f"label_smoothing={self.label_smoothing} applies to loss 'ce' only; loss 'las' sets its "
                              "own per-class smoothing (smooth_head, smooth_tail)")
         device = resolve_device(self.device)
+        precision = self.precision_ = fit_precision(self.precision, device, "crt")
+        low = low_precision(precision)
         X, y, classes = check_fit_data(X, y, num_classes, device)
         N, D = X.shape
         C = len(classes)
@@ -246,13 +265,18 @@ class CRT(BaseHead):
             Autograd would return a fresh (G·C, D) tensor every step; at iNaturalist size (67 MB)
             its page faults cost about a tenth of the step."""
             g = flush_denormals(g)
-            W.grad = torch.mm(g.T, x, out=grad_buffer).view(G, C, D)
+            W.grad = mm(g.T, x, precision, out=grad_buffer).view(G, C, D)
             b.grad = g.sum(0).view(G, C)
             return g
 
         def logits(x: torch.Tensor) -> torch.Tensor:  # (n, G, C), one GEMM for all members
             # class-major (W xᵀ + b)ᵀ: the faster layout of PyTorch's CPU GEMM (blocks.linear_logits)
-            z = torch.addmm(b.detach().view(-1, 1), W.detach().view(G * C, D), x.T).T.contiguous()
+            if low is None:
+                with tf32_products(precision == "tf32" and x.is_cuda):
+                    z = torch.addmm(b.detach().view(-1, 1), W.detach().view(G * C, D), x.T).T.contiguous()
+            else:  # bfloat16 operands (x already is), float32 logits and bias
+                z = low_mm(W.detach().view(G * C, D).to(low), x.to(low).T)
+                z = z.add_(b.detach().view(-1, 1)).T.contiguous()
             if torch.is_grad_enabled():  # a leaf: backward stops here, and the hook makes W's gradient
                 z.requires_grad_().register_hook(lambda g: weight_gradient(g, x))
             return z.view(len(x), G, C)
@@ -260,20 +284,26 @@ class CRT(BaseHead):
         def draw(idx: torch.Tensor) -> torch.Tensor:
             """Features of rows ``idx`` (B,) or, one row set per member, (G, B): a random stored view each."""
             if views is None:
-                return X[idx].float()  # features stay in their stored dtype; each batch is upcast
+                # features stay in their stored dtype; each batch is upcast (or rounded to bfloat16)
+                return X[idx].to(low or torch.float32)
             if idx.ndim == 1:
                 v = torch.randint(0, views.shape[0], idx.shape, generator=view_gens[0], device=device)
             else:  # each member's own view stream, as in its lone run
                 v = torch.stack([torch.randint(0, views.shape[0], idx.shape[1:], generator=g, device=device)
                                  for g in view_gens])
-            return views[v, idx].float()
+            return views[v, idx].to(low or torch.float32)
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # (G,) mean loss of each member
             xb = draw(idx)
             if idx.ndim == 1:  # shared batch: z (B, G, C)
                 z, yb = logits(xb), y[idx][:, None].expand(-1, G)
             else:  # a batch per member: one batched GEMM, z (B, G, C)
-                z = flush_tiny_gradient(torch.baddbmm(b[:, None, :], xb, W.transpose(1, 2))).transpose(0, 1)
+                if low is None:
+                    with tf32_products(precision == "tf32" and xb.is_cuda):
+                        z = torch.baddbmm(b[:, None, :], xb, W.transpose(1, 2))
+                else:  # autograd rounds the weight's gradient product to bfloat16 likewise
+                    z = torch.bmm(xb, W.to(low).transpose(1, 2)).float() + b[:, None, :]
+                z = flush_tiny_gradient(z).transpose(0, 1)
                 yb = y[idx].T
             if shift is not None:
                 z = z + shift
@@ -292,7 +322,8 @@ class CRT(BaseHead):
             Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device)
 
             def validate() -> torch.Tensor:  # top-1 of every member, a block of val rows at a time
-                hits = sum(((logits(float32_rows(Xv, s)).argmax(2) == yv[s, None]).sum(0)
+                hits = sum(((logits(float32_rows(Xv, s) if low is None else Xv[s].to(low)).argmax(2)
+                             == yv[s, None]).sum(0)
                             for s in row_blocks(len(yv), SCORE_ROWS)), torch.zeros(G, device=device))
                 return hits / len(yv)
 
@@ -330,4 +361,4 @@ class CRT(BaseHead):
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C)."""
-        return linear_logits(X, self.weight_, self.bias_)
+        return linear_logits(X, self.weight_, self.bias_, precision=self.precision_)

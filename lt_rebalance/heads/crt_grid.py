@@ -81,7 +81,7 @@ class CRTGrid(BaseHead):
         trainer = CRT(**params)
         self.classes_, members, plan = trainer._fit_members(X, y, X_val, y_val, views, num_classes, self.grid)
         self.estimators_ = _fitted(params, [{"lr": lr, "weight_decay": wd} for lr, wd in self.grid],
-                                   self.classes_, members, plan)
+                                   self.classes_, members, plan, trainer.precision_)
         self.val_scores_ = torch.tensor(
             [-float("inf") if e.history_.diverged else max(e.history_.val) for e in self.estimators_],
             dtype=torch.float64,
@@ -129,17 +129,17 @@ def fit_seeds(
     trainer._validate_params()
     grid = [(trainer.lr, trainer.weight_decay)] * len(seeds)
     classes, members, plan = trainer._fit_members(X, y, X_val, y_val, views, num_classes, grid, seeds=list(seeds))
-    return _fitted(params, [{"seed": seed} for seed in seeds], classes, members, plan)
+    return _fitted(params, [{"seed": seed} for seed in seeds], classes, members, plan, trainer.precision_)
 
 
 def _fitted(params: dict, settings: Sequence[dict], classes: np.ndarray, members: Sequence[tuple],
-            plan: Schedule) -> list[CRT]:
+            plan: Schedule, precision: str = "float32") -> list[CRT]:
     """A fitted CRT per member: ``params`` updated by its ``settings``, with ``classes``, its (weight, bias,
-    history) and the ``plan`` (epochs, batch size) all members ran."""
+    history), the ``plan`` (epochs, batch size) all members ran and the ``precision`` they ran in."""
     out = []
     for extra, (W, b, hist) in zip(settings, members):
         est = CRT(**{**params, **extra})
         est.weight_, est.bias_, est.history_, est.n_features_in_ = W, b, hist, W.shape[1]
-        est.classes_, est.schedule_ = classes, plan
+        est.classes_, est.schedule_, est.precision_ = classes, plan, precision
         out.append(est)
     return out

@@ -127,12 +127,14 @@ class DisAlign(JointLogitCalibration):
         smooth_tail: float = 0.0,
         smooth_shape: str = "concave",
         progress: Optional[ProgressFn] = None,
+        precision: str = "float32",
     ):
         super().__init__(
             weight, bias, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
             weight_decay=weight_decay, sampler=sampler, schedule=schedule, keep_best=keep_best, seed=seed,
             device=device, cache_dtype=cache_dtype, max_cache_gb=max_cache_gb, loss=loss, rho=rho,
             smooth_head=smooth_head, smooth_tail=smooth_tail, smooth_shape=smooth_shape, progress=progress,
+            precision=precision,
         )
 
     def _init_params(self, W: torch.Tensor) -> list[torch.Tensor]:

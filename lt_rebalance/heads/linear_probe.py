@@ -19,13 +19,15 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from ..blocks import low_mm, low_precision, tf32_products
 from ..devices import resolve_device
+from ..precision import fit_precision
 from ..priors import normalise, train_prior, uniform_prior
 from .base import BaseHead, Interval, Is, StrOptions, check_fit_data
 from .linear import LinearDecision
 
 CLASS_WEIGHTS = ("balanced", "none")
-PRECISIONS = ("float32", "float64")
+PRECISIONS = ("float32", "float64", "bfloat16", "tf32", "auto")
 
 
 def sample_weights(y: torch.Tensor, classes: np.ndarray, class_weight: Any) -> torch.Tensor:
@@ -45,8 +47,11 @@ class _Objective:
     """f and ∇f of the module docstring on (X, y, s), for a flat float64 parameter vector (K·(D+1),)."""
 
     def __init__(self, X: torch.Tensor, y: torch.Tensor, s: torch.Tensor, K: int, C: float, dtype: torch.dtype,
-                 chunk: int):
+                 chunk: int, precision: str = "float32"):
+        """``dtype``: of the pass arithmetic (float32, float64); ``precision``: of its two GEMMs
+        ("bfloat16": operands rounded, :func:`lt_rebalance.blocks.mm`)."""
         self.X, self.y, self.K, self.dtype, self.chunk = X, y, K, dtype, chunk
+        self.precision, self.low = precision, low_precision(precision)
         self.s_sum = float(s.sum())
         self.s = (s / self.s_sum).to(dtype)  # (N,), normalised: f's data term is Σ s ℓ
         self.l2 = 1.0 / (C * self.s_sum)
@@ -59,18 +64,27 @@ class _Objective:
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         self.evaluations += 1
         W, b = self.unpack(theta)
+        Wl = None if self.low is None else W.to(self.low)
         gW, gb = torch.zeros_like(W), torch.zeros_like(b)
         data = torch.zeros((), dtype=torch.float64, device=W.device)
         for start in range(0, self.X.shape[0], self.chunk):
             rows = slice(start, start + self.chunk)
-            x, y, s = self.X[rows].to(self.dtype), self.y[rows], self.s[rows]
-            z = torch.addmm(b, x, W.T)  # (n, K)
+            x, y, s = self.X[rows].to(self.low or self.dtype), self.y[rows], self.s[rows]
+            if self.low is None:
+                with tf32_products(self.precision == "tf32" and x.is_cuda):
+                    z = torch.addmm(b, x, W.T)  # (n, K)
+            else:
+                z = low_mm(x, Wl.T).add_(b)
             lse = torch.logsumexp(z, 1)
             data += (s * (lse - z.gather(1, y[:, None])[:, 0])).sum(dtype=torch.float64)
             g = torch.exp_(z.sub_(lse[:, None]))  # softmax, in place of the logits
             g[torch.arange(len(y), device=y.device), y] -= 1
             g.mul_(s[:, None])  # ∂(Σ s ℓ)/∂z
-            gW.addmm_(g.T, x)
+            if self.low is None:
+                with tf32_products(self.precision == "tf32" and x.is_cuda):
+                    gW.addmm_(g.T, x)
+            else:
+                gW.add_(low_mm(g.T.to(self.low), x))
             gb += g.sum(0)
         gW.add_(W, alpha=self.l2)
         f = data.item() + 0.5 * self.l2 * float(W.double().square().sum())
@@ -96,8 +110,11 @@ class LinearProbe(LinearDecision, BaseHead):
     max_iter : int, default=100
     tol : float, default=1e-4
         scikit-learn's: stop when max |projected gradient of f| ≤ tol.
-    precision : {"float32", "float64"}, default="float32"
+    precision : {"float32", "float64", "bfloat16", "tf32", "auto"}, default="float32"
         Arithmetic of the passes over the train rows (the optimiser itself runs in float64).
+        "bfloat16" and "tf32" (CUDA) run the passes' two GEMMs so, their sums in float32; "auto"
+        resolves as :func:`lt_rebalance.precision.resolve_precision`; scoring follows the
+        products' precision (float32 for float64 passes).
     chunk : int, default=8192
         Rows per pass chunk (memory: chunk × K logits).
     device : str, default="auto"
@@ -175,7 +192,10 @@ class LinearProbe(LinearDecision, BaseHead):
             raise ValueError(f"logistic regression needs train rows of at least 2 classes; got {present} class")
         C = self.C / 2 if present == 2 else self.C
         dtype = torch.float64 if self.precision == "float64" else torch.float32
-        obj = _Objective(X, y, sample_weights(y, classes, self.class_weight), K, C, dtype, self.chunk)
+        passes = self.precision if self.precision == "float64" else fit_precision(self.precision, device,
+                                                                                  "linear_probe")
+        self.precision_ = "float32" if passes == "float64" else passes
+        obj = _Objective(X, y, sample_weights(y, classes, self.class_weight), K, C, dtype, self.chunk, passes)
         D = X.shape[1]
         theta0 = np.zeros(K * (D + 1))
         if init is not None:

@@ -12,8 +12,19 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..blocks import SCORE_ROWS, all_finite, available_memory, column_affine, linear_logits, row_blocks
+from ..blocks import (
+    SCORE_ROWS,
+    all_finite,
+    column_affine,
+    device_memory,
+    linear_logits,
+    low_mm,
+    low_precision,
+    row_blocks,
+    tf32_products,
+)
 from ..devices import resolve_device
+from ..precision import PRECISIONS, fit_precision
 from ..samplers import final_class_probabilities, make_sampler
 from .base import (
     ARRAY,
@@ -41,10 +52,11 @@ REFERENCE_EPOCHS = 5  # the paper's LWS setting (MARC: the same)
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def cache_budget(max_cache_gb: Optional[float]) -> float:
-    """Bytes a joint-logit cache may take: ``max_cache_gb`` GiB, or 80 % of the memory available now
-    (4 GiB when unknown)."""
-    return max_cache_gb * 2**30 if max_cache_gb is not None else 0.8 * (available_memory() or 4 * 2**30)
+def cache_budget(max_cache_gb: Optional[float], device: Optional[torch.device | str] = None) -> float:
+    """Bytes a joint-logit cache may take: ``max_cache_gb`` GiB, or 80 % of the memory available now on
+    ``device`` (a CUDA device's free memory, :func:`~lt_rebalance.blocks.device_memory`; the host's
+    otherwise; 4 GiB when unknown)."""
+    return max_cache_gb * 2**30 if max_cache_gb is not None else 0.8 * (device_memory(device) or 4 * 2**30)
 
 
 @dataclass
@@ -73,28 +85,30 @@ class JointLogits:
 
 
 def cache_joint_logits(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, Xv: Optional[torch.Tensor],
-                       cache_dtype: str = "float16", max_cache_gb: Optional[float] = None) -> JointLogits:
+                       cache_dtype: str = "float16", max_cache_gb: Optional[float] = None,
+                       precision: str = "float32") -> JointLogits:
     """The joint logits of X (and Xv) with (W, b), one GEMM per split, a block of rows at a time.
 
     Cached in ``cache_dtype`` when train and val together fit :func:`cache_budget`; float16 falls back
     to bfloat16 when a logit overflows it; without room, train logits are left to each batch and
-    val logits are float32.
+    val logits are float32. ``precision``: of the GEMMs (:func:`lt_rebalance.blocks.linear_logits`).
     """
     n_val = 0 if Xv is None else len(Xv)
-    fits = (len(X) + n_val) * W.shape[0] * CACHE_DTYPES[cache_dtype].itemsize <= cache_budget(max_cache_gb)
+    fits = (len(X) + n_val) * W.shape[0] * CACHE_DTYPES[cache_dtype].itemsize <= cache_budget(max_cache_gb, W.device)
     dtype = cache_dtype if fits else None
 
     def cached(x: torch.Tensor) -> torch.Tensor:
         nonlocal dtype
-        Z = linear_logits(x, W, b, dtype=CACHE_DTYPES[dtype])
+        Z = linear_logits(x, W, b, dtype=CACHE_DTYPES[dtype], precision=precision)
         if dtype == "float16" and not all_finite(Z):
             dtype = "bfloat16"
-            Z = linear_logits(x, W, b, dtype=torch.bfloat16)
+            del Z  # freed before the bfloat16 cache is allocated
+            Z = linear_logits(x, W, b, dtype=torch.bfloat16, precision=precision)
         return Z
 
     with torch.no_grad():
         Z = cached(X) if dtype else None
-        Zv = None if Xv is None else cached(Xv) if dtype else linear_logits(Xv, W, b)
+        Zv = None if Xv is None else cached(Xv) if dtype else linear_logits(Xv, W, b, precision=precision)
     return JointLogits(Z, Zv, dtype)
 
 
@@ -129,6 +143,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         "smooth_head": [Interval(float, 0, 1, closed="left")],
         "smooth_tail": [Interval(float, 0, 1, closed="left")],
         "smooth_shape": [StrOptions(set(LAS_SHAPES))],
+        "precision": [StrOptions(set(PRECISIONS))],
     }
     _reference_epochs = REFERENCE_EPOCHS
     _reference_batch = DEFAULT_BATCH_SIZE
@@ -156,6 +171,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         smooth_tail: float = 0.0,
         smooth_shape: str = "concave",
         progress: Optional[ProgressFn] = None,
+        precision: str = "float32",
     ):
         self.weight = weight
         self.bias = bias
@@ -177,6 +193,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         self.smooth_tail = smooth_tail
         self.smooth_shape = smooth_shape
         self.progress = progress
+        self.precision = precision
 
     def _settings(self) -> dict[str, Any]:
         """The training settings in effect: ``lr``, ``weight_decay``, ``sampler``, ``schedule``, ``loss``,
@@ -235,6 +252,7 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         return affine_cross_entropy(z, y, *self._affine(params), **terms)
 
     _needs_features = False  # whether _batch_loss and _calibrate use the features of the rows
+    _method = "lws"  # the registry name whose precision policy applies (lt_rebalance.precision)
 
     def _finish(self, W: torch.Tensor, b: torch.Tensor, fitted: list[torch.Tensor]) -> None:
         """Set the fitted attributes from the trained parameters."""
@@ -258,6 +276,8 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         """
         self._validate_params()
         device = resolve_device(self.device)
+        precision = self.precision_ = fit_precision(self.precision, device, self._method)
+        low = low_precision(precision)
         W = check_weight(self.weight, device)
         C, D = W.shape
         b = check_bias(self.bias, C, device)
@@ -272,13 +292,20 @@ class JointLogitCalibration(LinearDecision, BaseHead):
         if X_val is not None:
             Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
         if joint_logits is None:
-            joint_logits = cache_joint_logits(W, b, X, Xv, self.cache_dtype, self.max_cache_gb)
+            joint_logits = cache_joint_logits(W, b, X, Xv, self.cache_dtype, self.max_cache_gb, precision)
         joint_logits.check(len(X), 0 if Xv is None else len(Xv), C)
         Z, Zv, self.cache_dtype_ = joint_logits.train, joint_logits.val, joint_logits.dtype
         params = [p.requires_grad_() for p in self._init_params(W)]
+        Wl = None if low is None else W.T.to(low)  # batches whose logits are not cached: rounded once
+
+        def joint(x: torch.Tensor) -> torch.Tensor:  # logits of a batch's features (not cached)
+            if low is None:
+                with tf32_products(precision == "tf32" and x.is_cuda):
+                    return torch.addmm(b, x.float(), W.T)
+            return low_mm(x.to(low), Wl).add_(b)
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            z = Z.index_select(0, idx) if Z is not None else torch.addmm(b, X[idx].float(), W.T)
+            z = Z.index_select(0, idx) if Z is not None else joint(X[idx])
             return self._batch_loss(z, y[idx], X[idx].float() if self._needs_features else None, params, terms)
 
         validate = None
@@ -353,6 +380,9 @@ class LWS(JointLogitCalibration):
     smooth_head, smooth_tail : float in [0, 1), default=0.3, 0.0
         Label-aware smoothing of the largest and the smallest class (MiSLAS' ImageNet-LT values).
     smooth_shape : {"concave", "linear", "convex"}, default="concave"
+    precision : {"float32", "bfloat16", "tf32", "auto"}, default="float32"
+        Arithmetic of the joint-logit GEMMs (the cache build, or each batch when not cached) and of
+        scoring (:mod:`lt_rebalance.precision`); the parameters, loss and gradients stay float32.
 
     Attributes
     ----------

@@ -74,6 +74,7 @@ class MARC(JointLogitCalibration):
     (arXiv:2112.07225); code: github.com/microsoft/robustlearn (``marc/``).
     """
 
+    _method = "marc"
     _parameter_constraints = {
         **JointLogitCalibration._parameter_constraints,
         "protocol": [StrOptions(set(PROTOCOLS))],
@@ -106,12 +107,14 @@ class MARC(JointLogitCalibration):
         smooth_tail: float = 0.0,
         smooth_shape: str = "concave",
         progress: Optional[ProgressFn] = None,
+        precision: str = "float32",
     ):
         super().__init__(
             weight, bias, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
             weight_decay=weight_decay, sampler=sampler, schedule=schedule, keep_best=keep_best, seed=seed,
             device=device, cache_dtype=cache_dtype, max_cache_gb=max_cache_gb, loss=loss, rho=rho,
             smooth_head=smooth_head, smooth_tail=smooth_tail, smooth_shape=smooth_shape, progress=progress,
+            precision=precision,
         )
         self.protocol = protocol
 

@@ -5,7 +5,8 @@ from typing import Any
 
 import torch
 
-from ..blocks import CACHE_ROWS, row_blocks
+from ..blocks import CACHE_ROWS, class_sums, low_precision, mm, row_blocks
+from ..precision import PRECISIONS, fit_precision
 from ..priors import uniform_prior
 from .base import BaseHead, StrOptions, check_fit_data
 
@@ -23,6 +24,9 @@ class NCM(BaseHead):
         centroid. ``cos`` (the reference's ``dist_type='cos'``): the cl2n feature dotted with the
         (not renormalised) cl2n centroid, divided by D.
     device : str, default="cpu"
+    precision : {"float32", "bfloat16", "tf32", "auto"}, default="float32"
+        Arithmetic of the scoring GEMM (transformed rows · centroids; :mod:`lt_rebalance.precision`).
+        The mean, the centroids and the distances are float32 whatever it is.
 
     Attributes
     ----------
@@ -30,6 +34,8 @@ class NCM(BaseHead):
         Train mean subtracted by cl2n/cos (zeros otherwise).
     centroids_ : float32 (C, D)
         Mean of each class's transformed train features (not renormalised), row j for ``classes_[j]``.
+    precision_ : str
+        The precision of the scoring GEMM ("float32", "bfloat16" or "tf32").
     classes_ : ndarray (C,)
         The sorted train labels, or arange(num_classes) when ``fit`` is given ``num_classes``.
     n_features_in_ : int
@@ -46,12 +52,13 @@ class NCM(BaseHead):
     >>> NCM().fit(X_train, y_train).predict(X_test)          # doctest: +SKIP
     """
 
-    _parameter_constraints = {"variant": [StrOptions(set(NCM_VARIANTS))]}
+    _parameter_constraints = {"variant": [StrOptions(set(NCM_VARIANTS))], "precision": [StrOptions(set(PRECISIONS))]}
     _state = "centroids_"
 
-    def __init__(self, variant: str = "cl2n", *, device: str = "cpu"):
+    def __init__(self, variant: str = "cl2n", *, device: str = "cpu", precision: str = "float32"):
         self.variant = variant
         self.device = device
+        self.precision = precision
 
     def _centred_norms(self, X: torch.Tensor, rows: slice, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For the block ``X[rows]`` upcast into ``buffer`` (float32 (CACHE_ROWS, D), overwritten):
@@ -72,6 +79,7 @@ class NCM(BaseHead):
         """
         self._validate_params()
         X, y, classes = check_fit_data(X, y, num_classes, self.device)
+        self.precision_ = fit_precision(self.precision, X.device, "ncm")
         self.n_features_in_ = X.shape[1]
         self.mean_ = torch.zeros(X.shape[1], device=X.device)
         if self.variant in ("cl2n", "cos"):
@@ -87,7 +95,7 @@ class NCM(BaseHead):
         buffer = _block_buffer(X)
         for rows in row_blocks(X.shape[0], CACHE_ROWS):  # cache-sized blocks: the transformed rows never exist at once
             Z, norms = self._centred_norms(X, rows, buffer)
-            sums.index_add_(0, y[rows], Z if norms is None else Z.div_(norms))
+            class_sums(sums, y[rows], Z if norms is None else Z.div_(norms))  # deterministic on CUDA too
         self.classes_ = classes
         self.centroids_ = sums / counts[:, None]
         return self
@@ -105,10 +113,12 @@ class NCM(BaseHead):
         C = self.centroids_
         out = C.new_empty(X.shape[0], C.shape[0])
         c_sq = C.square().sum(1)[None, :]
+        low = low_precision(self.precision_)
+        Ct = C.T if low is None else C.to(low).T  # rounded once, not per block
         buffer = _block_buffer(X)
         for rows in row_blocks(X.shape[0], CACHE_ROWS):
             Dc, norms = self._centred_norms(X, rows, buffer)
-            scores = torch.mm(Dc, C.T, out=out[rows])  # d·c
+            scores = mm(Dc, Ct, self.precision_, out=out[rows])  # d·c
             if self.variant == "cos":
                 scores.div_(norms * Dc.shape[1])
                 continue

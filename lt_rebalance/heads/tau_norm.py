@@ -9,6 +9,7 @@ import torch
 
 from ..blocks import chunked_matmul, linear_logits
 from ..metrics import accuracy_summary
+from ..precision import PRECISIONS, fit_precision
 from ..priors import uniform_prior
 from .base import (
     ARRAY,
@@ -99,6 +100,7 @@ def tau_sweep(
     *,
     chunk: int = 8192,
     logits: Optional[torch.Tensor] = None,
+    precision: str = "float32",
     **thresholds: int,
 ) -> dict[str, torch.Tensor]:
     """Accuracy of tau-normalised classifiers for every tau, from ONE matmul of X with W (none when
@@ -109,6 +111,8 @@ def tau_sweep(
     not repeated for every tau: a bound over the whole tau range keeps, per row, only the classes
     that can win at some tau (usually a handful), and the per-tau argmax runs over those; the
     predictions are exactly those of ``argmax(logits * ||w||^-tau)`` (see :func:`_sweep_argmax`).
+    ``precision``: of the GEMM ("float32", "bfloat16", "tf32"; :func:`lt_rebalance.blocks.mm`); the
+    scaling and argmax are float32.
 
     Returns
     -------
@@ -124,7 +128,7 @@ def tau_sweep(
             block = base[b : b + _BLOCK]
             _sweep_argmax(block, scale, bounds, pred[:, s.start + b : s.start + b + len(block)])
 
-    chunked_matmul(X, W, fill, chunk, logits)
+    chunked_matmul(X, W, fill, chunk, logits, precision)
     return accuracy_summary(pred, y, counts, **thresholds)
 
 
@@ -211,6 +215,8 @@ class TauNorm(BaseHead):
     taus : sequence of float, default=linspace(0, 2, 21)
     metric : {"top1", "mean_class", "few"}, default="top1"
         What the selection maximises (ties go to the smaller tau).
+    precision : {"float32", "bfloat16", "tf32", "auto"}, default="float32"
+        Arithmetic of the sweep's GEMM and of scoring (:mod:`lt_rebalance.precision`).
 
     Attributes
     ----------
@@ -220,6 +226,8 @@ class TauNorm(BaseHead):
         Accuracies per tau on the selection split (None for a fixed tau).
     weight_ : float32 (C, D)
         The normalised weight.
+    precision_ : str
+        The precision the products ran in ("float32", "bfloat16" or "tf32").
     classes_ : ndarray (C,)
         arange(C): row j of ``weight`` is class j, and labels must be ints in [0, C).
 
@@ -234,6 +242,7 @@ class TauNorm(BaseHead):
         "weight": [ARRAY],
         "tau": [NONE, Interval(float, None, None)],
         "metric": [StrOptions(set(SELECT_METRICS))],
+        "precision": [StrOptions(set(PRECISIONS))],
     }
     _state = "weight_"
 
@@ -245,12 +254,14 @@ class TauNorm(BaseHead):
         taus: Sequence[float] = DEFAULT_TAUS,
         metric: str = "top1",
         device: str = "cpu",
+        precision: str = "float32",
     ):
         self.weight = weight
         self.tau = tau
         self.taus = taus
         self.metric = metric
         self.device = device
+        self.precision = precision
 
     def fit(self, X: Any = None, y: Any = None, counts: Any = None, *, logits: Optional[torch.Tensor] = None
             ) -> TauNorm:
@@ -259,11 +270,12 @@ class TauNorm(BaseHead):
         self._validate_params()
         W = check_weight(self.weight, self.device)
         classes = np.arange(W.shape[0])
+        self.precision_ = fit_precision(self.precision, W.device, "tau_norm")
         if self.tau is None:
             if X is None or y is None or counts is None:
                 raise ValueError("TauNorm with tau=None selects tau on data: pass X, y and counts to fit")
             X, y = check_features(X, y, n_features=W.shape[1], classes=classes, device=W.device, expecting="weight")
-            self.curve_ = tau_sweep(X, y, W, counts, self.taus, logits=logits)
+            self.curve_ = tau_sweep(X, y, W, counts, self.taus, logits=logits, precision=self.precision_)
             self.tau_ = select_tau(self.curve_, self.taus, self.metric)
         else:
             self.curve_, self.tau_ = None, float(self.tau)
@@ -286,4 +298,4 @@ class TauNorm(BaseHead):
 
     def _scores(self, X: torch.Tensor) -> torch.Tensor:
         """Logits float32 (N, C) = X w̃ᵀ (no bias)."""
-        return linear_logits(X, self.weight_)
+        return linear_logits(X, self.weight_, precision=self.precision_)

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..blocks import linear_logits
+from ..blocks import linear_logits, low_precision, tf32_products
 from ..devices import resolve_device
+from ..precision import PRECISIONS, fit_precision
 from ..priors import normalise
 from ..samplers import final_class_probabilities, make_sampler
 from .base import (
@@ -113,6 +114,9 @@ class WeightBalancing(LinearDecision, BaseHead):
     beta : float, default=0.9999
         Class-balanced loss: w_c ∝ (1 − beta) / (1 − beta^n_c), summing to C.
     device : str, default="auto"
+    precision : {"float32", "bfloat16", "tf32", "auto"}, default="float32"
+        Arithmetic of the training and scoring GEMMs (:mod:`lt_rebalance.precision`); weights,
+        momentum, loss and the MaxNorm projection stay float32.
 
     Attributes
     ----------
@@ -144,6 +148,7 @@ class WeightBalancing(LinearDecision, BaseHead):
         "beta": [Interval(float, 0, 1, closed="neither")],
         "protocol": [StrOptions(set(PROTOCOLS))],
         "schedule": [StrOptions(set(SCHEDULES)), NONE],
+        "precision": [StrOptions(set(PRECISIONS))],
     }
 
     def __init__(
@@ -165,6 +170,7 @@ class WeightBalancing(LinearDecision, BaseHead):
         seed: int = 0,
         device: str = "auto",
         progress: Optional[ProgressFn] = None,
+        precision: str = "float32",
     ):
         self.weight = weight
         self.bias = bias
@@ -182,11 +188,14 @@ class WeightBalancing(LinearDecision, BaseHead):
         self.seed = seed
         self.device = device
         self.progress = progress
+        self.precision = precision
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> WeightBalancing:
         """Fine-tune on (X, y), float (N, D) and int (N,); (X_val, y_val) select the best epoch."""
         self._validate_params()
         device = resolve_device(self.device)
+        precision = self.precision_ = fit_precision(self.precision, device, "wb")
+        low = low_precision(precision)
         W = as_tensor(self.weight, torch.float32, device).clone()
         C, D = W.shape
         b = torch.zeros(C, device=device) if self.bias is None else as_tensor(self.bias, torch.float32, device).clone()
@@ -203,14 +212,19 @@ class WeightBalancing(LinearDecision, BaseHead):
         b.requires_grad_()
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            return cb_softmax_bce(flush_tiny_gradient(torch.addmm(b, X[idx].float(), W.T)), y[idx], cw)
+            if low is None:
+                with tf32_products(precision == "tf32" and W.is_cuda):
+                    z = torch.addmm(b, X[idx].float(), W.T)
+            else:  # bfloat16 operands (autograd rounds the gradient products likewise), float32 logits
+                z = torch.mm(X[idx].to(low), W.to(low).T).float() + b
+            return cb_softmax_bce(flush_tiny_gradient(z), y[idx], cw)
 
         validate = None
         if X_val is not None:
             Xv, yv = check_features(X_val, y_val, n_features=D, classes=classes, device=device, expecting="weight")
 
             def validate() -> float:
-                return (linear_logits(Xv, W, b).argmax(1) == yv).float().mean().item()
+                return (linear_logits(Xv, W, b, precision=precision).argmax(1) == yv).float().mean().item()
 
         self.history_ = train_sgd(
             [W, b],

@@ -14,20 +14,24 @@ from ..session import Session
 from . import MethodRun, evaluated
 
 
-def joint_head(session: Session) -> JointHead:
-    """The stored classifier as a fitted head on the session's device."""
+def joint_head(session: Session, method: str = "joint") -> JointHead:
+    """The stored classifier as a fitted head on the session's device, its products in the precision
+    ``method`` (a registry name) runs in (:meth:`Session.precision_for`)."""
     W, b = session.head()
-    return JointHead(W, b, device=session.device).fit()
+    return JointHead(W, b, device=session.device, precision=session.precision_for(method)).fit()
 
 
 def run_joint(session: Session, logits: Optional[LogitStore] = None) -> MethodRun:
     """The stored stage-1 classifier (logits = X Wᵀ + b)."""
-    return evaluated(session, joint_head(session), {"method": "joint"}, logits)
+    head = joint_head(session)
+    return evaluated(session, head, {"method": "joint", "precision": head.precision_}, logits)
 
 
-def _val_logits(logits: Optional[LogitStore], device: Any) -> Optional[torch.Tensor]:
-    """The kept X Wᵀ of val (the sweep's GEMM), or None."""
-    return None if logits is None else logits.eval_logits("val", device)
+def _val_logits(logits: Optional[LogitStore], device: Any, precision: str) -> Optional[torch.Tensor]:
+    """The kept X Wᵀ of val (the sweep's GEMM), or None; only when kept in ``precision`` (the sweep's)."""
+    if logits is None or precision != logits.session.precision_for("joint"):
+        return None
+    return logits.eval_logits("val", device, precision)
 
 
 def run_tau_norm(session: Session, logits: Optional[LogitStore] = None) -> MethodRun:
@@ -36,9 +40,11 @@ def run_tau_norm(session: Session, logits: Optional[LogitStore] = None) -> Metho
         raise ValueError("tau-norm needs a 'val' split with rows to select tau on (see `ltr tau-sweep --select-on`)")
     W, _ = session.head()
     Xv, yv = session.load("val")
-    head = TauNorm(W, device=session.device)
-    head.fit(Xv, yv, session.counts, logits=_val_logits(logits, resolve_device(session.device)))
-    return evaluated(session, head, {"method": "tau_norm", "selected_tau": head.tau_, "selected_on": "val"}, logits)
+    precision = session.precision_for("tau_norm")
+    head = TauNorm(W, device=session.device, precision=precision)
+    head.fit(Xv, yv, session.counts, logits=_val_logits(logits, resolve_device(session.device), precision))
+    return evaluated(session, head, {"method": "tau_norm", "selected_tau": head.tau_, "selected_on": "val",
+                                     "precision": precision}, logits)
 
 
 def run_logit_adjust(session: Session, logits: Optional[LogitStore] = None) -> MethodRun:
@@ -46,13 +52,15 @@ def run_logit_adjust(session: Session, logits: Optional[LogitStore] = None) -> M
     if not session.has_rows("val"):
         raise ValueError("logit adjustment needs a 'val' split with rows to select tau on "
                          "(see `ltr logit-adjust --select-on`)")
-    base = joint_head(session)
-    head = LogitAdjustment(base, session.counts).fit(*session.load("val"), logits=_val_logits(logits, base._device))
-    return evaluated(session, head, {"method": "logit_adjust", "selected_tau": head.tau_, "selected_on": "val"},
-                     logits)
+    base = joint_head(session, "logit_adjust")
+    head = LogitAdjustment(base, session.counts).fit(*session.load("val"),
+                                                     logits=_val_logits(logits, base._device, base.precision_))
+    return evaluated(session, head, {"method": "logit_adjust", "selected_tau": head.tau_, "selected_on": "val",
+                                     "precision": base.precision_}, logits)
 
 
 def run_pc_softmax(session: Session, logits: Optional[LogitStore] = None) -> MethodRun:
     """PC softmax: the stored classifier's logits minus log π (logit adjustment at τ = 1)."""
-    head = pc_softmax(joint_head(session), session.counts)
-    return evaluated(session, head, {"method": "pc_softmax", "tau": 1.0}, logits)
+    base = joint_head(session, "pc_softmax")
+    head = pc_softmax(base, session.counts)
+    return evaluated(session, head, {"method": "pc_softmax", "tau": 1.0, "precision": base.precision_}, logits)

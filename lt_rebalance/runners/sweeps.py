@@ -93,10 +93,15 @@ def run_tau_sweep(
     mean_class}}, "selected_tau", "selected_on", "metric", eval_split: metrics at the selected τ}``.
     """
     W = session.head()[0].to(session.device)  # the sweep runs on W's device: each split moves there once
-    return _sweep(
-        session, "tau_norm", lambda X, y: tau_sweep(X, y, W, session.counts, taus, **session.thresholds),
-        lambda tau: TauNorm(W, tau, device=session.device).fit(), taus, select_on, metric, eval_split,
+    precision = session.precision_for("tau_norm")
+    run = _sweep(
+        session, "tau_norm",
+        lambda X, y: tau_sweep(X, y, W, session.counts, taus, precision=precision, **session.thresholds),
+        lambda tau: TauNorm(W, tau, device=session.device, precision=precision).fit(), taus, select_on, metric,
+        eval_split,
     )
+    run.result["precision"] = precision
+    return run
 
 
 def run_logit_adjust_sweep(
@@ -109,13 +114,15 @@ def run_logit_adjust_sweep(
 ) -> MethodRun:
     """Logit adjustment of the stored classifier (z − τ·log π); the result shape of :func:`run_tau_sweep`,
     with ``"empty_classes"``: how a class without train rows is adjusted (:class:`LogitAdjustment`)."""
-    base = joint_head(session)
+    base = joint_head(session, "logit_adjust")
     run = _sweep(
         session, "logit_adjust",
         lambda X, y: logit_adjust_sweep(X, y, base.weight_, base.bias_, session.counts, taus,
-                                        empty_classes=empty_classes, **session.thresholds),
+                                        empty_classes=empty_classes, precision=base.precision_,
+                                        **session.thresholds),
         lambda tau: LogitAdjustment(base, session.counts, tau, empty_classes=empty_classes).fit(), taus, select_on,
         metric, eval_split,
     )
     run.result["empty_classes"] = empty_classes
+    run.result["precision"] = base.precision_
     return run

@@ -76,7 +76,7 @@ def run_crt(
     X, y = session.train()
     Xv, yv = session.val()
     V = session.views(views) if views else None
-    params = {"seed": session.seed, **params}
+    params = {"seed": session.seed, "precision": session.precision_for("crt"), **params}
     head = CRT(device=session.device, progress=epoch_logger("crt", log), **params)
     fit = dict(views=V, num_classes=session.num_classes)
     extra: dict[str, Any] = {}
@@ -132,12 +132,13 @@ def _run_on_stored(session: Session, method: str, cls: type, log: Log, params: d
     W, b = session.head()
     X, y = session.train()
     Xv, yv = session.val()
-    params = {"seed": session.seed, **params}
+    params = {"seed": session.seed, "precision": session.precision_for(method), **params}
     fit = {}
     if issubclass(cls, JointLogitCalibration):
         params.setdefault("max_cache_gb", joint_cache_gb(session))
         if logits is not None:
-            fit["joint_logits"] = logits.joint_logits(params.get("cache_dtype", "float16"))
+            fit["joint_logits"] = logits.joint_logits(params.get("cache_dtype", "float16"),
+                                                      precision=params["precision"])
     head = cls(W, b, device=session.device, progress=epoch_logger(method, log), **params).fit(X, y, Xv, yv, **fit)
     cache = {"logits_cache": head.cache_dtype_} if issubclass(cls, JointLogitCalibration) else {}
     return evaluated(session, head, {"method": method, "params": _trained_params(head, ("weight", "bias")), **cache,
@@ -170,5 +171,5 @@ def run_wb(session: Session, log: Log = None, **params: Any) -> MethodRun:
     """Weight balancing stage 2 from the stored classifier; the result adds the MaxNorm ``radius``
     and the per-class weight ``norms`` (C,) after training."""
     run = _run_on_stored(session, "wb", WeightBalancing, log, params, None)
-    run.result.update(radius=run.head.radius_, norms=run.head.norms_)
+    run.result.update(radius=run.head.radius_, norms=run.head.norms_.cpu())  # one copy, not a sync per class
     return run
