@@ -1,68 +1,26 @@
-"""Shared fixtures. Tests run offline: no hub downloads."""
+"""Shared fixtures of every test folder. Tests run offline: no hub downloads.
+
+Plain helpers (data makers, CLI runners, numpy references) live in the helper modules next to this file
+(data_support.py, cli_support.py, head_refs.py, protocol_support.py), which every test folder can import.
+"""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# -- extraction fixtures (tests/test_extract_*.py) ----------------------------------------------------
-import pickle  # noqa: E402
-
+import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from cli_support import COUNTS, D, _splits, make_arrays  # noqa: E402
+from data_support import make_cifar, make_image_folder, make_long_tailed  # noqa: E402
+
+from lt_rebalance.store import FeatureFileWriter, write_features  # noqa: E402
 
 
-def make_image_folder(root, counts=None, seed=0):
-    """``root/{train,val,test}/c<k>/<i>.png`` with random RGB images of a few small sizes."""
-    from PIL import Image
-
-    counts = counts or {"train": (12, 6, 3), "val": (2, 2, 2), "test": (3, 3, 3)}
-    rng = np.random.default_rng(seed)
-    for split, per_class in counts.items():
-        for c, n in enumerate(per_class):
-            folder = root / split / f"c{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                h, w = rng.integers(36, 56, size=2)
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return root
-
-
+# -- extraction fixtures (tests/extract/) ------------------------------------------------------------
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """A read-only ImageFolder tree: 3 classes, 21 train / 6 val / 9 test PNGs."""
     return make_image_folder(tmp_path_factory.mktemp("imagefolder"))
-
-
-def make_cifar(root, num_classes=10, per_class=50, test_per_class=4, seed=0):
-    """Official python-pickle layout with fabricated data; image k's first pixel bytes encode k."""
-    rng = np.random.default_rng(seed)
-
-    def batch(n, label_key):
-        labels = rng.permutation(np.repeat(np.arange(num_classes), n // num_classes))
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        data[:, 0], data[:, 1] = np.arange(n) % 256, np.arange(n) // 256  # unique per image
-        return {b"data": data, label_key: labels.tolist()}
-
-    def dump(obj, path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            pickle.dump(obj, f)
-
-    names = [f"class{i}".encode() for i in range(num_classes)]
-    n_train = num_classes * per_class
-    if num_classes == 10:
-        base = root / "cifar-10-batches-py"
-        train = batch(n_train, b"labels")
-        for i in range(5):  # five batches in order
-            sl = slice(i * n_train // 5, (i + 1) * n_train // 5)
-            dump({b"data": train[b"data"][sl], b"labels": train[b"labels"][sl]}, base / f"data_batch_{i + 1}")
-        dump(batch(num_classes * test_per_class, b"labels"), base / "test_batch")
-        dump({b"label_names": names}, base / "batches.meta")
-    else:
-        base = root / "cifar-100-python"
-        dump(batch(n_train, b"fine_labels"), base / "train")
-        dump(batch(num_classes * test_per_class, b"fine_labels"), base / "test")
-        dump({b"fine_label_names": names}, base / "meta")
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -77,46 +35,7 @@ def cifar100_root(tmp_path_factory):
     return make_cifar(tmp_path_factory.mktemp("cifar100"), num_classes=100, per_class=30, test_per_class=2)
 
 
-# -- core-library fixtures (tests/test_{store,metrics,samplers,heads}.py) -----------------------------
-
-
-def long_tailed_counts(num_classes: int, n_max: int, imbalance: float) -> np.ndarray:
-    """n_i = int(n_max * (1/IF) ** (i / (C - 1))), the CIFAR-LT convention (docs/EXTRACT.md)."""
-    i = np.arange(num_classes)
-    return (n_max * (1.0 / imbalance) ** (i / (num_classes - 1))).astype(np.int64)
-
-
-def make_long_tailed(
-    num_classes: int = 10,
-    n_max: int = 300,
-    imbalance: float = 60.0,
-    dim: int = 16,
-    sep: float = 3.0,
-    noise: float = 1.0,
-    n_eval_per_class: int = 30,
-    seed: int = 0,
-) -> dict:
-    """Gaussian classes with long-tailed train counts and balanced val/test splits (float32)."""
-    rng = np.random.default_rng(seed)
-    counts = long_tailed_counts(num_classes, n_max, imbalance)
-    means = rng.normal(size=(num_classes, dim))
-    means *= sep / np.linalg.norm(means, axis=1, keepdims=True)
-
-    def draw(per_class):
-        y = np.repeat(np.arange(num_classes), per_class)
-        X = means[y] + noise * rng.normal(size=(len(y), dim))
-        perm = rng.permutation(len(y))
-        return X[perm].astype(np.float32), y[perm].astype(np.int64)
-
-    X_train, y_train = draw(counts)
-    X_val, y_val = draw(np.full(num_classes, n_eval_per_class))
-    X_test, y_test = draw(np.full(num_classes, n_eval_per_class))
-    return dict(
-        counts=counts, means=means, X_train=X_train, y_train=y_train,
-        X_val=X_val, y_val=y_val, X_test=X_test, y_test=y_test,
-    )
-
-
+# -- core-library fixtures (tests/test_{store,metrics,samplers}.py, tests/heads/) --------------------
 @pytest.fixture(scope="session")
 def lt_data():
     """Factory: ``lt_data(**kwargs)`` -> dict of synthetic long-tailed splits (see make_long_tailed)."""
@@ -163,3 +82,71 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- the feature files of the command-line tests (tests/suites/test_cli.py and others) ------------
+@pytest.fixture(scope="session")
+def arrays():
+    return make_arrays()
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory, arrays):
+    """Absolute paths of read-only feature files shared by the tests."""
+    root = tmp_path_factory.mktemp("cli_features")
+    a = arrays
+    paths = {name: root / f"{name}.h5" for name in ("full", "nohead", "noval", "notrain", "views", "incomplete")}
+    write_features(paths["full"], _splits(a), weight=a["weight"], bias=a["bias"], model="toy", dataset="synthetic")
+    write_features(paths["nohead"], _splits(a))
+    write_features(paths["noval"], _splits(a, ("train", "test")), weight=a["weight"], bias=a["bias"])
+    write_features(paths["notrain"], _splits(a, ("val", "test")), counts=COUNTS, weight=a["weight"])
+    # two stored augmented train views (small noise around the train features)
+    rng = np.random.default_rng(1)
+    with FeatureFileWriter.create(paths["views"], counts=COUNTS) as w:
+        w.set_head(a["weight"], a["bias"])
+        for split in ("train", "val", "test"):
+            x, y = a[f"x_{split}"], a[f"y_{split}"]
+            k = 2 if split == "train" else 0
+            w.create_split(split, len(x), D, views=k)
+            w.append(split, x, y)
+            for v in range(k):
+                w.append_view(split, v, x + 0.1 * rng.normal(size=x.shape).astype(np.float32))
+            w.mark_complete(split)
+    # a test split whose extraction stopped half way
+    with FeatureFileWriter.create(paths["incomplete"], counts=COUNTS) as w:
+        w.set_head(a["weight"], a["bias"])
+        for split in ("train", "val", "test"):
+            x, y = a[f"x_{split}"], a[f"y_{split}"]
+            w.create_split(split, len(x), D)
+            if split == "test":
+                w.append(split, x[:40], y[:40])
+            else:
+                w.append(split, x, y)
+                w.mark_complete(split)
+    return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory, files):
+    """Files that are not usable feature files, each for its own reason."""
+    root = tmp_path_factory.mktemp("cli_bad")
+    out = {"missing": str(root / "missing.h5")}
+    (root / "text.h5").write_text("not an hdf5 file\n")
+    out["not_hdf5"] = str(root / "text.h5")
+    with h5py.File(root / "other.h5", "w") as f:
+        f.attrs["format"] = "someone-else/format"
+        f.create_dataset("x", data=np.zeros(3))
+    out["wrong_format"] = str(root / "other.h5")
+    with h5py.File(root / "nocounts.h5", "w") as f:
+        f.attrs["format"] = "lt-rebalance/features"
+        f.attrs["format_version"] = 1
+        f.create_group("splits")
+    out["no_counts"] = str(root / "nocounts.h5")
+    with h5py.File(root / "future.h5", "w") as f:
+        f.attrs["format"] = "lt-rebalance/features"
+        f.attrs["format_version"] = 99
+    out["future_version"] = str(root / "future.h5")
+    data = open(files["full"], "rb").read()
+    (root / "truncated.h5").write_bytes(data[: len(data) // 3])
+    out["truncated"] = str(root / "truncated.h5")
+    return out

@@ -238,3 +238,11 @@ def test_sweeps_and_selection_from_precomputed_logits(d16):
     assert tau.tau_ == TauNorm(W).fit(X[perm], y[perm], counts).tau_
     la = LogitAdjustment(JointHead(W, b).fit(), counts).fit(X, y[perm], logits=logits)
     assert la.tau_ == LogitAdjustment(JointHead(W, b).fit(), counts).fit(X[perm], y[perm]).tau_
+
+
+def test_precomputed_logits_of_the_wrong_shape_are_refused():
+    from lt_rebalance.blocks import chunked_matmul
+
+    X, W = torch.zeros(5, 3), torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"shape \(5, 4\)"):
+        chunked_matmul(X, W, lambda z, s: None, logits=torch.zeros(4, 4))

@@ -1,6 +1,6 @@
 """lt_rebalance.evaluation: every number of a head's evaluation comes back as a value."""
+import cli_support
 import pytest
-import test_cli
 import torch
 
 from lt_rebalance.evaluation import evaluate_head, evaluate_split
@@ -10,15 +10,13 @@ from lt_rebalance.protocols import Protocol
 from lt_rebalance.session import Session
 from lt_rebalance.store import FeatureStore
 
-arrays, files = test_cli.arrays, test_cli.files  # the feature files of the CLI tests (fixtures)
-
 
 def test_metrics_equal_numpy_and_the_session_is_not_changed(files, arrays):
     s = Session(FeatureStore(files["full"]))
     head = JointHead(*s.head()).fit()
     ev = evaluate_head(s, head)
     for split in ("val", "test"):
-        want = test_cli.np_metrics(arrays[f"x_{split}"] @ arrays["weight"].T + arrays["bias"], arrays[f"y_{split}"])
+        want = cli_support.np_metrics(arrays[f"x_{split}"] @ arrays["weight"].T + arrays["bias"], arrays[f"y_{split}"])
         for k, v in want.items():
             assert ev.splits[split].metrics[k] == pytest.approx(v, abs=1e-6), (split, k)
     assert ev.samples == {} and ev.protocol is None and set(ev.result()) == {"val", "test"}

@@ -1,7 +1,6 @@
 """lt_rebalance.logit_store: one owner of the stored classifier's shared logits, through its public API."""
 import numpy as np
 import pytest
-import test_cli
 import torch
 
 from lt_rebalance import logit_store
@@ -10,8 +9,6 @@ from lt_rebalance.logit_store import LogitKey, LogitStore
 from lt_rebalance.session import Session
 from lt_rebalance.store import FeatureStore
 from lt_rebalance.study import compare, run_seeds
-
-arrays, files = test_cli.arrays, test_cli.files  # the feature files of the CLI tests (fixtures)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def png_size(path):
 
 @pytest.fixture(scope="module")
 def lt_data_module():
-    from conftest import make_long_tailed
+    from data_support import make_long_tailed
 
     return make_long_tailed(n_max=300, imbalance=60.0)
 

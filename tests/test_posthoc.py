@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 @pytest.fixture(scope="module")
 def data():
-    from conftest import make_long_tailed
+    from data_support import make_long_tailed
 
     d = make_long_tailed(num_classes=12, n_max=200, imbalance=50.0, dim=8, sep=2.0, noise=1.0, seed=1)
     rng = np.random.default_rng(1)

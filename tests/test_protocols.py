@@ -2,33 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from protocol_support import notebook_mask, notebook_shift_counts
 
 from lt_rebalance import protocols as P
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-def notebook_shift_counts(train_counts, M, name):
-    """LADE's notebook ``class_distribution``: argsort of the train prior reversed, then the power law."""
-    C = len(train_counts)
-    cls_idx = np.argsort(train_counts, kind="stable")[::-1]
-    if name == "uniform":
-        return np.full(C, M)
-    direction, R = name.split("-")
-    out = np.zeros(C, dtype=np.int64)
-    for idx, cls in enumerate(cls_idx):
-        e = (C - 1 - idx) / (C - 1.0) if direction == "backward" else idx / (C - 1.0)
-        out[cls] = M * ((1 / float(R)) ** e)
-    return out
-
-
-def notebook_mask(labels, keep):
-    keep, mask = np.array(keep), np.zeros(len(labels), dtype=bool)
-    for i, label in enumerate(labels):
-        if keep[label] > 0:
-            keep[label] -= 1
-            mask[i] = True
-    return mask
 
 
 @pytest.mark.parametrize("name", ["forward-50", "backward-50", "forward-2.5", "backward-1", "uniform"])

@@ -18,7 +18,7 @@ from lt_rebalance.cli import main
 pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-from test_protocols_cli import files  # noqa: E402,F401  (the feature files fixture)
+from protocol_support import protocol_files as files  # noqa: E402,F401  (the feature files fixture)
 
 ARGS = ["--methods", "joint,ncm,tau_norm,crt", "--crt-epochs", "1", "--batch-size", "32", "-q",
         "--bootstrap", "60", "--test-priors", "forward-5,uniform"]
@@ -82,7 +82,7 @@ def test_html_numbers_are_those_of_compare(page):
 
 
 def test_html_describes_the_train_imbalance(page):
-    from test_protocols_cli import COUNTS
+    from protocol_support import COUNTS
 
     out, _, _ = page
     text = out.read_text(encoding="utf-8")

@@ -1,12 +1,10 @@
 """lt_rebalance.study: compare's skip rules from the registry, and the MARC prior-correction case."""
-import test_cli
 
 from lt_rebalance.protocols import Protocol
 from lt_rebalance.session import Session
 from lt_rebalance.store import FeatureStore
 from lt_rebalance.study import compare
 
-arrays, files = test_cli.arrays, test_cli.files  # the feature files of the CLI tests (fixtures)
 FAST = {m: {"epochs": 1, "batch_size": 64} for m in ("crt", "lws", "marc")}
 
 

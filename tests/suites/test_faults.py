@@ -298,9 +298,9 @@ def test_read_only_folder_fails_before_training(tmp_path, tmpfs, monkeypatch):
 def test_ctrl_c_during_extract_keeps_the_partial_for_resume(tmp_path, monkeypatch):
     """A real SIGINT once the first batch is written; the extract command itself (also run as
     ``python -m lt_rebalance.extract``, without the ``ltr`` group) says so in one line, exit 130."""
-    from conftest import make_image_folder
+    from data_support import imagefolder_extract_args as _args
+    from data_support import make_image_folder
     from lt_rebalance.extract.cli import extract
-    from test_extract_concurrency import _args
 
     from lt_rebalance.store import FeatureFileWriter
 

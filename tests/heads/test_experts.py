@@ -1,12 +1,10 @@
 """lt_rebalance.heads.experts: logit-adjusted experts weighted for the estimated test prior."""
+import cli_support
 import numpy as np
 import pytest
-import test_cli
 import torch
 
 from lt_rebalance.heads import JointHead, LogitAdjustedExperts
-
-arrays, files = test_cli.arrays, test_cli.files  # the feature files of the CLI tests (fixtures)
 
 
 def np_experts(X, W, b, counts, taus=(0.0, 1.0, 2.0), grid=401):
@@ -37,7 +35,7 @@ def np_experts(X, W, b, counts, taus=(0.0, 1.0, 2.0), grid=401):
 
 
 def test_scores_follow_the_recipe(arrays):
-    counts = test_cli.COUNTS
+    counts = cli_support.COUNTS
     W, b = arrays["weight"], arrays["bias"]
     head = LogitAdjustedExperts(JointHead(W, b).fit(), counts).fit()
     for X in (arrays["x_test"], arrays["x_test"][arrays["y_test"] < 4]):  # the full split, a head-heavy subset
@@ -52,16 +50,16 @@ def test_scores_follow_the_recipe(arrays):
 
 def test_the_ensemble_adapts_to_the_rows_it_scores(arrays):
     """Rows of head classes only pull τ* down (toward the train prior); tail rows push it up."""
-    head = LogitAdjustedExperts(JointHead(arrays["weight"], arrays["bias"]).fit(), test_cli.COUNTS).fit()
+    head = LogitAdjustedExperts(JointHead(arrays["weight"], arrays["bias"]).fit(), cli_support.COUNTS).fit()
     X, y = torch.as_tensor(arrays["x_test"]), torch.as_tensor(arrays["y_test"])
     z = X @ head.weight_.T + head.bias_
     assert head.combination(z[y < 3])["tau"] < head.combination(z[y >= 9])["tau"]
     with pytest.raises(Exception, match="adapts to the test prior"):
-        head.implied_prior(test_cli.COUNTS)
+        head.implied_prior(cli_support.COUNTS)
 
 
 def test_experts_in_compare_under_shifts(files):
-    doc, _ = test_cli.run_json(["compare", "-f", files["full"], "--methods", "joint,experts",
+    doc, _ = cli_support.run_json(["compare", "-f", files["full"], "--methods", "joint,experts",
                                 "--test-priors", "forward-5,backward-5"])
     row = doc["rows"][1]
     assert row["method"] == "experts" and set(row["combination"]) == {"val", "test"}

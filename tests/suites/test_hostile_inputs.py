@@ -175,7 +175,7 @@ def test_resume_refuses_a_partial_file_pointing_outside(tmp_path):
 
 
 def test_cifar_batches_are_unpickled_with_a_restricted_unpickler(tmp_path):
-    from conftest import make_cifar
+    from data_support import make_cifar
 
     root = make_cifar(tmp_path / "data")
     marker = tmp_path / "pwned"
@@ -405,7 +405,7 @@ def test_taunorm_refuses_nan_tau_at_fit():
 
 
 def test_skip_bad_publishes_counts_without_the_skipped_images(tmp_path):
-    from conftest import make_image_folder
+    from data_support import make_image_folder
 
     root = make_image_folder(tmp_path / "data", counts={"train": (4, 3, 2), "val": (1, 1, 1)})
     (root / "train" / "c0" / "001.png").write_bytes(b"not an image")
@@ -466,7 +466,7 @@ def _signal_once(argv: list[str], ready, signum: int = signal.SIGTERM, tries: in
 
 @pytest.mark.parametrize("group", [False, True], ids=["main-process", "process-group"])
 def test_sigterm_during_extract_with_workers_keeps_the_partial_and_releases_the_lock(tmp_path, group):
-    from conftest import make_image_folder
+    from data_support import make_image_folder
 
     root = make_image_folder(tmp_path / "data", {"train": (30, 20), "val": (5, 5)})
     out = tmp_path / "f.h5"
@@ -492,7 +492,7 @@ def test_sigterm_during_extract_with_workers_keeps_the_partial_and_releases_the_
 
 
 def test_sigterm_stops_torchrun_and_its_ranks(tmp_path):
-    from conftest import make_image_folder
+    from data_support import make_image_folder
 
     root = make_image_folder(tmp_path / "data", {"train": (240, 160), "val": (5, 5)})
     for attempt in range(5):
@@ -524,8 +524,8 @@ def test_sigterm_stops_torchrun_and_its_ranks(tmp_path):
 
 
 def test_requeued_resume_of_a_complete_output_exits_0_saying_so(tmp_path):
-    from conftest import make_image_folder
-    from test_extract_concurrency import _args
+    from data_support import imagefolder_extract_args as _args
+    from data_support import make_image_folder
 
     root = make_image_folder(tmp_path / "data", {"train": (3, 2), "val": (1, 1)})
     out = tmp_path / "f.h5"
@@ -588,7 +588,7 @@ def test_writers_hold_their_temporary_file_while_writing(tmp_path):
 
 
 def test_hidden_folders_are_not_classes(tmp_path):
-    from conftest import make_image_folder
+    from data_support import make_image_folder
     from lt_rebalance.extract.datasets.imagefolder import load_imagefolder_splits
 
     root = make_image_folder(tmp_path / "data", {"train": (2, 2), "val": (1, 1)})
@@ -600,7 +600,7 @@ def test_hidden_folders_are_not_classes(tmp_path):
 
 
 def test_a_fifo_among_the_images_does_not_hang(tmp_path):
-    from conftest import make_image_folder
+    from data_support import make_image_folder
     from lt_rebalance.extract.datasets.imagefolder import load_imagefolder_splits
     from lt_rebalance.extract.datasets.sources import FileSource
 
@@ -619,8 +619,8 @@ def test_a_fifo_among_the_images_does_not_hang(tmp_path):
 
 
 def test_a_non_utf8_image_name_is_refused_before_extraction(tmp_path):
-    from conftest import make_image_folder
-    from test_extract_concurrency import _args
+    from data_support import imagefolder_extract_args as _args
+    from data_support import make_image_folder
 
     root = make_image_folder(tmp_path / "data", {"train": (2, 2), "val": (1, 1)})
     good = root / "train" / "c0" / "000.png"
@@ -676,7 +676,7 @@ def test_short_counts_are_not_blamed_on_the_head_alone(tmp_path):
 
 
 # -- 5. the first hour ------------------------------------------------------------------------------------
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_info_does_not_import_torch(tmp_path):
@@ -757,7 +757,7 @@ def test_report_refuses_an_out_suffix_it_cannot_write(tmp_path):
 
 
 def test_one_failing_image_under_gpus_2_is_one_line(tmp_path):
-    from conftest import make_image_folder
+    from data_support import make_image_folder
 
     root = make_image_folder(tmp_path / "data", {"train": (6, 4), "val": (2, 2)})
     (root / "train" / "c1" / "001.png").write_bytes(b"not an image")
@@ -770,7 +770,7 @@ def test_one_failing_image_under_gpus_2_is_one_line(tmp_path):
 
 
 def test_resume_after_a_multi_process_failure_keeps_the_finished_shard(tmp_path):
-    from conftest import make_image_folder
+    from data_support import make_image_folder
 
     root = make_image_folder(tmp_path / "data", {"train": (6, 4), "val": (2, 2)})
     bad = root / "train" / "c1" / "001.png"  # in rank 1's shard

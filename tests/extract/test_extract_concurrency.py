@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_image_folder
+from data_support import imagefolder_extract_args as _args
+from data_support import make_image_folder
 
 from lt_rebalance.cli import main
 from lt_rebalance.store import FeatureStore
@@ -44,11 +45,6 @@ extract.main(args, prog_name="extract")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("conc"), {"train": (6, 3, 2), "val": (2, 2, 2)})
-
-
-def _args(root, out, *extra):
-    return ["--model", "tiny_cnn", "--random-init", "--data", "imagefolder", "--root", str(root), "--out", str(out),
-            "--splits", "train,val", "--image-size", "8", "--batch-size", "2", "--workers", "0", "--quiet", *extra]
 
 
 def _slow(tmp_path, args, go="-", delay=0.0):

@@ -18,7 +18,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from test_cli import COUNTS, C, _splits, make_arrays, run, run_json
+from cli_support import COUNTS, C, _splits, make_arrays, run, run_json
 
 from lt_rebalance.store import write_features
 

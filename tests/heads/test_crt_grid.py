@@ -19,7 +19,7 @@ LRS, WDS = [0.05, 0.3, 2.0], [1e-4, 5e-3]
 
 @pytest.fixture(scope="module")
 def data():
-    from conftest import make_long_tailed
+    from data_support import make_long_tailed
 
     return make_long_tailed(num_classes=8, n_max=120, imbalance=30.0, dim=12, sep=2.0, seed=3)
 

@@ -13,7 +13,7 @@ from lt_rebalance.cli import main
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "splits"
+SPLITS = Path(__file__).resolve().parents[3] / "shared" / "data" / "splits"
 needs_splits = pytest.mark.skipif(not SPLITS.is_dir(), reason="shared/data/splits not present")
 
 

@@ -9,46 +9,12 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_protocols import notebook_mask, notebook_shift_counts
+from protocol_support import COUNTS, C, notebook_mask, notebook_shift_counts, protocol_files
 
 from lt_rebalance.cli import main
-from lt_rebalance.store import write_features
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-C, D = 6, 8
-COUNTS = np.array([120, 80, 40, 25, 12, 6])
-
-
-def _arrays(seed=0):
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(C, D)) * 1.5
-
-    def draw(per_class):
-        y = np.repeat(np.arange(C), per_class)
-        p = rng.permutation(len(y))
-        return (means[y] + rng.normal(size=(len(y), D)))[p].astype(np.float32), y[p]
-
-    a = {}
-    for split, n in (("train", COUNTS), ("val", np.full(C, 6)), ("test", np.array([12, 11, 10, 10, 9, 9]))):
-        a[f"x_{split}"], a[f"y_{split}"] = draw(n)
-    a["weight"] = (means * (0.5 + COUNTS[:, None] / 100)).astype(np.float32)
-    a["bias"] = (0.1 * np.log(COUNTS)).astype(np.float32)
-    return a
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("protocol_files")
-    a, b = _arrays(0), _arrays(1)
-    paths = {"a": root / "a.h5", "b": root / "b.h5", "other": root / "other.h5"}
-    for name, arr in (("a", a), ("b", b)):
-        write_features(paths[name], {s: (arr[f"x_{s}"], arr[f"y_{s}"]) for s in ("train", "val", "test")},
-                       weight=arr["weight"], bias=arr["bias"])
-    y_other = np.concatenate([a["y_train"], [0]])  # one more train row of class 0
-    x_other = np.concatenate([a["x_train"], a["x_train"][:1]])
-    write_features(paths["other"], {"train": (x_other, y_other), "val": (a["x_val"], a["y_val"]),
-                                    "test": (a["x_test"], a["y_test"])}, weight=a["weight"], bias=a["bias"])
-    return {k: str(v) for k, v in paths.items()}, a
+files = protocol_files  # the feature files fixture
 
 
 def run_json(args):
