@@ -156,6 +156,9 @@ def _human(r: dict) -> str:
               help="Record many-shot threshold (> N train images) fitting this dataset in the file [default: 100].")
 @click.option("--shot-few", type=click.IntRange(0), default=None,
               help="Record few-shot threshold (< N train images) fitting this dataset in the file [default: 20].")
+@click.option("--autocast/--no-autocast", default=True, show_default=True,
+              help="CUDA only: run the backbone under float16 autocast (faster; --no-autocast if a large model "
+                   "overflows float16).")
 @click.option("--resume", is_flag=True, help="Continue OUT.partial from the rows already written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT (or OUT.partial).")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable images out; record them in /splits/<split>/bad_paths.")
@@ -235,7 +238,7 @@ def _run(opts: dict, splits: tuple[str, ...], device: str, env: Any, quiet: bool
     transform = (timm_config(model, data.family, opts["image_size"]) if kind == "timm"
                  else reference_config(data.family, opts["image_size"]))
     config = ExtractConfig(opts["batch_size"], opts["workers"], device, opts["dtype"], opts["train_views"],
-                           opts["seed"], opts["resume"], opts["overwrite"], opts["skip_bad"])
+                           opts["seed"], opts["resume"], opts["overwrite"], opts["skip_bad"], opts["autocast"])
     meta = {"model": opts["model"], "dataset": data.name, "checkpoint_sha256": sha,
             "weights": "checkpoint" if sha else ("pretrained" if opts["pretrained"] else "random-init"),
             **embedding_attrs, "preprocess": kind}

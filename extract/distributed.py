@@ -119,6 +119,19 @@ def merge_shards(shards: list[Path], out: Path, offsets: dict[str, np.ndarray], 
         p.unlink()
 
 
+def init_process_group(device: str, env: DistEnv) -> None:
+    """Join the ranks' group: gloo, whose collectives take the host-side tensors used here (the image
+    counter, barriers) for CPU and CUDA ranks alike (NCCL refuses a CPU tensor: "No backend type
+    associated with device type cpu"); a CUDA rank is bound to its own GPU first (else every rank's
+    pinned memory and barriers land on GPU 0)."""
+    import torch
+    import torch.distributed as dist
+
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group("gloo", timeout=timedelta(hours=24))
+
+
 def extract_sharded(model: Any, sources: dict[str, ImageSource], out: str | os.PathLike, env: DistEnv,
                     **kwargs: Any) -> ExtractResult:
     """:func:`extract_features` on this rank's shard of every split; rank 0 merges once all are done."""
@@ -134,8 +147,7 @@ def extract_sharded(model: Any, sources: dict[str, ImageSource], out: str | os.P
         if done is not None:
             return done
     if not dist.is_initialized():
-        backend = "nccl" if str(kwargs["config"].device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(hours=24))
+        init_process_group(kwargs["config"].device, env)
     try:
         bounds = {name: shard_bounds(len(src), env.world) for name, src in sources.items()}
         mine = {name: ShardSource(src, int(b[env.rank]), int(b[env.rank + 1])) for (name, src), b in

@@ -167,6 +167,10 @@ def _quiet_worker(worker_id: int) -> None:
 
 
 def _fingerprint(meta: Mapping[str, Any], transform: TransformConfig, cfg: ExtractConfig, sizes: dict) -> dict:
+    """What must match for a partial file to be resumed. A CUDA run records its device and autocast:
+    float16-autocast rows must not be resumed on a CPU (or without autocast) into one file (CPU runs
+    keep the fingerprint of earlier versions, so their partials still resume)."""
+    cuda = str(cfg.device).startswith("cuda")
     return {
         "meta": dict(meta),
         "transform": transform.to_attr(),
@@ -174,7 +178,20 @@ def _fingerprint(meta: Mapping[str, Any], transform: TransformConfig, cfg: Extra
         "train_views": cfg.train_views,
         "seed": cfg.seed,
         "splits": sizes,
+        **({"device": "cuda", "autocast": bool(cfg.autocast)} if cuda else {}),
     }
+
+
+def _rows_written(partial: Path) -> int:
+    """Feature rows (and view rows) already in a partial file; 0 when it cannot be read."""
+    import h5py
+
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return sum(int(g.attrs.get("rows", 0)) + int(np.sum(g.attrs.get("view_rows", 0)))
+                       for g in f["splits"].values() if isinstance(g, h5py.Group))
+    except (OSError, KeyError):
+        return 0
 
 
 def _create(
@@ -369,8 +386,14 @@ def extract_features(
             try:
                 rows, bad = _extract_into(runner, partial, sources, own_counts=final is None)
             except NonFiniteFeaturesError as e:  # the same settings can never finish this file
-                quietly(partial.unlink)
-                raise NonFiniteFeaturesError(f"{e}; nothing was published ({partial.name} removed)") from None
+                written = _rows_written(partial)
+                if not written:  # nothing of value in it
+                    quietly(partial.unlink)
+                    raise NonFiniteFeaturesError(f"{e}; nothing was published ({partial.name} removed)") from None
+                raise NonFiniteFeaturesError(  # completed rows are never deleted: hours of extraction
+                    f"{e}; nothing was published; the {written} rows written so far are kept in {partial}. "
+                    "If float16 autocast overflowed (large ViTs on a GPU), restart with --no-autocast "
+                    "--overwrite; --resume continues only with the same settings") from None
             FeatureStore(partial).close()  # validate before publishing
             _publish(partial, out, cfg.overwrite)
     except WriteInterrupted:

@@ -396,3 +396,56 @@ def test_record_checksums_of_an_edited_file_makes_it_consistent_again(tmp_path):
     with h5py.File(path, "r+") as f:
         record_checksums(f)
     assert _check(path)[0] == 0
+
+
+def test_extract_overflow_after_rows_were_written_keeps_them(tmp_path):
+    """A later batch overflowing float16 (autocast on a GPU, or --dtype float16) must not delete the rows
+    already extracted: the partial file stays, and the message says how to go on."""
+    from lt_rebalance.extract.datasets import ArraySource, reference_config
+    from lt_rebalance.extract.run import ExtractConfig, extract_features
+    from lt_rebalance.extract.tiny_cnn import TinyCNN
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    model = TinyCNN(num_classes=2)
+    calls = []
+
+    def late_overflow(x):
+        calls.append(len(x))
+        z = model.forward_head(model.forward_features(x), pre_logits=True)
+        return z.abs() + (1e5 if len(calls) > 2 else 0.0)  # after the dimension probe and one batch
+
+    with pytest.raises(NonFiniteFeaturesError, match=r"the 2 rows written so far are kept in .*f\.h5\.partial.*--no-autocast"):
+        extract_features(model, {"train": ArraySource(images, labels)}, tmp_path / "f.h5", counts=[3, 3],
+                         transform=reference_config("cifar", 8), config=ExtractConfig(batch_size=2, dtype="float16"),
+                         features_fn=late_overflow)
+    with h5py.File(tmp_path / "f.h5.partial", "r") as f:
+        assert int(f["splits/train"].attrs["rows"]) == 2 and np.isfinite(f["splits/train/features"][:2]).all()
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_resume_fingerprint_records_a_cuda_run_and_its_autocast():
+    from lt_rebalance.extract.datasets import reference_config
+    from lt_rebalance.extract.run import ExtractConfig, _fingerprint
+
+    t = reference_config("cifar", 8)
+    cpu = _fingerprint({"model": "m"}, t, ExtractConfig(device="cpu"), {"train": 6})
+    assert "device" not in cpu and "autocast" not in cpu  # CPU partials of earlier versions still resume
+    gpu = _fingerprint({"model": "m"}, t, ExtractConfig(device="cuda:1"), {"train": 6})
+    plain = _fingerprint({"model": "m"}, t, ExtractConfig(device="cuda:1", autocast=False), {"train": 6})
+    assert gpu["device"] == "cuda" and gpu["autocast"] is True and plain["autocast"] is False
+    assert len({json.dumps(d, sort_keys=True) for d in (cpu, gpu, plain)}) == 3
+
+
+def test_ranks_join_a_gloo_group_bound_to_their_gpu(monkeypatch):
+    """Host-side counters and barriers need gloo (NCCL refuses CPU tensors); a CUDA rank binds its GPU first."""
+    import torch.distributed as dist
+
+    from lt_rebalance.extract.distributed import DistEnv, init_process_group
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **k: calls.append(("init", backend)))
+    init_process_group("cuda:3", DistEnv(rank=3, world=4, local_rank=3))
+    init_process_group("cpu", DistEnv(rank=0, world=2, local_rank=0))
+    assert calls == [("set_device", 3), ("init", "gloo"), ("init", "gloo")]
