@@ -440,7 +440,6 @@ def test_resume_fingerprint_records_a_cuda_run_and_its_autocast():
 def test_ranks_join_a_gloo_group_bound_to_their_gpu(monkeypatch):
     """Host-side counters and barriers need gloo (NCCL refuses CPU tensors); a CUDA rank binds its GPU first."""
     import torch.distributed as dist
-
     from lt_rebalance.extract.distributed import DistEnv, init_process_group
 
     calls = []
