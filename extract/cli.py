@@ -104,6 +104,18 @@ def _signal_group(pgid: int, signum: int) -> None:
         pass
 
 
+def _check_gpus(gpus: int, device: str) -> None:
+    """--gpus N on CUDA needs N GPUs (one per rank): one Error line naming what the machine has."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        have = torch.cuda.device_count()
+        if gpus > have:
+            raise click.BadParameter(f"{gpus} processes asked for, one per GPU, but this machine has {have} CUDA "
+                                     f"GPU(s); give --gpus {have} or fewer (or --device cpu for CPU processes)",
+                                     param_hint="--gpus")
+
+
 def _torchrun_argv(ctx: click.Context, gpus: int) -> list[str]:
     """This command's options for ``torchrun -m lt_rebalance.extract`` (all but --gpus)."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
@@ -179,6 +191,7 @@ def extract(ctx: click.Context, **opts: Any) -> None:
 
     env = dist_env()
     if opts["gpus"] > 1 and env is None:
+        _check_gpus(opts["gpus"], device)
         ranks = _RankOutput()
         with interrupts_as_errors():
             rc = _run_torchrun(_torchrun_argv(ctx, opts["gpus"]), opts["out"], ranks)

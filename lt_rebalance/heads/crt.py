@@ -237,8 +237,9 @@ class CRT(BaseHead):
         C = len(classes)
         counts = torch.bincount(y, minlength=C).to(device)
         plan = plan_schedule(N, self.epochs, self.batch_size, REFERENCE_EPOCHS, stacklevel=4)
-        if views is not None:
-            views = as_tensor(views, views.dtype if isinstance(views, torch.Tensor) else torch.float32, device)
+        if views is not None:  # the K views stay where they are (CPU): each batch's rows move, not all K·N
+            on = views.device if isinstance(views, torch.Tensor) else "cpu"
+            views = as_tensor(views, views.dtype if isinstance(views, torch.Tensor) else torch.float32, on)
             if views.ndim != 3 or views.shape[1:] != (N, D):
                 raise ValueError(f"views must have shape (K, {N}, {D}); got {tuple(views.shape)}")
 
@@ -291,7 +292,7 @@ class CRT(BaseHead):
             else:  # each member's own view stream, as in its lone run
                 v = torch.stack([torch.randint(0, views.shape[0], idx.shape[1:], generator=g, device=device)
                                  for g in view_gens])
-            return views[v, idx].to(low or torch.float32)
+            return views[v.to(views.device), idx.to(views.device)].to(device=device, dtype=low or torch.float32)
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:  # (G,) mean loss of each member
             xb = draw(idx)

@@ -44,3 +44,16 @@ def test_two_gloo_processes_equal_single_process(tmp_path, image_folder):
         for key in ("rows", "complete"):
             assert s1[name][key] == s2[name][key]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.h5", "single.h5"]  # shards removed
+
+
+def test_more_processes_than_gpus_is_one_error_line(monkeypatch):
+    import click
+    import torch
+
+    from lt_rebalance.extract.cli import _check_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(click.BadParameter, match="2 processes asked for, one per GPU, but this machine has 1"):
+        _check_gpus(2, "cuda")
+    _check_gpus(1, "cuda:0")
+    _check_gpus(4, "cpu")  # CPU processes: no GPU needed
