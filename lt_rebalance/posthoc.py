@@ -39,9 +39,8 @@ REFERENCE_EPSILON = 1e-12  # google-research logit_adjustment: log(π^τ + 1e-12
 
 
 def log_prior(counts: Any) -> torch.Tensor:
-    """log π_j = log(n_j / N), float32 (C,); classes without train rows count as one row."""
-    n = as_tensor(counts, torch.float64).clamp_min(1)
-    return (n / n.sum()).log().float()
+    """log π_j = log(n_j / N), float32 (C,); classes without train rows count as one row (:func:`train_prior`)."""
+    return train_prior(as_tensor(counts, torch.float64)).log().float()
 
 
 def adjustment_offsets(counts: Any, taus: Any, empty_classes: str = "one-row") -> torch.Tensor:
