@@ -49,7 +49,6 @@ def test_two_gloo_processes_equal_single_process(tmp_path, image_folder):
 def test_more_processes_than_gpus_is_one_error_line(monkeypatch):
     import click
     import torch
-
     from lt_rebalance.extract.cli import _check_gpus
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -44,15 +44,6 @@ def _small_features(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def big_npz(tmp_path_factory) -> Path:
-    """x_train 100,000 x 128 float32 (~50 MB): its import takes long enough to be signalled."""
-    path = tmp_path_factory.mktemp("big") / "big.npz"
-    n = 100_000
-    np.savez(path, x_train=np.ones((n, 128), np.float32), y_train=np.arange(n) % 10)
-    return path
-
-
 def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 

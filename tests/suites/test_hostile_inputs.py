@@ -421,14 +421,6 @@ def test_skip_bad_publishes_counts_without_the_skipped_images(tmp_path):
 
 
 # -- 4. batch schedulers and shared machines ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def big_npz(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("big") / "big.npz"
-    n = 100_000
-    np.savez(path, x_train=np.ones((n, 128), np.float32), y_train=np.arange(n) % 10)
-    return path
-
-
 def test_sigterm_during_import_is_handled_like_ctrl_c(tmp_path, big_npz):
     from test_faults import _import_then, _sha, _temps
 
