@@ -55,6 +55,7 @@ class Method:
     trained_on_stored: bool = False
     epochs_from: Optional[str] = None
     needs_text_head: bool = False
+    calibrated: bool = True  # softmax of its scores ~ a posterior; False: EM on them can collapse (NCM, τ-norm)
 
     @property
     def uses_stored_logits(self) -> bool:
@@ -74,7 +75,7 @@ METHODS: tuple[Method, ...] = (
            scored_from_stored=True),
     Method("ncm", f"{_RUNNERS}.features:run_ncm", "Nearest class mean classifier on the cached features.",
            prior="uniform (one mean per class, whatever its size)", command=("ncm", _METHOD_COMMANDS, "ncm"),
-           needs_train=True),
+           needs_train=True, calibrated=False),
     Method("crt", f"{_RUNNERS}.trained:run_crt", "Re-train the linear classifier with class-balanced sampling.",
            prior="the sampler's p_j ∝ n_j^q (class-balanced: uniform), with the loss's re-weighting",
            command=("crt", _METHOD_COMMANDS, "crt"), needs_train=True, selects="the best epoch (keep-best)",
@@ -82,7 +83,7 @@ METHODS: tuple[Method, ...] = (
     Method("tau_norm", f"{_RUNNERS}.stored_head:run_tau_norm",
            "tau-normalise the stored classifier over a grid of tau.", prior="uniform",
            aliases=("tau", "tau-norm", "tau-sweep"), command=("tau-sweep", _METHOD_COMMANDS, "tau_sweep"),
-           needs_head=True, needs_val=True, selects="tau", scored_from_stored=True),
+           needs_head=True, needs_val=True, selects="tau", scored_from_stored=True, calibrated=False),
     Method("lws", f"{_RUNNERS}.trained:run_lws", "Learnable weight scaling on the frozen stored classifier.",
            prior="the sampler's p_j ∝ n_j^q (class-balanced: uniform)", command=("lws", _METHOD_COMMANDS, "lws"),
            needs_head=True, needs_train=True, selects="the best epoch (keep-best)", trained=True,

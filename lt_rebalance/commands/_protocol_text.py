@@ -32,12 +32,13 @@ def ci_text(result: dict) -> str:
 ESTIMATOR_LABELS = {"known_prior": "known", "em": "EM", "bbse": "BBSE", "rlls": "RLLS", "mapls": "MAPLS"}
 
 
-UNCALIBRATED = ("ncm", "tau_norm")  # scores that are no calibrated posteriors (docs/METHODS.md, "Prior correction")
-
-
 def em_caveat(method: str, fixes: list[str], protocol: dict) -> str:
-    """A note when EM ran on scores that are no calibrated posteriors ('' otherwise)."""
-    if method in UNCALIBRATED and "em" in fixes and not protocol.get("calibration"):
+    """A note when EM ran on scores that are no calibrated posteriors (the registry's ``calibrated``;
+    docs/METHODS.md, "Prior correction"), '' otherwise."""
+    from ..registry import BY_NAME
+
+    spec = BY_NAME.get(method)
+    if spec is not None and not spec.calibrated and "em" in fixes and not protocol.get("calibration"):
         return (f"({method}: its scores are no calibrated posteriors, so EM's estimate can collapse; use "
                 "--prior-calibration bcts or --prior-estimators bbse)")
     return ""

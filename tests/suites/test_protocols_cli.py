@@ -180,3 +180,15 @@ def test_shift_and_estimator_errors_are_one_line(files, args, message):
     res = CliRunner().invoke(main, ["joint", "-f", paths["a"], *args])
     assert res.exit_code in (1, 2) and message in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def test_em_on_uncalibrated_scores_carries_a_caveat(files):
+    """The registry marks NCM's and τ-norm's scores as no calibrated posteriors: their EM rows get a note,
+    which the calibrated joint head's does not, and --prior-calibration removes."""
+    paths, _ = files
+    text = CliRunner().invoke(main, ["compare", "-f", paths["a"], "--methods", "joint,ncm",
+                                     "--test-priors", "backward-4", "-q"]).output
+    assert "(ncm: its scores are no calibrated posteriors" in text and "(joint:" not in text
+    text = CliRunner().invoke(main, ["ncm", "-f", paths["a"], "--test-priors", "backward-4",
+                                     "--prior-calibration", "temperature"]).output
+    assert "no calibrated posteriors" not in text
