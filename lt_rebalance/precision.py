@@ -11,8 +11,8 @@
   elsewhere. Used only when asked for.
 * ``auto``: ``bfloat16`` on hardware with bfloat16 matrix units (CPU: the ``avx512_bf16`` or
   ``amx_bf16`` flag and oneDNN's bfloat16 support; CUDA: compute capability >= 8.0) for the
-  methods whose bfloat16 results meet the accuracy contract (:data:`FLOAT32_UNDER_AUTO` lists
-  those that do not), float32 otherwise.
+  methods whose bfloat16 results meet the accuracy contract (the registry's ``auto_bfloat16``),
+  float32 otherwise.
 
 Forcing ``bfloat16`` on hardware without bfloat16 units runs (emulated, slower than float32) with
 one warning (:func:`hardware_note`).
@@ -27,16 +27,6 @@ import torch
 
 PRECISIONS = ("float32", "bfloat16", "tf32", "auto")
 RESOLVED = ("float32", "bfloat16", "tf32")
-
-# Methods whose bfloat16 results fail the accuracy contract of docs/METHODS.md ("Precision"), measured:
-# ``auto`` keeps them in float32 (an explicit ``bfloat16`` still runs them in bfloat16). The closed-form
-# methods score by an argmax over logits that PyTorch's CPU GEMM rounds to bfloat16 (8 significant
-# bits): 0.6-10 % of the rows of an ImageNet-LT-shaped file change their prediction, against the
-# 99.9 % identical rows the contract asks; the trained heads stay within it (their float32 state
-# absorbs the rounding).
-FLOAT32_UNDER_AUTO: frozenset[str] = frozenset(
-    {"joint", "tau_norm", "logit_adjust", "pc_softmax", "ncm", "knn", "experts", "linear_probe"})
-
 
 class PrecisionWarning(UserWarning):
     """bfloat16 asked for on hardware without bfloat16 matrix units (it runs, emulated and slow)."""
@@ -107,17 +97,24 @@ def resolve_precision(name: str, device: str | torch.device = "cpu", method: Opt
     """The precision a product runs in: "float32", "bfloat16" or "tf32".
 
     ``auto``: "bfloat16" when ``device`` has bfloat16 units and ``method`` (a registry name; None:
-    any) is not in :data:`FLOAT32_UNDER_AUTO`, else "float32". ``tf32`` stays "tf32" only on a CUDA
+    any) may run in bfloat16 (:attr:`lt_rebalance.registry.Method.auto_bfloat16`), else "float32". ``tf32`` stays "tf32" only on a CUDA
     device of compute capability >= 8.0 (float32 elsewhere: no TF32 units). Explicit float32 and
     bfloat16 are returned as given.
     """
     text = parse_precision(name)
     dev = torch.device(device)
     if text == "auto":
-        return "bfloat16" if has_bf16_units(dev) and method not in FLOAT32_UNDER_AUTO else "float32"
+        return "bfloat16" if has_bf16_units(dev) and _auto_bfloat16(method) else "float32"
     if text == "tf32":
         return "tf32" if dev.type == "cuda" and cuda_capability(dev) >= (8, 0) else "float32"
     return text
+
+
+def _auto_bfloat16(method: Optional[str]) -> bool:
+    """Whether ``auto`` may run ``method`` in bfloat16 (None, or a name outside the registry: yes)."""
+    from .registry import BY_NAME
+
+    return method not in BY_NAME or BY_NAME[method].auto_bfloat16
 
 
 def hardware_note(name: str, device: str | torch.device = "cpu") -> Optional[str]:

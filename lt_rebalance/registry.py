@@ -56,6 +56,10 @@ class Method:
     epochs_from: Optional[str] = None
     needs_text_head: bool = False
     calibrated: bool = True  # softmax of its scores ~ a posterior; False: EM on them can collapse (NCM, τ-norm)
+    # --precision auto may run it in bfloat16: False where its bfloat16 results failed the measured
+    # accuracy contract (docs/METHODS.md, "Precision"): the closed-form methods, whose argmax is over
+    # logits that PyTorch's CPU GEMM rounds to bfloat16
+    auto_bfloat16: bool = True
 
     @property
     def uses_stored_logits(self) -> bool:
@@ -72,10 +76,10 @@ _TEXT = f"{_RUNNERS}.text"
 METHODS: tuple[Method, ...] = (
     Method("joint", f"{_RUNNERS}.stored_head:run_joint", "Evaluate the stored stage-1 (joint) classifier.",
            prior="the train prior π", command=("joint", _METHOD_COMMANDS, "joint"), needs_head=True,
-           scored_from_stored=True),
+           scored_from_stored=True, auto_bfloat16=False),
     Method("ncm", f"{_RUNNERS}.features:run_ncm", "Nearest class mean classifier on the cached features.",
            prior="uniform (one mean per class, whatever its size)", command=("ncm", _METHOD_COMMANDS, "ncm"),
-           needs_train=True, calibrated=False),
+           needs_train=True, calibrated=False, auto_bfloat16=False),
     Method("crt", f"{_RUNNERS}.trained:run_crt", "Re-train the linear classifier with class-balanced sampling.",
            prior="the sampler's p_j ∝ n_j^q (class-balanced: uniform), with the loss's re-weighting",
            command=("crt", _METHOD_COMMANDS, "crt"), needs_train=True, selects="the best epoch (keep-best)",
@@ -83,7 +87,7 @@ METHODS: tuple[Method, ...] = (
     Method("tau_norm", f"{_RUNNERS}.stored_head:run_tau_norm",
            "tau-normalise the stored classifier over a grid of tau.", prior="uniform",
            aliases=("tau", "tau-norm", "tau-sweep"), command=("tau-sweep", _METHOD_COMMANDS, "tau_sweep"),
-           needs_head=True, needs_val=True, selects="tau", scored_from_stored=True, calibrated=False),
+           needs_head=True, needs_val=True, selects="tau", scored_from_stored=True, calibrated=False, auto_bfloat16=False),
     Method("lws", f"{_RUNNERS}.trained:run_lws", "Learnable weight scaling on the frozen stored classifier.",
            prior="the sampler's p_j ∝ n_j^q (class-balanced: uniform)", command=("lws", _METHOD_COMMANDS, "lws"),
            needs_head=True, needs_train=True, selects="the best epoch (keep-best)", trained=True,
@@ -91,10 +95,10 @@ METHODS: tuple[Method, ...] = (
     Method("logit_adjust", f"{_RUNNERS}.stored_head:run_logit_adjust",
            "Logit adjustment (z - tau log prior) over a grid of tau.", prior="π^(1 − τ) (τ selected on val)",
            aliases=("logit-adjust",), command=("logit-adjust", _POSTHOC_COMMANDS, "logit_adjust"),
-           needs_head=True, needs_val=True, selects="tau", scored_from_stored=True),
+           needs_head=True, needs_val=True, selects="tau", scored_from_stored=True, auto_bfloat16=False),
     Method("pc_softmax", f"{_RUNNERS}.stored_head:run_pc_softmax",
            "PC softmax: the stored classifier's logits minus log prior.", prior="uniform",
-           aliases=("pc-softmax",), needs_head=True, scored_from_stored=True),
+           aliases=("pc-softmax",), needs_head=True, scored_from_stored=True, auto_bfloat16=False),
     Method("marc", f"{_RUNNERS}.trained:run_marc",
            "MARC: per-class scale and norm margin on the stored classifier.",
            prior="the sampler's p_j ∝ n_j^q (class-balanced: uniform)",
@@ -121,15 +125,15 @@ METHODS: tuple[Method, ...] = (
     Method("experts", f"{_RUNNERS}.experts:run_experts",
            "Logit-adjusted experts of the stored classifier, weighted for the estimated test prior.",
            prior="none fixed: the combination adapts to the test prior it estimates", needs_head=True,
-           selects="the experts' weights, on the rows it scores (no labels)", default=False),
+           selects="the experts' weights, on the rows it scores (no labels)", default=False, auto_bfloat16=False),
     Method("knn", f"{_RUNNERS}.features:run_knn", "Weighted kNN vote (exp(sim / T)) over the train rows.",
            prior="none: kNN votes are counts of neighbours, not posteriors of a known prior",
-           command=("knn", _CLASSIFIER_COMMANDS, "knn"), needs_train=True, default=False),
+           command=("knn", _CLASSIFIER_COMMANDS, "knn"), needs_train=True, default=False, auto_bfloat16=False),
     Method("linear_probe", f"{_RUNNERS}.features:run_linear_probe",
            "L-BFGS logistic regression, scikit-learn's objective.",
            prior="uniform with class_weight 'balanced' (the default), π with 'none'", aliases=("linear-probe",),
            command=("linear-probe", _CLASSIFIER_COMMANDS, "linear_probe"), needs_train=True,
-           selects="C (with --C-grid)", default=False),
+           selects="C (with --C-grid)", default=False, auto_bfloat16=False),
     # opt-in: they need a text head (ltr text-head), which most files do not have
     Method("zero_shot", f"{_TEXT}:run_zero_shot", "Zero-shot: logit scale x cosine of features and class-name text.",
            prior="the pre-training data's label prior (unknown; zero_shot_debiased estimates it)",
